@@ -1,0 +1,34 @@
+# mad-search: `make test` sets everything up from nothing and runs the whole suite;
+# `make run` trains the default layer sequence on the default task.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Tested versions; torch first (a local CPU build on our machines; an unpinned torch pulls CUDA).
+CONSTRAINTS := constraints.txt
+TORCH := torch==2.13.0
+
+.PHONY: setup test test-fast run lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)" -c $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -e ".[dev]" -c $(CONSTRAINTS)
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+run: setup
+	$(PY) -m mad_search
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

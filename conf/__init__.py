@@ -1,0 +1,1 @@
+"""mad-search's Hydra config tree, shipped as package data (``pkg://conf``)."""

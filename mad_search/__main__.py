@@ -1,0 +1,33 @@
+"""``python -m mad_search``: the Hydra entry point.
+
+Without a sweep it trains one layer sequence on one task and writes ``results.json`` into the
+run directory. User errors print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    from mad_search.config import USER_ERRORS, resolve
+    from mad_search.run import run_single
+
+    try:
+        plan = resolve(cfg)
+        return run_single(plan, HydraConfig.get().runtime.output_dir)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

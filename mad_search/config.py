@@ -1,0 +1,121 @@
+"""Config-time validation: everything a run needs is checked before any work starts.
+
+:func:`resolve` turns the composed Hydra config into a :class:`RunPlan` (layer list, task
+settings, model and train settings) or raises :class:`ConfigError` with one line that names the
+problem and what would be valid. ``python -m mad_search`` prints that line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import blocks
+from mad_search import spec as spec_mod
+from mad_search import tasks
+from mad_search.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message is one line."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, spec_mod.SpecError, blocks.BlockError, tasks.TaskError,
+)
+
+
+@dataclass
+class RunPlan:
+    layers: list[str]
+    pattern: str  # compact spec string of ``layers``
+    d_model: int
+    task_name: str
+    task_settings: dict
+    task_info: Any  # tasks.TaskInfo
+    train: TrainConfig
+    block_options: dict
+    sparse_embedding: bool
+    seed: int
+    device: str
+    threads: int | None
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int]:
+    """Import user block modules, parse the pattern, check block options by building each type."""
+    model_cfg = _container(model_cfg) or {}
+    for module in model_cfg.get("block_modules") or []:
+        blocks.load_module(module)
+    d_model = _positive_int(model_cfg.get("d_model"), "model.d_model")
+    if model_cfg.get("pattern") is None:
+        raise ConfigError("model.pattern is not set; pick pattern=<name> or set model.pattern")
+    layers = spec_mod.parse(model_cfg["pattern"])
+    block_options = model_cfg.get("blocks") or {}
+    if not isinstance(block_options, dict):
+        raise ConfigError(f"model.blocks must map block names to options, got {block_options!r}")
+    unknown = sorted(set(block_options) - set(blocks.names()))
+    if unknown:
+        raise ConfigError(
+            f"model.blocks names unknown block(s) {unknown}; valid: {', '.join(blocks.names())}"
+        )
+    # Building one block of each type used catches bad options (and sizes) before training.
+    for name in sorted(set(layers)):
+        blocks.build(name, d_model, max_len, **(block_options.get(name) or {}))
+    return layers, block_options, d_model
+
+
+def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
+    train_cfg = dict(_container(train_cfg) or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(train_cfg) - fields)
+    if unknown:
+        raise ConfigError(f"unknown train setting(s) {unknown}; valid: {', '.join(sorted(fields))}")
+    if "betas" in train_cfg:
+        train_cfg["betas"] = tuple(train_cfg["betas"])
+    train_cfg.setdefault("seed", seed)
+    cfg = TrainConfig(**train_cfg)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+def resolve(cfg: DictConfig) -> RunPlan:
+    """Validate a composed config into a :class:`RunPlan`; raises one of ``USER_ERRORS``."""
+    task_cfg = dict(_container(cfg.get("task")) or {})
+    task_name = task_cfg.pop("name", None)
+    if task_name is None:
+        raise ConfigError(f"task is not set; pick task=<name>, one of {', '.join(tasks.names())}")
+    settings = tasks.validate(task_name, **task_cfg)
+    info = tasks.info(task_name, **settings)
+    layers, block_options, d_model = resolve_model(cfg.get("model"), info.seq_len)
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    device = str(cfg.get("device", "cpu"))
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    threads = cfg.get("threads")
+    if threads is not None:
+        threads = _positive_int(threads, "threads")
+    return RunPlan(
+        layers=layers, pattern=spec_mod.format_layers(layers), d_model=d_model,
+        task_name=task_name, task_settings=settings, task_info=info,
+        train=resolve_train(cfg.get("train"), seed), block_options=block_options,
+        sparse_embedding=bool(cfg.model.get("sparse_embedding", False)), seed=seed,
+        device=device, threads=threads,
+    )

@@ -1,0 +1,303 @@
+"""Training and evaluation of one model on one task: the path of a training step, top to bottom.
+
+``train(model, data, cfg)`` runs AdamW on the block parameters (and, with a sparse embedding, a
+separate sparse-friendly optimiser on the embedding table), a cosine or constant-plus-back-off
+schedule, gradient clipping, validation every ``eval_every`` steps, early stop at a target
+validation accuracy, and final test metrics at the best validation checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mad_search.tasks.metrics import AccuracyMeter
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the ``train`` config group); defaults follow mad-lab where it has one."""
+
+    max_steps: int = 1000
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    schedule: str = "cosine"  # cosine | constant | backoff
+    warmup_steps: int = 0
+    min_lr: float = 1e-6
+    backoff_steps: int = 200  # K: steps in the first constant stage
+    backoff_beta: float = 0.37  # step size multiplier per stage; stage e lasts K / beta**e
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batch_size: int = 256
+    target_accuracy: float = 0.999
+    accuracy: str = "macro"  # macro (mad-lab) | micro
+    embedding_optimizer: str = "adamw"  # adamw (dense, in the block optimiser) | sgd | adagrad | sparse_adam
+    embedding_lr: float | None = None  # defaults: lr for adamw/sparse_adam, 0.5 for sgd, 0.05 adagrad
+    embedding_schedule: str = "backoff"  # schedule for a separate embedding optimiser
+    seed: int = 0
+    progress: bool = True
+
+    SCHEDULES = ("cosine", "constant", "backoff")
+    EMBEDDING_OPTIMIZERS = ("adamw", "sgd", "adagrad", "sparse_adam")
+
+    def validate(self) -> None:
+        """Raise ValueError (one line) for settings the trainer cannot honour."""
+        for key in ("max_steps", "batch_size", "eval_every", "eval_batch_size", "backoff_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in self.SCHEDULES:
+            raise ValueError(f"train.schedule {self.schedule!r} unknown; valid: {', '.join(self.SCHEDULES)}")
+        if self.embedding_schedule not in self.SCHEDULES:
+            raise ValueError(
+                f"train.embedding_schedule {self.embedding_schedule!r} unknown; valid: "
+                f"{', '.join(self.SCHEDULES)}"
+            )
+        if self.embedding_optimizer not in self.EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"train.embedding_optimizer {self.embedding_optimizer!r} unknown; valid: "
+                f"{', '.join(self.EMBEDDING_OPTIMIZERS)}"
+            )
+        if not 0 < self.backoff_beta < 1:
+            raise ValueError(f"train.backoff_beta must be in (0, 1), got {self.backoff_beta!r}")
+        if self.accuracy not in ("macro", "micro"):
+            raise ValueError(f"train.accuracy must be 'macro' or 'micro', got {self.accuracy!r}")
+        if self.warmup_steps < 0 or self.min_lr < 0 or self.grad_clip < 0:
+            raise ValueError("train.warmup_steps, train.min_lr and train.grad_clip must be >= 0")
+
+
+def lr_factor(step: int, schedule: str, max_steps: int, warmup: int = 0, min_ratio: float = 0.0,
+              backoff_steps: int = 200, backoff_beta: float = 0.37) -> float:
+    """Multiplier of the base step size at ``step`` (0-based).
+
+    ``backoff`` is the Hogwild paper's recipe: K steps at the base size, then multiply by beta and
+    run K / beta steps, then multiply again and run K / beta**2, and so on.
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        t = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "backoff":
+        stage, end, length = 0, 0.0, float(backoff_steps)
+        while True:
+            end += length
+            if step - warmup < end:
+                return backoff_beta**stage
+            stage += 1
+            length /= backoff_beta
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or gradient; the reason is in the message."""
+
+
+@dataclass
+class TrainResult:
+    val_accuracy: float
+    test_accuracy: float
+    val_loss: float
+    test_loss: float
+    steps: int
+    best_step: int
+    tokens_per_s: float
+    train_seconds: float
+    stopped: str  # max_steps | target_accuracy | callback
+    history: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_optimizers(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """AdamW on block parameters (no decay on norms, biases, gains or the embedding), plus an
+    optional separate optimiser for the embedding table when it is sparse or shared."""
+    emb = getattr(model, "embedding", None)
+    emb_params = {id(p) for p in emb.parameters()} if emb is not None else set()
+    separate = cfg.embedding_optimizer != "adamw"
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or (separate and id(p) in emb_params):
+            continue
+        if p.ndim < 2 or id(p) in emb_params or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    main = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    if not separate:
+        return main, None
+    lr = cfg.embedding_lr
+    kind = cfg.embedding_optimizer
+    params = list(emb.parameters())
+    if kind == "sgd":
+        opt = torch.optim.SGD(params, lr=0.5 if lr is None else lr)
+    elif kind == "adagrad":
+        opt = torch.optim.Adagrad(params, lr=0.05 if lr is None else lr)
+    else:
+        opt = torch.optim.SparseAdam(params, lr=cfg.lr if lr is None else lr, betas=cfg.betas)
+    return main, opt
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over scored positions (ignore index -100), as mad-lab."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
+             batch_size: int = 256, average: str = "macro", device: str | torch.device = "cpu") -> dict:
+    """Loss and accuracy (macro and micro) over every scored position of a split."""
+    was_training = model.training
+    model.eval()
+    meters = {avg: AccuracyMeter(num_classes, average=avg) for avg in ("macro", "micro")}
+    total_loss, total_count = 0.0, 0
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start:start + batch_size].to(device)
+        y = targets[start:start + batch_size].to(device)
+        logits = model(x)
+        n = int((y != IGNORE_INDEX).sum())
+        if n:
+            total_loss += float(loss_fn(logits, y)) * n
+            total_count += n
+        preds = logits.argmax(-1)
+        for m in meters.values():
+            m.update(preds, y)
+    model.train(was_training)
+    out = {f"accuracy_{k}": float(m.compute()) for k, m in meters.items()}
+    out["accuracy"] = out[f"accuracy_{average}"]
+    out["loss"] = total_loss / max(total_count, 1)
+    return out
+
+
+EvalCallback = Callable[[int, dict], bool]
+
+
+def train(
+    model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    num_classes: int,
+    on_eval: EvalCallback | None = None,
+    device: str | torch.device = "cpu",
+    embedding_step: Callable[[float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data['train']``, select on ``validation``, report ``test``.
+
+    ``on_eval(step, metrics)`` is called after each validation; returning True stops training
+    (used for Optuna pruning). ``embedding_step(lr_factor)`` replaces the embedding optimiser's
+    step when the caller manages the table itself (the Hogwild pool's shared embedding).
+    """
+    cfg.validate()
+    model.to(device).train()
+    x_train, y_train = data["train"]
+    n_train, seq_len = x_train.shape
+    opt, emb_opt = make_optimizers(model, cfg)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    emb_base_lrs = [g["lr"] for g in emb_opt.param_groups] if emb_opt else []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    perm, cursor = torch.randperm(n_train, generator=gen), 0
+    min_ratio = cfg.min_lr / cfg.lr
+
+    best = {"accuracy": -1.0, "step": 0, "state": None, "metrics": None}
+    history: list[dict] = []
+    stopped = "max_steps"
+    train_time, tokens = 0.0, 0
+    bar = _progress(cfg)
+    step = 0
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        if cursor + cfg.batch_size > n_train:
+            perm, cursor = torch.randperm(n_train, generator=gen), 0
+        idx = perm[cursor:cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        x, y = x_train[idx].to(device), y_train[idx].to(device)
+
+        factor = lr_factor(step - 1, cfg.schedule, cfg.max_steps, cfg.warmup_steps, min_ratio,
+                           cfg.backoff_steps, cfg.backoff_beta)
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * factor
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise Diverged(f"non-finite training loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        if emb_opt:
+            emb_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise Diverged(f"non-finite gradient norm at step {step}")
+        opt.step()
+        emb_factor = lr_factor(step - 1, cfg.embedding_schedule, cfg.max_steps, 0, min_ratio,
+                               cfg.backoff_steps, cfg.backoff_beta)
+        if embedding_step is not None:
+            embedding_step(emb_factor)
+        elif emb_opt:
+            for g, base in zip(emb_opt.param_groups, emb_base_lrs):
+                g["lr"] = base * emb_factor
+            emb_opt.step()
+        train_time += time.perf_counter() - t0
+        tokens += x.numel()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / train_time:,.0f}")
+
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            metrics = evaluate(model, *data["validation"], num_classes, cfg.eval_batch_size,
+                               cfg.accuracy, device)
+            metrics.update(step=step, train_loss=float(loss), tokens_per_s=tokens / train_time)
+            history.append(metrics)
+            if metrics["accuracy"] > best["accuracy"]:
+                best.update(accuracy=metrics["accuracy"], step=step, metrics=metrics,
+                            state=copy.deepcopy(model.state_dict()))
+            if bar is not None:
+                bar.write(f"step {step}: val_loss {metrics['loss']:.4f} "
+                          f"val_acc {metrics['accuracy']:.4f}")
+            if metrics["accuracy"] >= cfg.target_accuracy:
+                stopped = "target_accuracy"
+                break
+            if on_eval is not None and on_eval(step, metrics):
+                stopped = "callback"
+                break
+    if bar is not None:
+        bar.close()
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    test = evaluate(model, *data["test"], num_classes, cfg.eval_batch_size, cfg.accuracy, device)
+    val = best["metrics"] or {"accuracy": float("nan"), "loss": float("nan")}
+    return TrainResult(
+        val_accuracy=val["accuracy"], test_accuracy=test["accuracy"], val_loss=val["loss"],
+        test_loss=test["loss"], steps=step, best_step=best["step"],
+        tokens_per_s=tokens / max(train_time, 1e-9), train_seconds=train_time, stopped=stopped,
+        history=history,
+    )
+
+
+def _progress(cfg: TrainConfig):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, desc="train", unit="step", dynamic_ncols=True, leave=False)

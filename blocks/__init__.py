@@ -17,15 +17,15 @@ from blocks.registry import (
     register,
 )
 
-# Built-in block types register themselves on import.
+# Built-in block types register themselves on import: every module in this package except the
+# infrastructure ones below is a block module (adding a block type is adding one file).
 import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
 
-for _mod in ("attention", "mlstm", "slstm", "swiglu"):
-    try:
-        _importlib.import_module(f"blocks.{_mod}")
-    except ModuleNotFoundError as _exc:  # TEMP while blocks are being written
-        if _exc.name != f"blocks.{_mod}":
-            raise
+_NOT_BLOCKS = {"base", "registry", "init", "mlx", "contract"}
+for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name not in _NOT_BLOCKS and not _info.name.startswith("_"):
+        _importlib.import_module(f"blocks.{_info.name}")
 
 __all__ = [
     "Block",

@@ -1,6 +1,7 @@
 """``python -m mad_search``: the Hydra entry point.
 
-Without a sweep it trains one layer sequence on one task and writes ``results.json`` into the
+With a sweep (``+sweep=layer_patterns``) it runs an Optuna study whose trials train concurrently
+as Hogwild workers. Without one it trains one layer sequence on one task and writes ``results.json`` into the
 run directory. User errors print one line (``error: ...``) and exit with status 2.
 """
 
@@ -18,9 +19,13 @@ def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import USER_ERRORS, resolve
     from mad_search.run import run_single
 
+    out_dir = HydraConfig.get().runtime.output_dir
     try:
-        plan = resolve(cfg)
-        return run_single(plan, HydraConfig.get().runtime.output_dir)
+        if cfg.get("search") is not None:  # a sweep: +sweep=<name>
+            from mad_search.study import run_study
+
+            return run_study(cfg, out_dir)
+        return run_single(resolve(cfg), out_dir)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

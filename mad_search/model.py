@@ -111,5 +111,16 @@ class EncoderDecoder(SequenceModel):
         return self.head(self.dec_norm(dec))
 
 
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses blocks left on ``self.aux_loss`` in their last forward pass
+    (e.g. a mixture-of-experts load-balancing loss, already weighted by the block)."""
+    total = None
+    for module in model.modules():
+        value = getattr(module, "aux_loss", None)
+        if isinstance(value, torch.Tensor):
+            total = value if total is None else total + value
+    return total
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mad_search.model import aux_loss
 from mad_search.tasks.metrics import AccuracyMeter
 
 IGNORE_INDEX = -100
@@ -237,6 +238,9 @@ def train(
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * factor
         loss = loss_fn(model(x), y)
+        aux = aux_loss(model)
+        if aux is not None:
+            loss = loss + aux
         if not torch.isfinite(loss):
             raise Diverged(f"non-finite training loss at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -261,12 +265,12 @@ def train(
         tokens += x.numel()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / train_time:,.0f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / train_time:,.0f}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             metrics = evaluate(model, *data["validation"], num_classes, cfg.eval_batch_size,
                                cfg.accuracy, device)
-            metrics.update(step=step, train_loss=float(loss), tokens_per_s=tokens / train_time)
+            metrics.update(step=step, train_loss=loss.item(), tokens_per_s=tokens / train_time)
             history.append(metrics)
             if metrics["accuracy"] > best["accuracy"]:
                 best.update(accuracy=metrics["accuracy"], step=step, metrics=metrics,

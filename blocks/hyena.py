@@ -1,0 +1,331 @@
+"""Hyena (Poli et al. 2023) and multi-head Hyena (MAD, Poli et al. 2024) as residual blocks.
+
+Both follow mad-lab's layers (``mad/model/layers/hyena.py``) and their YAML defaults. With u the
+normed input, D = ``inner_factor * d_model`` and N = ``order``::
+
+    x_0, ..., x_{N-1}, v = split(shortconv_3(tile(W_in u)))     N + 1 projections of width D
+    v <- h_o * (v * x_{N-1-o}) + b_o * (v * x_{N-1-o})            o = 0 ... N-2, causal long conv
+    y = W_out (v * x_0)
+
+``tile`` repeats the in-projection ``proj_groups`` times (mad-lab's tied projection groups: W_in
+has (N+1) D / proj_groups outputs). The long filters h_o are implicit (safari's HyenaFilter): a
+small FFN with sine activations over positional features of t, times an exponential decay
+window; the ``b_o`` are the filter bias ("D" term). The long convolution runs as an FFT with both
+signals zero-padded to 2S, so it is a causal linear convolution, not a circular one.
+
+Multi-head Hyena (order 2) splits q, v, k (mad-lab's x1, x2, v) into heads of ``head_dim``
+channels and convolves the per-head outer product k v^T with one filter per head, shared by the
+head's head_dim^2 entries::
+
+    y_t = sum_{s<=t} h[t-s] (q_t . k_s) v_s + b (q_t . k_t) v_t       per head
+
+i.e. linear attention whose decay is a learned long filter; its state grows with head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from blocks.base import Block
+from blocks.init import small_init_, wang_init_
+from blocks.registry import BlockError, register
+
+# safari / mad-lab ExponentialModulation defaults: channel c of the filter decays to `target`
+# at relative time (fast ... slow) in [0.3, 1.5] of the maximum length.
+DECAY_FAST_PCT, DECAY_SLOW_PCT, DECAY_TARGET = 0.3, 1.5, 1e-2
+
+
+def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """y[..., t] = sum_{s<=t} k[..., t-s] u[..., s], via FFT with zero-padding to 2S.
+
+    ``u: (..., S)``; ``k`` broadcasts against ``u`` and has length S on the last axis.
+    """
+    seq_len = u.shape[-1]
+    n = 2 * seq_len
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
+    return y[..., :seq_len]
+
+
+def heads_long_conv_fft(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Multi-head Hyena's long convolution of k v^T, read out by q (mad-lab's form).
+
+    ``q, k, v: (B, H, hd, S)``, ``h: (H, S)``, ``bias: (H,)`` or None; returns ``(B, H, hd, S)``.
+    Memory ~ B H hd^2 S: the per-head outer products are materialised.
+    """
+    kv = k.unsqueeze(3) * v.unsqueeze(2)  # (B, H, hd_k, hd_v, S)
+    y = fft_causal_conv(kv, h[:, None, None, :])
+    if bias is not None:
+        y = y + bias[:, None, None, None] * kv
+    return (q.unsqueeze(3) * y).sum(2)
+
+
+def heads_long_conv_quadratic(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The same operator as :func:`heads_long_conv_fft`, as attention with a Toeplitz mask.
+
+    scores[t, s] = (q_t . k_s) T[t, s] with T[t, s] = h[t - s] (s <= t) + b [s == t].
+    Memory ~ B H S^2; cheaper than the FFT form when S is below about 2 hd^2.
+    """
+    seq_len = q.shape[-1]
+    pos = torch.arange(seq_len, device=q.device)
+    lag = pos[:, None] - pos[None, :]
+    toeplitz = h[:, lag.clamp(min=0)] * (lag >= 0)  # (H, S, S)
+    if bias is not None:
+        toeplitz = toeplitz + bias[:, None, None] * torch.eye(seq_len, device=q.device)
+    scores = torch.einsum("bhdt,bhds->bhts", q, k) * toeplitz
+    return torch.einsum("bhts,bhes->bhet", scores, v)
+
+
+class ImplicitFilter(nn.Module):
+    """Hyena's implicit long filter (safari's HyenaFilter, non-nested): ``forward(S) -> (C, S)``.
+
+    Positional features z_t = [t/(L-1), cos(f_b w_t), -sin(f_b w_t)] with w_t = 2 pi t / L,
+    L = max_len and ``(emb_dim - 1) / 2`` bands f_b = linspace(1e-4, bands - 1); an FFN
+    Linear(emb_dim, width) -> sin -> [Linear(width, width) -> sin] * depth -> Linear(width, C, no
+    bias), every sine sharing one trainable frequency vector (init ``w``); then the window
+    exp(-t/(L-1) |delta_c|) with delta_c = linspace(ln(target)/1.5, ln(target)/0.3) over channels.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        max_len: int,
+        *,
+        width: int,
+        emb_dim: int = 3,
+        depth: int = 2,
+        w: float = 1.0,
+        modulate: bool = True,
+    ):
+        super().__init__()
+        self.modulate = modulate
+        t_unit = torch.linspace(0.0, 1.0, max_len, dtype=torch.float64)
+        bands = (emb_dim - 1) // 2
+        freqs = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)
+        w_t = 2 * math.pi * torch.arange(max_len, dtype=torch.float64) / max_len
+        phase = w_t[:, None] * freqs
+        z = torch.cat([t_unit[:, None], phase.cos(), -phase.sin()], dim=-1)
+        self.register_buffer("z", z.float(), persistent=False)  # (L, emb_dim)
+        self.register_buffer("t", t_unit[:, None].float(), persistent=False)  # (L, 1)
+        max_decay = math.log(DECAY_TARGET) / DECAY_FAST_PCT
+        min_decay = math.log(DECAY_TARGET) / DECAY_SLOW_PCT
+        deltas = torch.linspace(min_decay, max_decay, channels).abs()
+        self.register_buffer("deltas", deltas, persistent=False)  # (C,)
+
+        self.inp = nn.Linear(emb_dim, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, channels, bias=False)
+        self.freq = nn.Parameter(torch.full((width,), float(w)))
+        for lin in (self.inp, *self.hidden):  # mad-lab zeroes every Linear bias at init
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        a = torch.sin(self.freq * self.inp(self.z[:seq_len]))
+        for lin in self.hidden:
+            a = torch.sin(self.freq * lin(a))
+        filt = self.out(a)  # (S, C)
+        if self.modulate:
+            filt = filt * torch.exp(-self.t[:seq_len] * self.deltas)
+        return filt.t()
+
+
+def _check_int(block: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BlockError(f"{block}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+class _HyenaBase(Block):
+    """In-projection (tied groups), short causal depthwise conv, implicit filter, out-projection."""
+
+    _name = "hyena"
+
+    def __init__(
+        self,
+        d_model: int,
+        max_len: int,
+        *,
+        block_index: int,
+        num_blocks: int,
+        num_projections: int,
+        inner_factor: int,
+        proj_groups: int,
+        short_filter_order: int,
+        filter_channels: int,
+        filter_order: int,
+        emb_dim: int,
+        filter_depth: int,
+        filter_bias: bool,
+        modulate: bool,
+    ):
+        super().__init__(d_model, max_len, block_index=block_index, num_blocks=num_blocks)
+        name = self._name
+        _check_int(name, "inner_factor", inner_factor, 1)
+        _check_int(name, "proj_groups", proj_groups, 1)
+        _check_int(name, "short_filter_order", short_filter_order, 1)
+        _check_int(name, "filter_order", filter_order, 1)
+        _check_int(name, "filter_depth", filter_depth, 0)
+        _check_int(name, "emb_dim", emb_dim, 3)
+        if emb_dim % 2 == 0:
+            raise BlockError(f"{name}: emb_dim must be odd (time + cos/sin pairs), not {emb_dim}")
+        if not isinstance(filter_bias, bool) or not isinstance(modulate, bool):
+            raise BlockError(f"{name}: filter_bias and modulate must be true or false")
+        self.inner = inner_factor * d_model
+        width = num_projections * self.inner
+        if width % proj_groups:
+            raise BlockError(
+                f"{name}: {num_projections} * inner width {self.inner} = {width} is not divisible "
+                f"by proj_groups {proj_groups}"
+            )
+        self.proj_groups, self.short_filter_order = proj_groups, short_filter_order
+        self.in_proj = nn.Linear(d_model, width // proj_groups)
+        self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width)
+        self.filter = ImplicitFilter(
+            filter_channels, max_len, width=filter_order, emb_dim=emb_dim, depth=filter_depth,
+            modulate=modulate,
+        )
+        self.filter_bias = nn.Parameter(torch.randn(filter_channels)) if filter_bias else None
+        self.out_proj = nn.Linear(self.inner, d_model)
+        small_init_(self.in_proj.weight, d_model)
+        wang_init_(self.out_proj.weight, self.inner, num_blocks)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _projections(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, S, d_model) -> (B, num_projections * inner, S) after the short causal conv."""
+        p = self.in_proj(u)
+        if self.proj_groups > 1:
+            p = p.repeat(1, 1, self.proj_groups)
+        p = nn.functional.pad(p.transpose(1, 2), (self.short_filter_order - 1, 0))
+        return self.short_filter(p)
+
+    def _short_conv_state(self, num_projections: int) -> int:
+        return (self.short_filter_order - 1) * num_projections * self.inner
+
+
+@register("hyena")
+class HyenaBlock(_HyenaBase):
+    """x + Hyena(LayerNorm(x)): order-N gated long convolutions with implicit filters.
+
+    Defaults are mad-lab's ``configs/layers/hyena.yml``: order 2, inner_factor 4, proj_groups 4,
+    short filter 3, filter FFN width 4 (``filter_cfg.order``), emb_dim 3, 2 hidden layers,
+    filter bias on, modulation on.
+    """
+
+    _name = "hyena"
+
+    def __init__(
+        self,
+        d_model: int,
+        max_len: int,
+        *,
+        block_index: int = 0,
+        num_blocks: int = 1,
+        order: int = 2,
+        inner_factor: int = 4,
+        proj_groups: int = 4,
+        short_filter_order: int = 3,
+        filter_order: int = 4,
+        emb_dim: int = 3,
+        filter_depth: int = 2,
+        filter_bias: bool = True,
+        modulate: bool = True,
+    ):
+        _check_int("hyena", "order", order, 2)
+        _check_int("hyena", "inner_factor", inner_factor, 1)
+        super().__init__(
+            d_model, max_len, block_index=block_index, num_blocks=num_blocks,
+            num_projections=order + 1, inner_factor=inner_factor, proj_groups=proj_groups,
+            short_filter_order=short_filter_order,
+            filter_channels=(order - 1) * inner_factor * d_model, filter_order=filter_order,
+            emb_dim=emb_dim, filter_depth=filter_depth, filter_bias=filter_bias, modulate=modulate,
+        )
+        self.order = order
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        seq_len = x.shape[1]
+        *gates, v = self._projections(x).split(self.inner, dim=1)  # each (B, D, S)
+        h = self.filter(seq_len).view(self.order - 1, self.inner, seq_len)
+        bias = None if self.filter_bias is None else self.filter_bias.view(self.order - 1, -1, 1)
+        for o, gate in enumerate(reversed(gates[1:])):
+            v = v * gate
+            conv = fft_causal_conv(v, h[o])
+            v = conv if bias is None else conv + bias[o] * v
+        return self.out_proj((v * gates[0]).transpose(1, 2))
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats per sequence at inference: each long conv's input history, (order - 1) * D per
+        position over seq_len positions (zoology's Hyena: d_model * seq_len), plus the short
+        conv's last ``short_filter_order - 1`` inputs on all (order + 1) * D channels.
+        """
+        return (self.order - 1) * self.inner * seq_len + self._short_conv_state(self.order + 1)
+
+
+@register("mh_hyena")
+class MultiHeadHyenaBlock(_HyenaBase):
+    """x + MultiHeadHyena(LayerNorm(x)): order 2, per-head long conv of k v^T read out by q.
+
+    Defaults are mad-lab's ``configs/layers/mh-hyena.yml``: inner_factor 1, short filter 3,
+    filter FFN width 2, emb_dim 3, filter bias on, and ``num_heads: 16``, which mad-lab passes to
+    ``fftconv_heads`` as its ``head_dim``: 16 channels per head, d_model / 16 heads (8 at d=128).
+    ``proj_groups`` is not set there, so HyenaOperator's default 4 applies.
+    """
+
+    _name = "mh_hyena"
+
+    def __init__(
+        self,
+        d_model: int,
+        max_len: int,
+        *,
+        block_index: int = 0,
+        num_blocks: int = 1,
+        head_dim: int = 16,
+        inner_factor: int = 1,
+        proj_groups: int = 4,
+        short_filter_order: int = 3,
+        filter_order: int = 2,
+        emb_dim: int = 3,
+        filter_depth: int = 2,
+        filter_bias: bool = True,
+        modulate: bool = True,
+    ):
+        _check_int("mh_hyena", "head_dim", head_dim, 1)
+        _check_int("mh_hyena", "inner_factor", inner_factor, 1)
+        inner = inner_factor * d_model
+        if inner % head_dim:
+            raise BlockError(
+                f"mh_hyena: inner width {inner} (inner_factor * d_model) must be divisible by "
+                f"head_dim {head_dim}"
+            )
+        super().__init__(
+            d_model, max_len, block_index=block_index, num_blocks=num_blocks,
+            num_projections=3, inner_factor=inner_factor, proj_groups=proj_groups,
+            short_filter_order=short_filter_order, filter_channels=inner // head_dim,
+            filter_order=filter_order, emb_dim=emb_dim, filter_depth=filter_depth,
+            filter_bias=filter_bias, modulate=modulate,
+        )
+        self.head_dim, self.num_heads = head_dim, inner // head_dim
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        B, seq_len, _ = x.shape
+        shape = (B, self.num_heads, self.head_dim, seq_len)
+        q, v, k = (p.reshape(shape) for p in self._projections(x).split(self.inner, dim=1))
+        h = self.filter(seq_len)  # (H, S)
+        if seq_len <= 2 * self.head_dim**2:
+            y = heads_long_conv_quadratic(q, k, v, h, self.filter_bias)
+        else:
+            y = heads_long_conv_fft(q, k, v, h, self.filter_bias)
+        return self.out_proj(y.reshape(B, self.inner, seq_len).transpose(1, 2))
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats per sequence at inference: the long conv's input history, the per-head outer
+        products k v^T (D * head_dim per position) over seq_len positions, plus the short conv's
+        last ``short_filter_order - 1`` inputs on the 3 * D projection channels.
+        """
+        return self.inner * self.head_dim * seq_len + self._short_conv_state(3)

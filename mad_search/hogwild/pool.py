@@ -1,0 +1,116 @@
+"""The pool of spawned Hogwild workers, each with its own pipe to the coordinator.
+
+Pipes (one per worker) rather than one shared queue: a worker killed mid-message cannot leave a
+lock held that would freeze the others; its pipe just reports end-of-file and the coordinator
+replaces it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+import torch.multiprocessing as tmp
+
+from mad_search.hogwild.table import SharedTable
+from mad_search.hogwild.worker import TrialJob, worker_main
+
+
+@dataclass
+class Slot:
+    index: int
+    process: object = None
+    conn: object = None
+    job: TrialJob | None = None
+    pid: int | None = None
+    ready: bool = False
+    started: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+class WorkerPool:
+    """``workers`` spawned processes, ``threads`` torch threads each, sharing ``tables``."""
+
+    def __init__(self, workers: int, threads: int, tables: dict[str, SharedTable]):
+        self.ctx = tmp.get_context("spawn")
+        self.threads, self.tables = threads, tables
+        self.slots = [Slot(i) for i in range(workers)]
+        self.restarts = 0
+        for slot in self.slots:
+            self._start(slot)
+
+    def _start(self, slot: Slot) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(target=worker_main, name=f"mad-search-worker-{slot.index}",
+                                args=(slot.index, child, self.tables, self.threads), daemon=True)
+        proc.start()
+        child.close()
+        slot.process, slot.conn, slot.job, slot.ready, slot.pid = proc, parent, None, False, proc.pid
+
+    def restart(self, slot: Slot) -> None:
+        """Replace a dead worker (its trial has already been settled by the caller)."""
+        try:
+            slot.conn.close()
+        except OSError:
+            pass
+        slot.process.join(timeout=1)
+        self.restarts += 1
+        self._start(slot)
+
+    def free_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.ready and s.job is None]
+
+    def busy(self) -> list[Slot]:
+        return [s for s in self.slots if s.job is not None]
+
+    def submit(self, slot: Slot, job: TrialJob) -> None:
+        slot.job = job
+        slot.conn.send(("job", job))
+
+    def wait(self, timeout: float) -> list[tuple[Slot, object]]:
+        """Messages that arrived (slot, message); a dead worker yields (slot, None)."""
+        conns = {s.conn: s for s in self.slots}
+        sentinels = {s.process.sentinel: s for s in self.slots}
+        ready = wait(list(conns) + list(sentinels), timeout=timeout)
+        out: list[tuple[Slot, object]] = []
+        dead: set[int] = set()
+        for obj in ready:
+            if obj in conns:
+                slot = conns[obj]
+                try:
+                    while slot.conn.poll():
+                        out.append((slot, slot.conn.recv()))
+                except (EOFError, OSError):
+                    dead.add(slot.index)
+            else:
+                dead.add(sentinels[obj].index)
+        for index in sorted(dead):
+            slot = self.slots[index]
+            if slot.process.is_alive():
+                continue  # pipe hiccup without death: nothing to do
+            out.append((slot, None))
+        return out
+
+    def close(self, timeout: float = 5.0) -> None:
+        for slot in self.slots:
+            try:
+                slot.conn.send(("stop",))
+            except (OSError, BrokenPipeError):
+                pass
+        for slot in self.slots:
+            slot.process.join(timeout=timeout)
+            if slot.process.is_alive():
+                slot.process.terminate()
+                slot.process.join(timeout=timeout)
+
+    def kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.process.is_alive():
+                slot.process.kill()
+        for slot in self.slots:
+            slot.process.join(timeout=5)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

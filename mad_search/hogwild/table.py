@@ -1,0 +1,191 @@
+"""The shared embedding table: one per (task vocabulary, width), in shared memory, updated
+lock-free by every worker (Hogwild!, Niu et al. 2011).
+
+A :class:`SharedTable` holds the weights and everything the workers need to measure what sharing
+does, all in shared memory so that every worker's counters are visible to the coordinator:
+
+* ``weight`` (V, D) float32 and, for the ``adagrad`` rule, ``accum`` (V,) float32 (one
+  accumulator per row, shared: no worker keeps optimiser state of its own for the table);
+* ``writes`` (W,) int64: updates written by each worker slot (each slot has one writer, so the
+  sum is an exact global clock without atomics);
+* ``last_writer`` (V,) int32 and ``last_write`` (V,) int64: which slot last wrote each row, and the
+  global clock at that moment; ``touches`` (V,) int64: updates that touched each row.
+
+:class:`TableEmbedding` is the module a worker's model uses instead of ``nn.Embedding``: its
+forward gathers the rows the batch touches into a small leaf tensor (moved to the trial's device
+when that is a GPU), and :meth:`TableEmbedding.apply_update` writes the sparse update back without
+any lock, after checking that nothing non-finite would be written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RULES = ("sgd", "adagrad")
+
+
+class SharedTable:
+    """Weights plus measurement counters of one embedding table, placed in shared memory."""
+
+    def __init__(self, vocab_size: int, d_model: int, num_slots: int, seed: int = 0,
+                 rule: str = "adagrad", share: bool = True):
+        if rule not in RULES:
+            raise ValueError(f"hogwild.rule must be one of {', '.join(RULES)}, got {rule!r}")
+        gen = torch.Generator().manual_seed(seed)
+        std = math.sqrt(2.0 / (5.0 * d_model))  # xLSTM's small init, as the model's own embedding
+        self.vocab_size, self.d_model, self.rule = vocab_size, d_model, rule
+        self.weight = torch.randn(vocab_size, d_model, generator=gen) * std
+        self.accum = torch.zeros(vocab_size)
+        self.writes = torch.zeros(num_slots, dtype=torch.int64)
+        self.last_writer = torch.full((vocab_size,), -1, dtype=torch.int32)
+        self.last_write = torch.zeros(vocab_size, dtype=torch.int64)
+        self.touches = torch.zeros(vocab_size, dtype=torch.int64)
+        self.skipped = torch.zeros(num_slots, dtype=torch.int64)
+        if share:
+            for t in self.tensors():
+                t.share_memory_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight, self.accum, self.writes, self.last_writer, self.last_write,
+                self.touches, self.skipped]
+
+    def clock(self) -> int:
+        """Global number of updates written so far (all workers)."""
+        return int(self.writes.sum())
+
+    def private_copy(self) -> SharedTable:
+        """A table with the same initial weights that no other worker sees (the control)."""
+        other = SharedTable.__new__(SharedTable)
+        other.vocab_size, other.d_model, other.rule = self.vocab_size, self.d_model, self.rule
+        other.weight, other.accum = self.weight.clone(), self.accum.clone()
+        other.writes, other.skipped = self.writes.clone().zero_(), self.skipped.clone().zero_()
+        other.last_writer = self.last_writer.clone().fill_(-1)
+        other.last_write = self.last_write.clone().zero_()
+        other.touches = self.touches.clone().zero_()
+        return other
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def summary(self) -> dict:
+        """Table-wide measurements (the paper's Delta: the largest share of updates one row is in)."""
+        total = self.clock()
+        return {
+            "updates": total,
+            "writes_per_worker": self.writes.tolist(),
+            "delta": float(self.touches.max()) / total if total else 0.0,
+            "rows_ever_touched": int((self.touches > 0).sum()),
+            "skipped_nonfinite": int(self.skipped.sum()),
+            "finite": bool(torch.isfinite(self.weight).all()),
+        }
+
+
+@dataclass
+class UpdateStats:
+    """Per-trial Hogwild measurements, accumulated by one worker."""
+
+    steps: int = 0
+    rows: int = 0
+    collided_rows: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    skipped_nonfinite: int = 0
+    seconds_in_update: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        steps = max(self.steps, 1)
+        return {
+            "hogwild_steps": self.steps,
+            "rows_per_step": self.rows / steps,
+            "collision_rate": self.collided_rows / max(self.rows, 1),
+            "staleness_mean": self.staleness_sum / steps,
+            "staleness_max": self.staleness_max,
+            "skipped_nonfinite": self.skipped_nonfinite,
+        }
+
+
+class NonFiniteUpdate(RuntimeError):
+    """Too many updates were refused because they would write non-finite values."""
+
+
+class TableEmbedding(nn.Module):
+    """Embedding lookup into a :class:`SharedTable`, with a lock-free sparse update.
+
+    The table is deliberately not a parameter or buffer of this module: it never enters a
+    ``state_dict``, a block optimiser or a checkpoint copy, and moving the model to a GPU leaves it
+    in CPU shared memory (only the touched rows travel).
+    """
+
+    def __init__(self, table: SharedTable, slot: int, lr: float, max_nonfinite: int = 3,
+                 eps: float = 1e-10):
+        super().__init__()
+        self.table, self.slot, self.lr = table, slot, lr
+        self.max_nonfinite, self.eps = max_nonfinite, eps
+        self.stats = UpdateStats()
+        self._rows: torch.Tensor | None = None
+        self._emb: torch.Tensor | None = None
+        self._read_clock = 0
+        self.num_embeddings, self.embedding_dim = table.vocab_size, table.d_model
+        self._device_probe = nn.Parameter(torch.zeros(0), requires_grad=False)  # follows .to()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows, local = torch.unique(tokens.cpu(), return_inverse=True)
+        self._read_clock = self.table.clock()
+        emb = self.table.weight.index_select(0, rows)  # the read (a copy; others keep writing)
+        emb = emb.to(self._device_probe.device).requires_grad_(self.training)
+        self._rows, self._emb = rows, emb
+        return F.embedding(local.to(emb.device), emb)
+
+    @torch.no_grad()
+    def apply_update(self, lr_factor: float = 1.0) -> None:
+        """Write ``-lr * grad`` for the rows of the last forward pass, lock-free."""
+        if self._emb is None or self._emb.grad is None:
+            return
+        t = self.table
+        rows, grad = self._rows, self._emb.grad.detach().to("cpu", torch.float32)
+        self._emb = None
+        lr = self.lr * lr_factor
+        if t.rule == "adagrad":
+            acc = t.accum.index_select(0, rows) + grad.square().mean(dim=1)
+            delta = -lr * grad / (acc.sqrt()[:, None] + self.eps)
+        else:
+            acc, delta = None, -lr * grad
+        new_rows = t.weight.index_select(0, rows) + delta
+        if not (torch.isfinite(new_rows).all() and (acc is None or torch.isfinite(acc).all())):
+            t.skipped[self.slot] += 1
+            self.stats.skipped_nonfinite += 1
+            if self.stats.skipped_nonfinite > self.max_nonfinite:
+                raise NonFiniteUpdate(
+                    f"{self.stats.skipped_nonfinite} embedding updates refused: they would have "
+                    f"written non-finite values into the shared table"
+                )
+            return
+        # Measure before writing: rows another worker wrote since our read are collisions.
+        clock = t.clock()
+        lw = t.last_writer.index_select(0, rows)
+        collided = (lw >= 0) & (lw != self.slot) & (t.last_write.index_select(0, rows) >= self._read_clock)
+        staleness = clock - self._read_clock  # updates by others between our read and our write
+        # The lock-free write (Hogwild!): per-row adds, no lock, other workers may interleave.
+        t.weight.index_add_(0, rows, delta)
+        if acc is not None:
+            t.accum.index_add_(0, rows, grad.square().mean(dim=1))
+        t.last_writer.index_fill_(0, rows, self.slot)
+        t.last_write.index_fill_(0, rows, clock)
+        t.touches.index_add_(0, rows, torch.ones_like(rows))
+        t.writes[self.slot] += 1
+        s = self.stats
+        s.steps += 1
+        s.rows += rows.numel()
+        s.collided_rows += int(collided.sum())
+        s.staleness_sum += staleness
+        s.staleness_max = max(s.staleness_max, staleness)

@@ -1,0 +1,150 @@
+"""A Hogwild worker process: trains the trials the coordinator hands it, one at a time.
+
+Each trial builds its own blocks, norms and head (private to this process) and attaches the shared
+embedding table of its task (:class:`~mad_search.hogwild.table.TableEmbedding`). Workers never
+open the Optuna storage: everything goes through their pipe to the coordinator.
+
+Messages to the coordinator: ``("ready", slot, pid)``, ``("report", number, step, value)`` (the
+coordinator answers ``"continue"`` or ``"prune"``), ``("done", number, result)``,
+``("pruned", number, result)``, ``("failed", number, reason, result)``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mad_search.hogwild.table import NonFiniteUpdate, SharedTable, TableEmbedding
+
+
+@dataclass
+class TrialJob:
+    """Everything a worker needs to run one trial (picklable)."""
+
+    number: int
+    plans: list  # one mad_search.config.RunPlan per task
+    table_keys: list[str]  # key of each task's shared table
+    block_modules: list[str] = field(default_factory=list)
+    embedding: str = "shared"  # shared | private
+    lr: float = 0.05
+    rule: str = "adagrad"
+    max_nonfinite: int = 3
+    device: str = "cpu"
+    table_seed: int = 0
+
+
+def table_key(task_name: str, settings: dict, d_model: int) -> str:
+    """One shared table per task vocabulary and width."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps([task_name, settings], sort_keys=True, default=str).encode())
+    return f"{task_name}-{digest.hexdigest()[:8]}-d{d_model}"
+
+
+class _Pruned(Exception):
+    pass
+
+
+def run_trial(job: TrialJob, slot: int, tables: dict[str, SharedTable], conn,
+              data_cache: dict) -> tuple[str, dict]:
+    """Train every task of ``job``; returns (status, result) with status done | pruned."""
+    import blocks
+    from mad_search import tasks
+    from mad_search.model import count_params
+    from mad_search.run import build_model
+    from mad_search.train import train
+
+    for module in job.block_modules:
+        blocks.load_module(module)
+    per_task, stats_all, pruned = [], [], False
+    result: dict[str, Any] = {"slot": slot, "pid": os.getpid(), "host": socket.gethostname(),
+                              "device": job.device, "backend": "torch", "tasks": per_task}
+    offset = 0
+    for plan, key in zip(job.plans, job.table_keys):
+        cache_key = (plan.task_name, repr(sorted(plan.task_settings.items())), plan.seed)
+        if cache_key not in data_cache:
+            data_cache.clear()  # keep one task's tensors in memory per worker
+            data_cache[cache_key] = tasks.as_tensors(
+                tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))
+        data = data_cache[cache_key]
+        torch.manual_seed(plan.seed + job.number)
+        model = build_model(plan)
+        if job.embedding == "shared":
+            table = tables[key]
+        else:  # the control: a table of this trial's own, same initial weights
+            table = SharedTable(plan.task_info.vocab_size, plan.d_model, 1, seed=job.table_seed,
+                                rule=job.rule, share=False)
+        emb = TableEmbedding(table, slot if job.embedding == "shared" else 0, job.lr,
+                             job.max_nonfinite)
+        model.embedding = emb
+        step_offset = offset
+
+        def on_eval(step: int, metrics: dict, _off=step_offset) -> bool:
+            conn.send(("report", job.number, _off + step, float(metrics["accuracy"])))
+            return conn.recv() == "prune"
+
+        res = train(model, data, plan.train, plan.task_info.num_classes, on_eval=on_eval,
+                    device=job.device, embedding_step=emb.apply_update)
+        offset += plan.train.max_steps
+        stats = emb.stats.as_dict()
+        stats_all.append(stats)
+        per_task.append({
+            "task": plan.task_name, "val_accuracy": res.val_accuracy,
+            "test_accuracy": res.test_accuracy, "val_loss": res.val_loss, "steps": res.steps,
+            "tokens_per_s": res.tokens_per_s, "train_seconds": res.train_seconds,
+            "stopped": res.stopped, "params": count_params(model) + table.weight.numel(),
+            "state_size": model.state_size(plan.task_info.seq_len), **stats,
+        })
+        # Hogwild's split, checked rather than assumed: blocks private, table shared.
+        result["shared_block_params"] = sum(p.numel() for p in model.parameters() if p.is_shared())
+        result["table_is_shared"] = bool(table.weight.is_shared())
+        if res.stopped == "callback":
+            pruned = True
+            break
+    n = len(per_task)
+    result.update(
+        val_accuracy=sum(t["val_accuracy"] for t in per_task) / n,
+        test_accuracy=sum(t["test_accuracy"] for t in per_task) / n,
+        tokens_per_s=sum(t["tokens_per_s"] for t in per_task) / n,
+        params=per_task[0]["params"], state_size=per_task[0]["state_size"],
+        hogwild={k: sum(s[k] for s in stats_all) / n for k in stats_all[0]},
+    )
+    return ("pruned" if pruned else "done"), result
+
+
+def worker_main(slot: int, conn, tables: dict[str, SharedTable], threads: int) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C for everyone
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    from mad_search.train import Diverged
+
+    conn.send(("ready", slot, os.getpid()))
+    data_cache: dict = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg[0] == "stop":
+            return
+        job: TrialJob = msg[1]
+        t0 = time.perf_counter()
+        try:
+            status, result = run_trial(job, slot, tables, conn, data_cache)
+            result["wall_seconds"] = time.perf_counter() - t0
+            conn.send((status, job.number, result))
+        except (Diverged, NonFiniteUpdate) as exc:
+            conn.send(("failed", job.number, f"diverged: {exc}", {"slot": slot}))
+        except Exception as exc:  # a broken trial must not take the worker down
+            tb = traceback.format_exc(limit=3)
+            conn.send(("failed", job.number, f"{type(exc).__name__}: {exc}",
+                       {"slot": slot, "traceback": tb}))

@@ -1,0 +1,466 @@
+"""The Optuna coordinator: the only process that opens the study's storage.
+
+It asks the sampler for a trial, turns the suggestions into run plans (one per task), hands the
+trial to the first free Hogwild worker at once (no batch barrier), relays each worker report to
+``trial.report`` / ``trial.should_prune`` and answers the worker, and tells Optuna the result with
+the trial's layer sequence, sizes, metrics and Hogwild counters as user attributes. Workers never
+touch the storage, so a SQLite file is safe; PostgreSQL lets several machines run the same
+command against one study.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+import blocks
+from mad_search import space as space_mod
+from mad_search import tasks
+from mad_search.config import USER_ERRORS, ConfigError, RunPlan, resolve
+from mad_search.hogwild import SharedTable, TrialJob, WorkerPool, default_workers, table_key
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "successive_halving", "hyperband", "none")
+STUDY_KEYS = {"name", "storage", "n_trials", "timeout", "direction", "sampler", "pruner", "tasks"}
+HOGWILD_KEYS = {"workers", "threads_per_worker", "embedding", "device", "lr", "rule",
+                "max_nonfinite", "seed"}
+
+
+@dataclass
+class SweepPlan:
+    cfg: DictConfig
+    space: dict
+    task_cfgs: list[dict]
+    study: dict
+    hogwild: dict
+    workers: int
+    threads: int
+    storage_url: str
+    d_models: list[int]
+    probe_plans: list[RunPlan] = field(default_factory=list)
+
+
+def mask_url(url: str) -> str:
+    """The storage URL with any password replaced by ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        import re
+
+        return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _task_cfgs(cfg: DictConfig, study_cfg: dict) -> list[dict]:
+    """The tasks each trial trains on: ``study.tasks`` (names or mappings) or the ``task`` group."""
+    listed = study_cfg.get("tasks")
+    if not listed:
+        return [dict(_container(cfg.task))]
+    out = []
+    from importlib import resources
+
+    for item in listed:
+        item = dict(item) if isinstance(item, dict) else {"name": item}
+        name = item.get("name")
+        if name not in tasks.names():
+            raise ConfigError(f"study.tasks names unknown task {name!r}; valid: {', '.join(tasks.names())}")
+        base = OmegaConf.to_container(OmegaConf.load(resources.files("conf") / "task" / f"{name}.yaml"))
+        base.update(item)
+        out.append(base)
+    return out
+
+
+def _make_sampler(spec: dict) -> optuna.samplers.BaseSampler:
+    spec = dict(spec or {})
+    name = spec.pop("name", "tpe")
+    if name not in SAMPLERS:
+        raise ConfigError(f"study.sampler.name {name!r} unknown; valid: {', '.join(SAMPLERS)}")
+    try:
+        if name == "tpe":
+            spec.setdefault("constant_liar", True)
+            return optuna.samplers.TPESampler(**spec)
+        return optuna.samplers.RandomSampler(**spec)
+    except TypeError as exc:
+        raise ConfigError(f"study.sampler ({name}): {exc}") from None
+
+
+def _make_pruner(spec: dict) -> optuna.pruners.BasePruner:
+    spec = dict(spec or {})
+    name = spec.pop("name", "median")
+    if name not in PRUNERS:
+        raise ConfigError(f"study.pruner.name {name!r} unknown; valid: {', '.join(PRUNERS)}")
+    try:
+        if name == "median":
+            return optuna.pruners.MedianPruner(**spec)
+        if name == "successive_halving":
+            return optuna.pruners.SuccessiveHalvingPruner(**spec)
+        if name == "hyperband":
+            return optuna.pruners.HyperbandPruner(**spec)
+        return optuna.pruners.NopPruner()
+    except TypeError as exc:
+        raise ConfigError(f"study.pruner ({name}): {exc}") from None
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """Open (and check) the study storage; one clear line, password masked, if it fails."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"study.storage must be a database URL like sqlite:///outputs/mad_search.db "
+                          f"or postgresql://user:pass@host/db, got {mask_url(str(url))!r}")
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}
+                                          if not url.startswith("sqlite") else None)
+    except Exception as exc:  # unreachable host, bad driver, malformed URL...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason.replace(url, mask_url(url))
+        raise ConfigError(f"cannot open study storage {mask_url(url)}: {reason[:300]}") from None
+
+
+def _apply(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_struct(out, False)
+    for key, value in overrides.items():
+        OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any]) -> list[RunPlan]:
+    """One validated run plan per task for a trial's overrides."""
+    trial_cfg = _apply(cfg, overrides)
+    out = []
+    for task_cfg in task_cfgs:
+        c = copy.deepcopy(trial_cfg)
+        c.task = OmegaConf.create(task_cfg)
+        plan = resolve(c)
+        plan.train.progress = False
+        out.append(plan)
+    return out
+
+
+def validate_sweep(cfg: DictConfig) -> SweepPlan:
+    """Check the whole sweep before any worker starts; raises one of ``USER_ERRORS``."""
+    study_cfg = dict(_container(cfg.get("study")) or {})
+    hog = dict(_container(cfg.get("hogwild")) or {})
+    for key in sorted(set(study_cfg) - STUDY_KEYS):
+        raise ConfigError(f"unknown study setting {key!r}; valid: {', '.join(sorted(STUDY_KEYS))}")
+    for key in sorted(set(hog) - HOGWILD_KEYS):
+        raise ConfigError(f"unknown hogwild setting {key!r}; valid: {', '.join(sorted(HOGWILD_KEYS))}")
+    for module in (cfg.model.get("block_modules") or []):
+        blocks.load_module(module)
+    search = _container(cfg.get("search"))
+    try:
+        patterns = space_mod.validate(search, blocks.names())
+    except space_mod.SpaceError as exc:
+        raise ConfigError(str(exc)) from None
+    n_trials = study_cfg.get("n_trials")
+    if not isinstance(n_trials, int) or n_trials <= 0:
+        raise ConfigError(f"study.n_trials must be a positive integer, got {n_trials!r}")
+    timeout = study_cfg.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(f"study.timeout must be a positive number of seconds or null, got {timeout!r}")
+    if study_cfg.get("direction", "maximize") != "maximize":
+        raise ConfigError("study.direction must be maximize (the objective is validation accuracy)")
+    _make_sampler(study_cfg.get("sampler"))
+    _make_pruner(study_cfg.get("pruner"))
+    if not isinstance(study_cfg.get("name"), str) or not study_cfg["name"]:
+        raise ConfigError(f"study.name must be a non-empty string, got {study_cfg.get('name')!r}")
+
+    embedding = hog.get("embedding", "shared")
+    if embedding not in ("shared", "private"):
+        raise ConfigError(f"hogwild.embedding must be 'shared' or 'private', got {embedding!r}")
+    device = str(hog.get("device", "cpu"))
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"hogwild.device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("hogwild.device=cuda but no CUDA device is available; use cpu")
+    workers = hog.get("workers", "auto")
+    workers = default_workers() if workers in ("auto", None) else workers
+    if not isinstance(workers, int) or workers <= 0:
+        raise ConfigError(f"hogwild.workers must be a positive integer or auto, got {workers!r}")
+    threads = hog.get("threads_per_worker", "auto")
+    threads = max(1, default_workers() // workers) if threads in ("auto", None) else threads
+    if not isinstance(threads, int) or threads <= 0:
+        raise ConfigError(f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}")
+    if hog.get("rule", "adagrad") not in ("sgd", "adagrad"):
+        raise ConfigError(f"hogwild.rule must be sgd or adagrad, got {hog.get('rule')!r}")
+    lr = hog.get("lr", 0.05)
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"hogwild.lr must be positive, got {lr!r}")
+
+    params = (search or {}).get("params") or {}
+    d_dist = params.get("model.d_model")
+    if d_dist is None:
+        d_models = [cfg.model.d_model]
+    elif d_dist["type"] == "categorical":
+        d_models = list(d_dist["choices"])
+    else:
+        raise ConfigError("search.params.model.d_model must be categorical (one shared embedding "
+                          "table per task and width)")
+    task_cfgs = _task_cfgs(cfg, study_cfg)
+    # Probe plans: every pattern x every categorical choice (bounded) must resolve and build.
+    cats = {k: v["choices"] for k, v in params.items() if v["type"] == "categorical"}
+    keys = list(cats)
+    combos = list(itertools.islice(itertools.product(*cats.values()), 64)) or [()]
+    probe_plans = []
+    for layers in patterns or [None]:
+        for combo in combos:
+            overrides = dict(zip(keys, combo))
+            if layers is not None:
+                overrides["model.pattern"] = layers
+            probe_plans += plans_for(cfg, task_cfgs, overrides)
+    make_storage(study_cfg.get("storage"))
+    return SweepPlan(cfg=cfg, space=search, task_cfgs=task_cfgs, study=study_cfg, hogwild=hog,
+                     workers=workers, threads=threads, storage_url=study_cfg["storage"],
+                     d_models=d_models, probe_plans=probe_plans)
+
+
+def _enqueue_references(study: optuna.Study, space: dict) -> int:
+    existing = study.get_trials(deepcopy=False)
+    added = 0
+    for ref in space.get("reference") or []:
+        if isinstance(ref, str):
+            if any(t.user_attrs.get("reference_pattern") == ref for t in existing):
+                continue
+            study.enqueue_trial({}, user_attrs={"reference_pattern": ref, "reference": True})
+        else:
+            ref = dict(ref)
+            if any(all(t.params.get(k) == v for k, v in ref.items()) for t in existing
+                   if t.user_attrs.get("reference")):
+                continue
+            study.enqueue_trial(ref, user_attrs={"reference": True})
+        added += 1
+    return added
+
+
+class Progress:
+    """Live display: trials done / running / pruned / failed, and each worker's trial."""
+
+    def __init__(self, total: int, stream=sys.stdout):
+        self.total, self.stream = total, stream
+        self.counts = {"done": 0, "pruned": 0, "failed": 0}
+        self.workers: dict[int, str] = {}
+        self.tty = stream.isatty()
+        self._last = 0.0
+
+    def event(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.status(force=True)
+
+    def status(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < (1.0 if self.tty else 30.0):
+            return
+        self._last = now
+        finished = sum(self.counts.values())
+        line = (f"trials {finished}/{self.total} finished (complete {self.counts['done']}, "
+                f"pruned {self.counts['pruned']}, failed {self.counts['failed']}), "
+                f"running {len(self.workers)}")
+        if self.workers:
+            line += " | " + " | ".join(f"w{k}: {v}" for k, v in sorted(self.workers.items()))
+        if self.tty:
+            self.stream.write("\r\033[K" + line[: os.get_terminal_size(self.stream.fileno()).columns - 1])
+        elif force:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _flat_attrs(result: dict) -> dict:
+    out = {}
+    for key in ("val_accuracy", "test_accuracy", "tokens_per_s", "params", "state_size",
+                "slot", "pid", "host", "device", "backend", "wall_seconds",
+                "shared_block_params", "table_is_shared"):
+        if key in result:
+            out[key] = result[key]
+    for key, value in (result.get("hogwild") or {}).items():
+        out[f"hogwild.{key}"] = value
+    for t in result.get("tasks") or []:
+        for key in ("val_accuracy", "test_accuracy", "steps", "tokens_per_s", "stopped"):
+            out[f"{t['task']}.{key}"] = t[key]
+    return out
+
+
+def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
+    """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary."""
+    from mad_search import report
+
+    sweep = validate_sweep(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(sweep.storage_url)
+    study = optuna.create_study(
+        study_name=sweep.study["name"], storage=storage, direction="maximize",
+        sampler=_make_sampler(sweep.study.get("sampler")),
+        pruner=_make_pruner(sweep.study.get("pruner")), load_if_exists=True)
+    before = len(study.get_trials(deepcopy=False))
+    enqueued = _enqueue_references(study, sweep.space)
+    study.set_user_attr("search_space", json.loads(json.dumps(sweep.space, default=str)))
+    study.set_user_attr("sampler", dict(sweep.study.get("sampler") or {}))
+    study.set_user_attr("pruner", dict(sweep.study.get("pruner") or {}))
+    study.set_user_attr("tasks", [t["name"] for t in sweep.task_cfgs])
+    hog = sweep.hogwild
+    print(f"study {sweep.study['name']!r} at {mask_url(sweep.storage_url)}: {before} trials so far, "
+          f"{enqueued} reference trials enqueued; {sweep.workers} workers x {sweep.threads} threads, "
+          f"{hog.get('embedding', 'shared')} embedding")
+
+    # Task data is built (and cached on disk) once here, so workers only load it.
+    tables: dict[str, SharedTable] = {}
+    for plan in sweep.probe_plans:
+        tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings)
+        key = table_key(plan.task_name, plan.task_settings, plan.d_model)
+        if key not in tables:
+            tables[key] = SharedTable(plan.task_info.vocab_size, plan.d_model, sweep.workers,
+                                      seed=int(hog.get("seed", 0)), rule=hog.get("rule", "adagrad"),
+                                      share=hog.get("embedding", "shared") == "shared")
+    n_trials = int(sweep.study["n_trials"])
+    timeout = sweep.study.get("timeout")
+    progress = Progress(n_trials)
+    t_start = time.time()
+    running: dict[int, tuple[optuna.Trial, Any]] = {}
+    started = 0
+    interrupted = False
+    pool = WorkerPool(sweep.workers, sweep.threads, tables)
+    try:
+        while True:
+            timed_out = timeout is not None and time.time() - t_start > timeout
+            for slot in pool.free_slots():
+                if started >= n_trials or timed_out:
+                    break
+                trial = study.ask()
+                started += 1
+                try:
+                    overrides = space_mod.suggest(trial, sweep.space)
+                    plans = plans_for(sweep.cfg, sweep.task_cfgs, overrides)
+                except USER_ERRORS as exc:
+                    trial.set_user_attr("fail_reason", f"invalid suggestion: {exc}")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    progress.counts["failed"] += 1
+                    progress.event(f"trial {trial.number} failed: invalid suggestion: {exc}")
+                    continue
+                plan = plans[0]
+                trial.set_user_attr("pattern", plan.pattern)
+                trial.set_user_attr("layers", plan.layers)
+                trial.set_user_attr("d_model", plan.d_model)
+                trial.set_user_attr("worker", slot.index)
+                trial.set_user_attr("embedding", hog.get("embedding", "shared"))
+                job = TrialJob(
+                    number=trial.number, plans=plans,
+                    table_keys=[table_key(p.task_name, p.task_settings, p.d_model) for p in plans],
+                    block_modules=list(cfg.model.get("block_modules") or []),
+                    embedding=hog.get("embedding", "shared"), lr=float(hog.get("lr", 0.05)),
+                    rule=hog.get("rule", "adagrad"), max_nonfinite=int(hog.get("max_nonfinite", 3)),
+                    device=str(hog.get("device", "cpu")), table_seed=int(hog.get("seed", 0)))
+                pool.submit(slot, job)
+                slot.started = time.time()
+                running[trial.number] = (trial, slot)
+                progress.workers[slot.index] = f"#{trial.number} {plan.pattern}"
+                progress.event(f"trial {trial.number} -> worker {slot.index}: {plan.pattern} "
+                               f"(d_model {plan.d_model})")
+            if not running and (started >= n_trials or timed_out):
+                break
+            for slot, msg in pool.wait(0.5):
+                _handle(study, pool, slot, msg, running, progress)
+            progress.status()
+    except KeyboardInterrupt:
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for number, (trial, slot) in list(running.items()):
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        pool.kill_all()
+        print(f"\ninterrupted: {len(running)} running trial(s) marked failed; the study is saved, "
+              "rerun the same command to resume", file=sys.stderr)
+    else:
+        pool.close()
+    summary = report.finish(study, out_dir, tables, sweep, time.time() - t_start, pool.restarts,
+                            interrupted=interrupted)
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def _handle(study, pool, slot, msg, running, progress) -> None:
+    from optuna.trial import TrialState
+
+    if msg is None:  # the worker died
+        job = slot.job
+        code = slot.process.exitcode
+        why = f"exit code {code}"
+        if code is not None and code < 0:
+            why = f"killed by {signal.Signals(-code).name}"
+        if job is not None and job.number in running:
+            trial, _ = running.pop(job.number)
+            trial.set_user_attr("fail_reason", f"worker {slot.index} (pid {slot.pid}) died: {why}")
+            study.tell(trial, state=TrialState.FAIL)
+            progress.counts["failed"] += 1
+        progress.workers.pop(slot.index, None)
+        progress.event(f"worker {slot.index} (pid {slot.pid}) died ({why}); starting a new one")
+        pool.restart(slot)
+        return
+    kind = msg[0]
+    if kind == "ready":
+        slot.ready = True
+        return
+    number = msg[1]
+    if number not in running:
+        return
+    trial, _ = running[number]
+    if kind == "report":
+        _, _, step, value = msg
+        trial.report(value, step)
+        prune = trial.should_prune()
+        slot.conn.send("prune" if prune else "continue")
+        pattern = trial.user_attrs.get("pattern", "")
+        progress.workers[slot.index] = f"#{number} {pattern} step {step} val {value:.3f}"
+        return
+    running.pop(number)
+    slot.job = None
+    progress.workers.pop(slot.index, None)
+    result = msg[-1] if isinstance(msg[-1], dict) else {}
+    for key, value in _flat_attrs(result).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        trial.set_user_attr(key, value)
+    if kind == "done":
+        study.tell(trial, result["val_accuracy"])
+        progress.counts["done"] += 1
+        progress.event(f"trial {number} complete: val {result['val_accuracy']:.4f} test "
+                       f"{result['test_accuracy']:.4f} ({result['tokens_per_s']:,.0f} tok/s, "
+                       f"{trial.user_attrs.get('pattern')})")
+    elif kind == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        progress.counts["pruned"] += 1
+        progress.event(f"trial {number} pruned ({trial.user_attrs.get('pattern')})")
+    else:
+        reason = msg[2]
+        trial.set_user_attr("fail_reason", reason)
+        if result.get("traceback"):
+            trial.set_user_attr("traceback", result["traceback"][-1500:])
+        study.tell(trial, state=TrialState.FAIL)
+        progress.counts["failed"] += 1
+        progress.event(f"trial {number} failed: {reason}")

@@ -1,0 +1,166 @@
+"""Tasks: the six MAD tasks (mad-lab), zoology's MQAR, and language modelling on local text.
+
+Public API::
+
+    names()                              -> the task names
+    defaults(name)                       -> the default settings (== conf/task/<name>.yaml)
+    validate(name, **settings)           -> resolved settings, or TaskError (one line)
+    info(name, **settings)               -> TaskInfo(vocab_size, seq_len, encoder_decoder,
+                                                     num_classes)
+    build(name, seed=0, cache=True, **settings)
+                                         -> datasets.DatasetDict: train / validation / test,
+                                            int columns ``inputs`` and ``targets``
+    as_tensors(data)                     -> {split: (inputs, targets)} as LongTensors
+    grid(name=None)                      -> mad-lab's 66-setting difficulty grid
+    accuracy / AccuracyMeter             -> macro (mad-lab) or micro accuracy (tasks.metrics)
+
+Conventions: ``targets[t]`` is what the model must predict after reading ``inputs[: t + 1]``;
+``-100`` marks a position with no loss and no score. Compression is the exception: an
+encoder-decoder reconstructs the whole clean input. Each task module's docstring gives its exact
+format and any deliberate difference from mad-lab or zoology. The validation split is drawn like
+the test split but separately, for model selection; the test split is only reported.
+
+``datasets`` never reaches the network: this package sets HF_DATASETS_OFFLINE and HF_HUB_OFFLINE
+before importing it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mad_search.tasks import (  # noqa: E402
+    compression,
+    copying,
+    memorization,
+    mqar,
+    recall,
+    text,
+)
+from mad_search.tasks import grid as _grid  # noqa: E402
+from mad_search.tasks.cache import cache_key, load_or_build  # noqa: E402
+from mad_search.tasks.metrics import AccuracyMeter, accuracy  # noqa: E402
+from mad_search.tasks.splits import to_table  # noqa: E402
+from mad_search.tasks.task import IGNORE_INDEX, Task, TaskError, TaskInfo, fail  # noqa: E402
+
+# In case ``datasets`` was imported before this package: its offline switches are read at import.
+datasets.config.HF_HUB_OFFLINE = True
+datasets.config.HF_DATASETS_OFFLINE = True
+
+__all__ = [
+    "IGNORE_INDEX", "AccuracyMeter", "TaskError", "TaskInfo", "accuracy", "as_tensors", "build",
+    "defaults", "grid", "info", "names", "validate",
+]
+
+_TASKS: dict[str, Task] = {
+    t.name: t
+    for module in (recall, copying, compression, memorization, mqar, text)
+    for t in module.TASKS
+}
+MAX_VOCAB = 2**31 - 1
+_ORDER = (
+    "in_context_recall", "fuzzy_in_context_recall", "noisy_in_context_recall",
+    "selective_copying", "compression", "memorization", "mqar", "text",
+)
+assert set(_ORDER) == set(_TASKS)
+
+
+def names() -> list[str]:
+    """Every task name."""
+    return list(_ORDER)
+
+
+def _task(name: str) -> Task:
+    if name not in _TASKS:
+        raise TaskError(f"unknown task {name!r}; valid tasks: {', '.join(_ORDER)}")
+    return _TASKS[name]
+
+
+def defaults(name: str) -> dict:
+    """The default settings of a task (``None`` where a default is derived, e.g.
+    ``num_valid_examples`` = ``num_test_examples``)."""
+    return dict(_task(name).defaults)
+
+
+def validate(name: str, /, **settings) -> dict:
+    """The full settings for ``name`` (defaults filled in and normalised), or :class:`TaskError`.
+
+    A ``name`` entry equal to the task name is accepted and dropped (config groups carry it).
+    """
+    task = _task(name)
+    if "name" in settings and settings["name"] == name:
+        settings.pop("name")
+    unknown = sorted(set(settings) - set(task.defaults))
+    if unknown:
+        raise fail(name, f"unknown setting{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(unknown)}; valid settings: {', '.join(task.defaults)}")
+    resolved = task.check({**task.defaults, **settings})
+    if resolved.get("vocab_size", 0) > MAX_VOCAB:  # token ids are stored as int32
+        raise fail(name, f"vocab_size={resolved['vocab_size']} is above {MAX_VOCAB}")
+    return resolved
+
+
+def info(name: str, /, **settings) -> TaskInfo:
+    """Vocabulary, input length, encoder-decoder flag and metric classes of a task."""
+    return _task(name).info(validate(name, **settings))
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TaskError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def build(name: str, /, seed: int = 0, cache: bool = True,
+          **settings) -> datasets.DatasetDict:
+    """The task's train / validation / test splits (cached on disk unless ``cache=False``)."""
+    task = _task(name)
+    resolved = validate(name, **settings)
+    seed = _check_seed(seed)
+
+    def make() -> datasets.DatasetDict:
+        arrays = task.splits(resolved, seed)
+        return datasets.DatasetDict({
+            split: datasets.Dataset(datasets.table.InMemoryTable(to_table(*arrays[split])))
+            for split in ("train", "validation", "test")
+        })
+
+    if not cache:
+        return make()
+    key = cache_key(name, resolved, seed, task.identity(resolved))
+    return load_or_build(name, key, make)
+
+
+def as_tensors(data: datasets.DatasetDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{split: (inputs, targets)}`` as ``(examples, seq_len)`` int64 tensors."""
+    out = {}
+    for split, ds in data.items():
+        table = ds.with_format("arrow")[:]  # respects any select/shuffle applied to ds
+        pair = []
+        for name in ("inputs", "targets"):
+            column = table.column(name).combine_chunks()
+            flat = column.flatten().to_numpy(zero_copy_only=False)
+            width = getattr(column.type, "list_size", -1)
+            pair.append(torch.from_numpy(flat.reshape(len(column), width).astype(np.int64)))
+        out[split] = tuple(pair)
+    return out
+
+
+def grid(name: str | None = None) -> list[dict]:
+    """mad-lab's difficulty grid: ``[{"id", "task", "seed", "varied", "settings"}, ...]``.
+
+    66 entries over the six MAD tasks (each task's baseline, then one setting changed at a time),
+    with mad-lab's seed 12345. ``name`` restricts it to one task.
+    """
+    raw = _grid.load_grid()
+    if name is not None and name not in raw["tasks"]:
+        _task(name)  # unknown name: the usual error
+        raise TaskError(f"task {name} has no difficulty grid; grids exist for "
+                        f"{', '.join(raw['tasks'])}")
+    return _grid.expand(raw, validate, name)

@@ -1,0 +1,206 @@
+"""Language modelling on local text files (``task=text``), read with ``datasets``' text loader.
+
+Files: ``files`` is a path, a glob, a folder (its ``*.txt``) or a list of those; unset (null), it
+is the small English corpus shipped in ``mad_search/tasks/data/`` (prose generated for this
+project, see ``data/README.md``). Every file must exist and be non-empty. Files are read in
+sorted order, split into paragraphs (blank-line separated, ``sample_by="paragraph"``), and each
+paragraph becomes its tokens followed by ``<eos>``; all paragraphs form one token stream.
+
+Tokenizers: ``byte`` (UTF-8 bytes 0..255, ``<eos>`` = 256, vocab_size fixed at 257) or ``word``
+(lower-cased words and single punctuation marks; ids 0 ``<unk>``, 1 ``<eos>``, then the
+``vocab_size - 2`` most frequent words of the training region, ties broken alphabetically; no
+padding is ever needed).
+
+Splits are contiguous regions of the stream, so they share no text: the last ``test_fraction``
+of the tokens is test, the ``valid_fraction`` before it validation, the rest train. Examples are
+windows of ``seq_len + 1`` tokens: inputs the first ``seq_len``, targets the last ``seq_len``
+(next-token prediction, every position scored). Training windows start at uniform random offsets
+in the train region (seeded); validation and test windows are evenly spaced over their region
+(overlapping when more are asked for than fit), so they do not depend on the seed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mad_search.tasks.cache import cache_dir, quiet_datasets
+from mad_search.tasks.task import Task, TaskInfo, as_float, as_int, check_sizes, fail
+
+NAME = "text"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BYTE_VOCAB = 257  # 256 byte values + <eos>
+DEFAULT_WORD_VOCAB = 2048
+TOKENIZERS = ("byte", "word")
+WORD = re.compile(r"\w+|[^\w\s]")
+SPECIALS = ("<unk>", "<eos>")
+
+DEFAULTS = {
+    "files": None,
+    "tokenizer": "byte",
+    "vocab_size": None,
+    "seq_len": 128,
+    "num_train_examples": 12_800,
+    "num_test_examples": 1_280,
+    "num_valid_examples": None,
+    "test_fraction": 0.1,
+    "valid_fraction": 0.1,
+}
+
+
+def resolve_files(files) -> list[Path]:
+    """The files a ``files`` setting names, in order; TaskError if any is missing or empty."""
+    if files is None:
+        patterns = [str(DATA_DIR / "*.txt")]
+    elif isinstance(files, (str, os.PathLike)):
+        patterns = [os.fspath(files)]
+    elif isinstance(files, Sequence):
+        patterns = [os.fspath(f) for f in files]
+    else:
+        raise fail(NAME, f"files must be a path, a glob or a list of them, got {files!r}")
+    if not patterns:
+        raise fail(NAME, "files is an empty list; name at least one text file")
+    found: list[Path] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                raise fail(NAME, f"files: no file matches {pattern!r}")
+        elif os.path.isdir(pattern):
+            matches = sorted(Path(pattern).glob("*.txt"))
+            if not matches:
+                raise fail(NAME, f"files: folder {pattern!r} has no *.txt file")
+        elif os.path.isfile(pattern):
+            matches = [Path(pattern)]
+        else:
+            raise fail(NAME, f"files: {pattern!r} does not exist")
+        for path in matches:
+            path = path.resolve()
+            if path.stat().st_size == 0:
+                raise fail(NAME, f"files: {str(path)!r} is empty")
+            if path not in found:
+                found.append(path)
+    return found
+
+
+def _check(settings: dict) -> dict:
+    check_sizes(NAME, settings)
+    tokenizer = settings["tokenizer"]
+    if tokenizer not in TOKENIZERS:
+        raise fail(NAME, f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
+    if tokenizer == "byte":
+        if settings["vocab_size"] not in (None, BYTE_VOCAB):
+            raise fail(NAME, f"tokenizer byte has a fixed vocab_size of {BYTE_VOCAB} (256 bytes "
+                             f"+ <eos>), got vocab_size={settings['vocab_size']!r}; leave it "
+                             "unset or use tokenizer word")
+        settings["vocab_size"] = BYTE_VOCAB
+    else:
+        if settings["vocab_size"] is None:
+            settings["vocab_size"] = DEFAULT_WORD_VOCAB
+        as_int(NAME, settings, "vocab_size", minimum=len(SPECIALS) + 1)
+    as_int(NAME, settings, "seq_len")
+    test = as_float(NAME, settings, "test_fraction", 0.0, 1.0)
+    valid = as_float(NAME, settings, "valid_fraction", 0.0, 1.0)
+    if test == 0 or valid == 0 or test + valid >= 1:
+        raise fail(NAME, f"test_fraction={test} and valid_fraction={valid} must be > 0 with a "
+                         "sum below 1 (the rest is train)")
+    files = resolve_files(settings["files"])
+    settings["files"] = None if settings["files"] is None else [str(p) for p in files]
+    return settings
+
+
+def _identity(settings: dict) -> list:
+    """Which bytes the settings point at: every file's path, size and modification time."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in resolve_files(settings["files"])]
+
+
+def read_paragraphs(paths: list[Path]) -> list[str]:
+    """Non-empty paragraphs of the files, in order, through ``datasets``' text loader."""
+    import datasets
+
+    with quiet_datasets():
+        loaded = datasets.load_dataset(
+            "text", data_files=[str(p) for p in paths], sample_by="paragraph",
+            split="train", cache_dir=str(cache_dir() / "hf"),
+        )
+    return [p.strip() for p in loaded["text"] if p.strip()]
+
+
+def tokenize(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, int]:
+    """The token stream and the sizes of its validation and test regions (at its end)."""
+    if settings["tokenizer"] == "byte":
+        eos = np.array([BYTE_VOCAB - 1], np.int32)
+        pieces = []
+        for p in paragraphs:
+            pieces += [np.frombuffer(p.encode("utf-8"), np.uint8).astype(np.int32), eos]
+        stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        valid, test = _regions(settings, len(stream))
+        return stream, valid, test
+
+    words: list[str] = []
+    for p in paragraphs:
+        words += WORD.findall(p.lower())
+        words.append(SPECIALS[1])
+    valid, test = _regions(settings, len(words))
+    counts = Counter(words[: len(words) - valid - test])
+    counts.pop(SPECIALS[1], None)
+    ranked = sorted(counts, key=lambda w: (-counts[w], w))[: settings["vocab_size"] - 2]
+    ids = {w: i for i, w in enumerate(SPECIALS + tuple(ranked))}
+    stream = np.fromiter((ids.get(w, 0) for w in words), np.int32, len(words))
+    return stream, valid, test
+
+
+def _regions(settings: dict, total: int) -> tuple[int, int]:
+    test = int(round(total * settings["test_fraction"]))
+    valid = int(round(total * settings["valid_fraction"]))
+    window = settings["seq_len"] + 1
+    if min(test, valid, total - test - valid) < window:
+        raise fail(NAME, f"the corpus has {total} {settings['tokenizer']} tokens, too few for "
+                         f"seq_len={settings['seq_len']}: each split needs at least seq_len + 1 "
+                         "tokens; add text, lower seq_len or raise the split fractions")
+    return valid, test
+
+
+def _windows(stream: np.ndarray, starts: np.ndarray, seq_len: int):
+    index = starts[:, None] + np.arange(seq_len)[None, :]
+    return stream[index], stream[index + 1]
+
+
+def _splits(settings: dict, seed: int) -> dict:
+    stream, n_valid, n_test = tokenize(settings, read_paragraphs(resolve_files(settings["files"])))
+    seq_len = settings["seq_len"]
+    train_end = len(stream) - n_valid - n_test
+    regions = {"train": (0, train_end), "validation": (train_end, train_end + n_valid),
+               "test": (train_end + n_valid, len(stream))}
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    out = {}
+    for split, (lo, hi) in regions.items():
+        span = hi - lo - (seq_len + 1)  # last valid start, relative to lo
+        if split == "train":
+            starts = rng.integers(0, span + 1, settings["num_train_examples"])
+        else:
+            count = settings["num_test_examples" if split == "test" else "num_valid_examples"]
+            starts = np.linspace(0, span, count).round().astype(np.int64)
+        out[split] = _windows(stream, lo + starts, seq_len)
+    return out
+
+
+TASKS = [
+    Task(
+        name=NAME,
+        defaults=DEFAULTS,
+        check=_check,
+        info=lambda s: TaskInfo(vocab_size=s["vocab_size"], seq_len=s["seq_len"]),
+        splits=_splits,
+        identity=_identity,
+    )
+]

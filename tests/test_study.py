@@ -1,0 +1,266 @@
+"""The search engine end to end on tiny settings: coordinator + Hogwild pool + real SQLite study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_module
+
+from mad_search.config import ConfigError
+from mad_search.study import run_study, validate_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "task.seq_len=32", "task.num_train_examples=512", "task.num_test_examples=128",
+    "model.d_model=32", "train.max_steps=30", "train.eval_every=10", "train.batch_size=16",
+    "hogwild.workers=2", "hogwild.threads_per_worker=1",
+]
+
+
+def _cfg(tmp_path, *extra, sweep="layer_patterns", n_trials=4):
+    overrides = [f"+sweep={sweep}", *TINY, f"study.n_trials={n_trials}",
+                 f"study.storage=sqlite:///{tmp_path}/study.db", *extra]
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _study(tmp_path, name="layer_patterns"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/study.db")
+
+
+def _plugin(tmp_path, name, body):
+    """Write a block module in tmp_path; spawned workers inherit sys.path and import it."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+    if str(tmp_path) not in sys.path:
+        sys.path.insert(0, str(tmp_path))
+
+
+def test_two_worker_study_records_everything(tmp_path):
+    summary = run_study(_cfg(tmp_path, "search.params={}"), tmp_path / "run")
+    study = _study(tmp_path)
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert all(t.state.is_finished() for t in trials)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete, [t.user_attrs.get("fail_reason") for t in trials]
+    for t in complete:
+        a = t.user_attrs
+        for key in ("pattern", "layers", "params", "state_size", "val_accuracy", "test_accuracy",
+                    "tokens_per_s", "worker", "hogwild.rows_per_step", "hogwild.collision_rate",
+                    "hogwild.staleness_mean", "in_context_recall.val_accuracy"):
+            assert key in a, key
+        assert 0.0 <= t.value <= 1.0
+        assert t.intermediate_values, "learning curves need intermediate values"
+        assert a["shared_block_params"] == 0
+        assert a["table_is_shared"] is True
+    # the reference patterns were enqueued first
+    assert trials[0].user_attrs.get("reference_pattern") == "(attention swiglu)*2"
+    # both workers wrote the one shared table; it is finite
+    (table,) = summary["tables"].values()
+    assert table["finite"] and min(table["writes_per_worker"]) > 0
+    assert {t.user_attrs["worker"] for t in complete} == {0, 1}
+    run = tmp_path / "run"
+    for f in ("results.csv", "accuracy_vs_params.png", "accuracy_vs_state.png",
+              "learning_curves.png", "study_summary.json"):
+        assert (run / f).stat().st_size > 0, f
+    note = json.dumps(study._storage.get_study_system_attrs(study._study_id))
+    assert "leaderboard" in note and "(attention swiglu)*2" in note
+
+
+def test_rerun_resumes_and_loses_nothing(tmp_path):
+    cfg = _cfg(tmp_path, "search.params={}", n_trials=2)
+    run_study(cfg, tmp_path / "a")
+    first = {t.number: t.user_attrs.get("pattern") for t in _study(tmp_path).get_trials()}
+    run_study(cfg, tmp_path / "b")
+    trials = _study(tmp_path).get_trials()
+    assert len(trials) == 4
+    assert {t.number: t.user_attrs.get("pattern") for t in trials[:2]} == first
+    # references are not enqueued twice
+    refs = [t.user_attrs.get("reference_pattern") for t in trials]
+    assert refs.count("(attention swiglu)*2") == 1
+
+
+def test_nan_trial_fails_with_reason_and_table_stays_finite(tmp_path):
+    _plugin(tmp_path, "nan_block_plugin", """
+        import torch
+        from blocks import Block, register
+
+        @register("nan_after_5")
+        class NanAfter5(Block):
+            def __init__(self, d_model, max_len, *, block_index=0, num_blocks=1):
+                super().__init__(d_model, max_len, block_index=block_index, num_blocks=num_blocks)
+                self.lin = torch.nn.Linear(d_model, d_model)
+                self.calls = 0
+
+            def mix(self, x):
+                self.calls += 1
+                y = self.lin(x)
+                return y * float("nan") if self.training and self.calls > 5 else y
+    """)
+    cfg = _cfg(tmp_path, "model.block_modules=[nan_block_plugin]",
+               "search={pattern:{kind:choice,choices:['nan_after_5','attention']}}", n_trials=3)
+    summary = run_study(cfg, tmp_path / "run")
+    trials = _study(tmp_path).get_trials()
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    ok = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert failed and all("diverged" in t.user_attrs["fail_reason"] for t in failed)
+    assert all(t.user_attrs["pattern"] == "nan_after_5" for t in failed)
+    assert ok and all(t.user_attrs["pattern"] == "attention" for t in ok)
+    assert all(t["finite"] for t in summary["tables"].values())
+
+
+def test_private_embedding_is_the_control(tmp_path):
+    summary = run_study(_cfg(tmp_path, "hogwild.embedding=private", "search.params={}", n_trials=2),
+                        tmp_path / "run")
+    (table,) = summary["tables"].values()
+    assert table["updates"] == 0  # nobody wrote the shared table
+    trials = _study(tmp_path).get_trials()
+    assert all(t.user_attrs.get("table_is_shared") is False for t in trials
+               if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("hogwild.embedding=both", "hogwild.embedding must be 'shared' or 'private'"),
+    ("hogwild.workers=0", "hogwild.workers must be a positive integer"),
+    ("study.n_trials=0", "study.n_trials must be a positive integer"),
+    ("study.pruner.name=asha", "study.pruner.name 'asha' unknown"),
+    ("search.pattern.ratio=['7:x']", "look like '7:1'"),
+    ("search.pattern.kind=spiral", "search.pattern.kind 'spiral' unknown"),
+    ("search.params={train.lr:{type:float,low:0.1,high:0.01}}", "low 0.1 is above high 0.01"),
+    ("+search.reference=['mlstm*2 nope']", "unknown block 'nope'"),
+    ("study.storage=notaurl", "study.storage must be a database URL"),
+])
+def test_bad_sweep_config_fails_before_any_worker(tmp_path, override, fragment):
+    with pytest.raises((ConfigError, ValueError)) as err:
+        validate_sweep(_cfg(tmp_path, override))
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def _run_cli(tmp_path, *args, timeout=300, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MAD_SEARCH_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mad_search", "+sweep=layer_patterns", *TINY,
+         f"study.storage=sqlite:///{tmp_path}/study.db", f"hydra.run.dir={tmp_path}/run", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _wait_for_running_trial(tmp_path, proc, timeout=120):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            study = optuna.load_study(study_name="layer_patterns", storage=storage)
+            running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if running and any(t.intermediate_values for t in running):
+                return running
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("no trial started")
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_survived(tmp_path):
+    proc = _run_cli(tmp_path, "study.n_trials=4", "search.params={}", "train.max_steps=60")
+    _wait_for_running_trial(tmp_path, proc)
+    workers = [p for p in _children(proc.pid)
+               if "multiprocessing" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert workers, "no worker processes found"
+    os.kill(workers[0], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    study = _study(tmp_path)
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state.is_finished() for t in trials), out
+    killed = [t for t in trials if "SIGKILL" in str(t.user_attrs.get("fail_reason", ""))]
+    assert len(killed) == 1, [t.user_attrs.get("fail_reason") for t in trials]
+    summary = json.loads((tmp_path / "run" / "study_summary.json").read_text())
+    assert summary["worker_restarts"] == 1
+    assert all(t["finite"] for t in summary["tables"].values())
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_running_trials_and_rerun_resumes(tmp_path):
+    proc = _run_cli(tmp_path, "study.n_trials=4", "search.params={}", "train.max_steps=200",
+                    start_new_session=True)
+    _wait_for_running_trial(tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "rerun the same command to resume" in out
+    trials = _study(tmp_path).get_trials()
+    assert all(t.state.is_finished() for t in trials)
+    interrupted = [t for t in trials if "interrupted" in str(t.user_attrs.get("fail_reason"))]
+    assert interrupted
+    before = len(trials)
+    proc = _run_cli(tmp_path, "study.n_trials=2", "search.params={}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert len(_study(tmp_path).get_trials()) == before + 2
+
+
+def test_storage_errors_are_one_line_with_password_masked(tmp_path):
+    proc = _run_cli(tmp_path, "study.storage=postgresql://mad:s3cret@127.0.0.1:1/nowhere")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot open study storage"), out
+    assert "s3cret" not in out and "***" in out
+
+
+def test_optuna_cli_and_dashboard_read_the_study(tmp_path):
+    run_study(_cfg(tmp_path, "search.params={}", n_trials=2), tmp_path / "run")
+    storage = f"sqlite:///{tmp_path}/study.db"
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run([str(bin_dir / "optuna"), "trials", "--study-name", "layer_patterns",
+                          "--storage", storage, "-f", "json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert len(rows) == 2 and {r["number"] for r in rows} == {0, 1}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dash = subprocess.Popen([str(bin_dir / "optuna-dashboard"), storage, "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        body = None
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert body is not None, "dashboard did not answer"
+        (study,) = body["studies"]
+        assert study["study_name"] == "layer_patterns"
+        sid = study["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{sid}?after=0",
+                                    timeout=5) as r:
+            detail = json.loads(r.read())
+        assert len(detail["trials"]) == 2
+        assert "leaderboard" in detail["note"]["body"]
+    finally:
+        dash.terminate()
+        dash.wait(timeout=10)

@@ -1,0 +1,87 @@
+"""The shared table's lock-free update and its measurements, against hand computations."""
+
+import random
+
+import pytest
+import torch
+
+from mad_search.hogwild import NonFiniteUpdate, SharedTable, TableEmbedding
+
+
+def _step(emb, tokens, weight=None):
+    out = emb(tokens)
+    w = torch.randn_like(out) if weight is None else weight
+    (out * w).sum().backward()
+    return w
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adagrad"])
+def test_update_matches_a_hand_written_rule(rule):
+    V, D = random.randint(8, 40), random.randint(2, 16)
+    table = SharedTable(V, D, num_slots=1, seed=random.randrange(100), rule=rule, share=False)
+    emb = TableEmbedding(table, slot=0, lr=0.1)
+    before = table.weight.clone()
+    tokens = torch.randint(0, V, (3, 7))
+    w = _step(emb, tokens)
+    # reference: dense gradient of sum(E[tokens] * w) w.r.t. E
+    grad = torch.zeros(V, D).index_add_(0, tokens.reshape(-1), w.reshape(-1, D))
+    rows = torch.unique(tokens)
+    emb.apply_update(lr_factor=0.5)
+    expected = before.clone()
+    if rule == "sgd":
+        expected[rows] -= 0.05 * grad[rows]
+    else:
+        acc = grad[rows].square().mean(1)
+        expected[rows] -= 0.05 * grad[rows] / (acc.sqrt()[:, None] + 1e-10)
+        torch.testing.assert_close(table.accum[rows], acc)
+    torch.testing.assert_close(table.weight, expected)
+    untouched = torch.ones(V, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(table.weight[untouched], before[untouched])
+    assert emb.stats.rows == rows.numel() and table.clock() == 1
+
+
+def test_non_finite_updates_are_refused_counted_and_then_fail():
+    table = SharedTable(10, 4, num_slots=1, rule="sgd", share=False)
+    emb = TableEmbedding(table, slot=0, lr=1.0, max_nonfinite=2)
+    before = table.weight.clone()
+    for i in range(3):
+        tokens = torch.randint(0, 10, (2, 5))
+        out = emb(tokens)
+        (out * float("nan")).sum().backward()
+        if i < 2:
+            emb.apply_update()
+        else:
+            with pytest.raises(NonFiniteUpdate):
+                emb.apply_update()
+    assert torch.equal(table.weight, before)
+    assert int(table.skipped[0]) == 3 and table.summary()["finite"]
+
+
+def test_collisions_and_staleness_are_measured_between_slots():
+    table = SharedTable(20, 4, num_slots=2, rule="sgd", share=True)
+    a = TableEmbedding(table, slot=0, lr=0.1)
+    b = TableEmbedding(table, slot=1, lr=0.1)
+    tok_a = torch.tensor([[1, 2, 3]])
+    tok_b = torch.tensor([[3, 4]])
+    _step(a, tok_a)  # a reads rows 1,2,3
+    _step(b, tok_b)  # b reads rows 3,4
+    b.apply_update()  # b writes 3,4 first
+    a.apply_update()  # a's read of row 3 is now stale: one collision, staleness 1
+    assert a.stats.collided_rows == 1 and a.stats.rows == 3
+    assert a.stats.staleness_max == 1 and b.stats.staleness_max == 0
+    assert table.writes.tolist() == [1, 1]
+    assert table.last_writer[3] == 0 and table.last_writer[4] == 1
+    s = table.summary()
+    assert s["updates"] == 2 and s["delta"] == pytest.approx(1.0)  # row 3 is in both updates
+
+
+def test_table_is_not_part_of_the_model_state():
+    from mad_search.model import SequenceModel
+
+    table = SharedTable(12, 16, num_slots=1)
+    model = SequenceModel(12, 16, ["attention"], 8)
+    model.embedding = TableEmbedding(table, 0, 0.1)
+    assert not any("table" in k or k == "embedding.weight" for k in model.state_dict())
+    assert table.weight.is_shared()
+    assert not any(p.is_shared() for p in model.parameters())

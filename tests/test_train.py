@@ -1,0 +1,101 @@
+"""Trainer pieces: schedules, optimiser split, selection on validation, divergence."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from mad_search.model import EncoderDecoder, SequenceModel
+from mad_search.train import Diverged, TrainConfig, lr_factor, make_optimizers, train
+
+
+def test_backoff_schedule_follows_the_hogwild_recipe():
+    K, beta = random.randint(5, 50), random.choice([0.37, 0.5])
+    f = [lr_factor(s, "backoff", 10_000, backoff_steps=K, backoff_beta=beta) for s in range(4 * K)]
+    assert f[0] == f[K - 1] == 1.0
+    assert f[K] == pytest.approx(beta)
+    stage2_end = K + math.ceil(K / beta) if (K / beta) % 1 else K + int(K / beta)
+    assert f[stage2_end - 1] == pytest.approx(beta)
+    assert f[stage2_end] == pytest.approx(beta**2)
+
+
+def test_cosine_schedule_ends_at_min_lr_and_warmup_ramps():
+    n = random.randint(50, 500)
+    assert lr_factor(0, "cosine", n, warmup=10) == pytest.approx(0.1)
+    assert lr_factor(10, "cosine", n, warmup=10) == pytest.approx(1.0)
+    assert lr_factor(n, "cosine", n, min_ratio=0.01) == pytest.approx(0.01)
+    assert lr_factor(123, "constant", n) == 1.0
+
+
+def _tiny_data(vocab=8, seq=12, n=64):
+    x = torch.randint(0, vocab, (n, seq))
+    y = torch.roll(x, -1, dims=1)  # predict the next token of a random sequence
+    y[:, -1] = -100
+    return {"train": (x, y), "validation": (x[:16], y[:16]), "test": (x[16:32], y[16:32])}
+
+
+def test_optimiser_split_keeps_weight_decay_off_norms_biases_and_embedding():
+    model = SequenceModel(10, 32, ["attention", "swiglu"], 16, sparse_embedding=True)
+    cfg = TrainConfig(weight_decay=0.1, embedding_optimizer="sgd")
+    main, emb = make_optimizers(model, cfg)
+    emb_params = {id(model.embedding.weight)}
+    decayed = [p for g in main.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert all(p.ndim == 2 and id(p) not in emb_params for p in decayed)
+    assert all(id(p) not in emb_params for g in main.param_groups for p in g["params"])
+    assert [p for g in emb.param_groups for p in g["params"]] == [model.embedding.weight]
+
+
+@pytest.mark.parametrize("emb_opt", ["adamw", "sgd", "adagrad", "sparse_adam"])
+def test_train_runs_with_every_embedding_optimiser(emb_opt):
+    model = SequenceModel(8, 16, ["attention"], 12, sparse_embedding=emb_opt != "adamw")
+    before = model.embedding.weight.detach().clone()
+    cfg = TrainConfig(max_steps=6, batch_size=8, eval_every=3, progress=False,
+                      embedding_optimizer=emb_opt)
+    res = train(model, _tiny_data(), cfg, num_classes=8)
+    assert res.steps == 6 and len(res.history) == 2
+    assert not torch.equal(before, model.embedding.weight.detach())
+
+
+def test_selection_uses_validation_and_restores_the_best_checkpoint():
+    model = SequenceModel(8, 16, ["attention"], 12)
+    cfg = TrainConfig(max_steps=20, batch_size=8, eval_every=5, progress=False, lr=3e-3)
+    res = train(model, _tiny_data(), cfg, num_classes=8)
+    best = max(h["accuracy"] for h in res.history)
+    assert res.val_accuracy == pytest.approx(best)
+    assert res.best_step == next(h["step"] for h in res.history if h["accuracy"] == best)
+
+
+def test_callback_can_stop_training():
+    model = SequenceModel(8, 16, ["swiglu"], 12)
+    cfg = TrainConfig(max_steps=50, batch_size=8, eval_every=5, progress=False)
+    res = train(model, _tiny_data(), cfg, 8, on_eval=lambda step, m: step >= 10)
+    assert res.stopped == "callback" and res.steps == 10
+
+
+def test_non_finite_loss_raises_diverged():
+    model = SequenceModel(8, 16, ["swiglu"], 12)
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    with pytest.raises(Diverged, match="non-finite"):
+        train(model, _tiny_data(), TrainConfig(max_steps=3, batch_size=8, progress=False), 8)
+
+
+def test_encoder_decoder_reconstructs_every_position_from_the_last_state():
+    model = EncoderDecoder(8, 16, ["attention"], 12).eval()
+    x = torch.randint(0, 8, (2, 12))
+    logits = model(x)
+    assert logits.shape == (2, 12, 8)
+    x2 = x.clone()
+    x2[:, 0] = (x[:, 0] + 1) % 8  # the first token changes every output (through the pooled state)
+    assert not torch.allclose(model(x2), logits)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"max_steps": 0}, "max_steps"), ({"lr": -1.0}, "lr"), ({"schedule": "linear"}, "schedule"),
+    ({"embedding_optimizer": "lion"}, "embedding_optimizer"), ({"backoff_beta": 1.5}, "beta"),
+    ({"accuracy": "weighted"}, "accuracy"),
+])
+def test_bad_train_settings_are_refused(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        TrainConfig(**bad).validate()

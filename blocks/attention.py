@@ -1,7 +1,7 @@
 """Causal multi-head self-attention (Vaswani et al. 2017) as a pre-norm residual block.
 
 Uses ``torch.nn.functional.scaled_dot_product_attention``. Options: rotary position encoding
-(Su et al. 2021) or none, grouped-query heads (Ainslie et al. 2023: ``num_kv_heads`` < ``num_heads``)
+(Su et al. 2021) or none, grouped-query heads (Ainslie et al. 2023: fewer ``num_kv_heads``)
 and a sliding window (each position attends to itself and the ``window - 1`` positions before it).
 """
 
@@ -18,7 +18,9 @@ from blocks.registry import BlockError, register
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, dtype=torch.float32):
     """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position encoding."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    )
     angles = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -55,7 +57,8 @@ class AttentionBlock(Block):
             )
         if num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise BlockError(
-                f"attention: num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}"
+                f"attention: num_heads {num_heads} must be a multiple of "
+                f"num_kv_heads {num_kv_heads}"
             )
         if window is not None and window <= 0:
             raise BlockError(f"attention: window must be a positive integer or null, got {window}")

@@ -28,7 +28,8 @@ class SwiGLUBlock(Block):
         super().__init__(d_model, max_len, block_index=block_index, num_blocks=num_blocks)
         if expansion <= 0 or multiple_of <= 0:
             raise BlockError(
-                f"swiglu: expansion and multiple_of must be positive, got {expansion}, {multiple_of}"
+                f"swiglu: expansion and multiple_of must be positive, "
+                f"got {expansion}, {multiple_of}"
             )
         self.hidden = round_up(expansion * d_model, multiple_of)
         self.gate_up = nn.Linear(d_model, 2 * self.hidden, bias=False)

@@ -1,7 +1,8 @@
 """``python -m mad_search``: the Hydra entry point.
 
 With a sweep (``+sweep=layer_patterns``) it runs an Optuna study whose trials train concurrently
-as Hogwild workers. Without one it trains one layer sequence on one task and writes ``results.json`` into the
+as Hogwild workers. Without one it trains one layer sequence on one task and writes
+``results.json`` into the
 run directory. User errors print one line (``error: ...``) and exit with status 2.
 """
 

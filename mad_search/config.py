@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import blocks
 from mad_search import spec as spec_mod
 from mad_search import tasks
+from mad_search.budget import BudgetError, width_for_budget
 from mad_search.train import TrainConfig
 
 
@@ -24,7 +25,10 @@ class ConfigError(ValueError):
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, spec_mod.SpecError, blocks.BlockError, tasks.TaskError,
+    ConfigError,
+    spec_mod.SpecError,
+    blocks.BlockError,
+    tasks.TaskError,
 )
 
 
@@ -42,6 +46,7 @@ class RunPlan:
     seed: int
     device: str
     threads: int | None
+    budget: dict | None = None  # what model.budget chose: d_model, params, state, reached
 
 
 def _container(node: Any) -> Any:
@@ -54,8 +59,9 @@ def _positive_int(value: Any, key: str) -> int:
     return value
 
 
-def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int]:
-    """Import user block modules, parse the pattern, check block options by building each type."""
+def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int, dict | None]:
+    """Import user block modules, parse the pattern, apply a budget, check block options by
+    building each block type once."""
     model_cfg = _container(model_cfg) or {}
     for module in model_cfg.get("block_modules") or []:
         blocks.load_module(module)
@@ -64,6 +70,27 @@ def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int]:
         raise ConfigError("model.pattern is not set; pick pattern=<name> or set model.pattern")
     layers = spec_mod.parse(model_cfg["pattern"])
     block_options = model_cfg.get("blocks") or {}
+    budget = dict(model_cfg.get("budget") or {})
+    unknown_budget = sorted(set(budget) - {"params", "state", "multiple"})
+    if unknown_budget:
+        raise ConfigError(
+            f"unknown model.budget key(s) {unknown_budget}; valid: params, state, multiple"
+        )
+    budget_result = None
+    if budget.get("params") is not None or budget.get("state") is not None:
+        try:
+            budget_result = width_for_budget(
+                layers,
+                max_len,
+                max_len,
+                params=budget.get("params"),
+                state=budget.get("state"),
+                block_options=block_options,
+                multiple=budget.get("multiple") or 16,
+            )
+        except BudgetError as exc:
+            raise ConfigError(str(exc)) from None
+        d_model = budget_result["d_model"]
     if not isinstance(block_options, dict):
         raise ConfigError(f"model.blocks must map block names to options, got {block_options!r}")
     unknown = sorted(set(block_options) - set(blocks.names()))
@@ -74,7 +101,7 @@ def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int]:
     # Building one block of each type used catches bad options (and sizes) before training.
     for name in sorted(set(layers)):
         blocks.build(name, d_model, max_len, **(block_options.get(name) or {}))
-    return layers, block_options, d_model
+    return layers, block_options, d_model, budget_result
 
 
 def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
@@ -102,7 +129,7 @@ def resolve(cfg: DictConfig) -> RunPlan:
         raise ConfigError(f"task is not set; pick task=<name>, one of {', '.join(tasks.names())}")
     settings = tasks.validate(task_name, **task_cfg)
     info = tasks.info(task_name, **settings)
-    layers, block_options, d_model = resolve_model(cfg.get("model"), info.seq_len)
+    layers, block_options, d_model, budget = resolve_model(cfg.get("model"), info.seq_len)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -113,9 +140,17 @@ def resolve(cfg: DictConfig) -> RunPlan:
     if threads is not None:
         threads = _positive_int(threads, "threads")
     return RunPlan(
-        layers=layers, pattern=spec_mod.format_layers(layers), d_model=d_model,
-        task_name=task_name, task_settings=settings, task_info=info,
-        train=resolve_train(cfg.get("train"), seed), block_options=block_options,
-        sparse_embedding=bool(cfg.model.get("sparse_embedding", False)), seed=seed,
-        device=device, threads=threads,
+        layers=layers,
+        pattern=spec_mod.format_layers(layers),
+        d_model=d_model,
+        task_name=task_name,
+        task_settings=settings,
+        task_info=info,
+        train=resolve_train(cfg.get("train"), seed),
+        block_options=block_options,
+        sparse_embedding=bool(cfg.model.get("sparse_embedding", False)),
+        seed=seed,
+        device=device,
+        threads=threads,
+        budget=budget,
     )

@@ -13,9 +13,21 @@ from optuna.trial import TrialState
 
 from mad_search.study import mask_url
 
-COLUMNS = ["number", "state", "pattern", "d_model", "params", "state_size", "val_accuracy",
-           "test_accuracy", "tokens_per_s", "hogwild.collision_rate", "hogwild.staleness_mean",
-           "worker", "fail_reason"]
+COLUMNS = [
+    "number",
+    "state",
+    "pattern",
+    "d_model",
+    "params",
+    "state_size",
+    "val_accuracy",
+    "test_accuracy",
+    "tokens_per_s",
+    "hogwild.collision_rate",
+    "hogwild.staleness_mean",
+    "worker",
+    "fail_reason",
+]
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -33,17 +45,26 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 def leaderboard(study: optuna.Study, top: int = 15) -> str:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     done.sort(key=lambda t: (-(t.value or 0.0), t.number))
-    header = f"{'#':>4}  {'pattern':<34} {'params':>9} {'state':>9} {'val acc':>8} {'test acc':>8} {'tok/s':>8}"
+    header = (
+        f"{'#':>4}  {'pattern':<34} {'params':>9} {'state':>9} {'val acc':>8} "
+        f"{'test acc':>8} {'tok/s':>8}"
+    )
     lines = [header, "-" * len(header)]
     for t in done[:top]:
         a = t.user_attrs
         lines.append(
             f"{t.number:>4}  {str(a.get('pattern', '?'))[:34]:<34} {a.get('params', 0):>9,} "
-            f"{a.get('state_size', 0):>9,} {t.value:>8.4f} {a.get('test_accuracy', float('nan')):>8.4f} "
-            f"{a.get('tokens_per_s', 0):>8,.0f}")
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    lines.append(f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed")
+            f"{a.get('state_size', 0):>9,} {t.value:>8.4f} "
+            f"{a.get('test_accuracy', float('nan')):>8.4f} "
+            f"{a.get('tokens_per_s', 0):>8,.0f}"
+        )
+    counts = {
+        s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
+    lines.append(
+        f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed"
+    )
     return "\n".join(lines)
 
 
@@ -66,16 +87,21 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[str]:
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     written = []
-    for key, label, fname in (("params", "parameters", "accuracy_vs_params.png"),
-                              ("state_size", "state size (floats per sequence)",
-                               "accuracy_vs_state.png")):
+    for key, label, fname in (
+        ("params", "parameters", "accuracy_vs_params.png"),
+        ("state_size", "state size (floats per sequence)", "accuracy_vs_state.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for t in done:
             x = t.user_attrs.get(key)
             if x:
                 ax.scatter(x, t.value, s=18)
-                ax.annotate(str(t.user_attrs.get("pattern", t.number))[:24], (x, t.value),
-                            fontsize=6, alpha=0.7)
+                ax.annotate(
+                    str(t.user_attrs.get("pattern", t.number))[:24],
+                    (x, t.value),
+                    fontsize=6,
+                    alpha=0.7,
+                )
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy")
@@ -88,8 +114,12 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[str]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if t.intermediate_values:
             steps = sorted(t.intermediate_values)
-            ax.plot(steps, [t.intermediate_values[s] for s in steps], alpha=0.6,
-                    linestyle="-" if t.state == TrialState.COMPLETE else ":")
+            ax.plot(
+                steps,
+                [t.intermediate_values[s] for s in steps],
+                alpha=0.6,
+                linestyle="-" if t.state == TrialState.COMPLETE else ":",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("validation accuracy")
     ax.set_title("learning curves (dotted: pruned)")
@@ -107,8 +137,15 @@ def save_note(study: optuna.Study, board: str, extra: str = "") -> None:
     _save(study, f"# {study.study_name}: leaderboard\n\n```\n{board}\n```\n\n{extra}")
 
 
-def finish(study: optuna.Study, out_dir: Path, tables: dict, sweep, wall: float, restarts: int,
-           interrupted: bool = False) -> dict:
+def finish(
+    study: optuna.Study,
+    out_dir: Path,
+    tables: dict,
+    sweep,
+    wall: float,
+    restarts: int,
+    interrupted: bool = False,
+) -> dict:
     board = leaderboard(study)
     print("\n" + board)
     write_csv(study, out_dir / "results.csv")
@@ -122,19 +159,26 @@ def finish(study: optuna.Study, out_dir: Path, tables: dict, sweep, wall: float,
         "embedding": sweep.hogwild.get("embedding", "shared"),
         "worker_restarts": restarts,
         "interrupted": interrupted,
-        "tables": {k: {"table_mb": t.weight.numel() * 4 / 2**20, **t.summary()}
-                   for k, t in tables.items()},
+        "tables": {
+            k: {"table_mb": t.weight.numel() * 4 / 2**20, **t.summary()} for k, t in tables.items()
+        },
         "trials": trial_rows(study),
         "files": ["results.csv", *plots],
     }
     done = [r for r in summary["trials"] if r["state"] == "COMPLETE"]
-    for key in ("hogwild.rows_per_step", "hogwild.collision_rate", "hogwild.staleness_mean",
-                "tokens_per_s"):
+    for key in (
+        "hogwild.rows_per_step",
+        "hogwild.collision_rate",
+        "hogwild.staleness_mean",
+        "tokens_per_s",
+    ):
         vals = [r[key] for r in done if isinstance(r.get(key), (int, float))]
         summary[f"mean_{key}"] = sum(vals) / len(vals) if vals else None
     (out_dir / "study_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    note = (f"Run directory: `{out_dir}`; {sweep.workers} workers x {sweep.threads} threads, "
-            f"{summary['embedding']} embedding; wall {wall:.0f}s.")
+    note = (
+        f"Run directory: `{out_dir}`; {sweep.workers} workers x {sweep.threads} threads, "
+        f"{summary['embedding']} embedding; wall {wall:.0f}s."
+    )
     save_note(study, board, note)
     url = sweep.storage_url
     print(f"\nrun directory: {out_dir} (results.csv, {', '.join(plots)}, study_summary.json)")

@@ -18,8 +18,12 @@ from mad_search.train import train
 def build_model(plan: RunPlan) -> SequenceModel:
     cls = EncoderDecoder if plan.task_info.encoder_decoder else SequenceModel
     return cls(
-        plan.task_info.vocab_size, plan.d_model, plan.layers, plan.task_info.seq_len,
-        block_options=plan.block_options, sparse_embedding=plan.sparse_embedding,
+        plan.task_info.vocab_size,
+        plan.d_model,
+        plan.layers,
+        plan.task_info.seq_len,
+        block_options=plan.block_options,
+        sparse_embedding=plan.sparse_embedding,
     )
 
 
@@ -36,8 +40,11 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     data = tasks.as_tensors(tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))
     data_seconds = time.perf_counter() - t0
     model = build_model(plan)
-    print(f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model} | "
-          f"params {count_params(model):,} | state {model.state_size(plan.task_info.seq_len):,} floats")
+    print(
+        f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model} | "
+        f"params {count_params(model):,} | "
+        f"state {model.state_size(plan.task_info.seq_len):,} floats"
+    )
     result = train(model, data, plan.train, plan.task_info.num_classes, device=plan.device)
     out = {
         "task": plan.task_name,
@@ -48,12 +55,15 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
         "params": count_params(model),
         "state_size": model.state_size(plan.task_info.seq_len),
         "seed": plan.seed,
+        "budget": plan.budget,
         "data_seconds": data_seconds,
         **result.as_dict(),
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / "results.json"
     path.write_text(json.dumps(out, indent=2))
-    print(f"val_accuracy {out['val_accuracy']:.4f} | test_accuracy {out['test_accuracy']:.4f} | "
-          f"steps {out['steps']} | {out['tokens_per_s']:,.0f} tokens/s | results: {path}")
+    print(
+        f"val_accuracy {out['val_accuracy']:.4f} | test_accuracy {out['test_accuracy']:.4f} | "
+        f"steps {out['steps']} | {out['tokens_per_s']:,.0f} tokens/s | results: {path}"
+    )
     return out

@@ -75,7 +75,9 @@ def _depth_key(a: int, b: int) -> str:
 
 def _depths(gen: Mapping, a: int, b: int) -> list[int]:
     """The depths of ``gen['depth']`` that an a:b group divides."""
-    return [d for d in gen.get("depth", [a + b]) if isinstance(d, int) and d > 0 and d % (a + b) == 0]
+    return [
+        d for d in gen.get("depth", [a + b]) if isinstance(d, int) and d > 0 and d % (a + b) == 0
+    ]
 
 
 def pattern_from_params(gen: Mapping, params: Mapping[str, Any]) -> list[str]:
@@ -83,8 +85,13 @@ def pattern_from_params(gen: Mapping, params: Mapping[str, Any]) -> list[str]:
     kind = gen.get("kind", "xlstm")
     if kind == "xlstm":
         a, b = _ratio(params["pattern.ratio"])
-        group = _group(a, b, params.get("pattern.placement", "last"), gen.get("mlstm", "mlstm"),
-                       gen.get("slstm", "slstm"))
+        group = _group(
+            a,
+            b,
+            params.get("pattern.placement", "last"),
+            gen.get("mlstm", "mlstm"),
+            gen.get("slstm", "slstm"),
+        )
         depth = params.get(_depth_key(a, b))
         if depth is None:
             depth = _depths(gen, a, b)[0]
@@ -92,8 +99,12 @@ def pattern_from_params(gen: Mapping, params: Mapping[str, Any]) -> list[str]:
     if kind == "positions":
         depth = int(gen["depth"])
         at = [i for i in range(depth) if params.get(f"pattern.slstm_at.{i}", False)]
-        return xlstm_layers(depth=depth, slstm_at=at, mlstm=gen.get("mlstm", "mlstm"),
-                            slstm=gen.get("slstm", "slstm"))
+        return xlstm_layers(
+            depth=depth,
+            slstm_at=at,
+            mlstm=gen.get("mlstm", "mlstm"),
+            slstm=gen.get("slstm", "slstm"),
+        )
     if kind == "insert":
         depth, count = int(gen["depth"]), int(gen.get("count", 1))
         layers = [gen.get("base", "mlstm")] * depth
@@ -115,15 +126,17 @@ def suggest_pattern(trial: optuna.Trial, gen: Mapping) -> list[str]:
         if len(depths) > 1:
             p[_depth_key(a, b)] = trial.suggest_categorical(_depth_key(a, b), depths)
         if a and b and len(gen.get("placement", ["last"])) > 1:
-            p["pattern.placement"] = trial.suggest_categorical("pattern.placement",
-                                                               list(gen["placement"]))
+            p["pattern.placement"] = trial.suggest_categorical(
+                "pattern.placement", list(gen["placement"])
+            )
         else:
             p["pattern.placement"] = list(gen.get("placement", ["last"]))[0]
     elif kind == "positions":
         depth = int(gen["depth"])
         for i in range(depth):
-            p[f"pattern.slstm_at.{i}"] = trial.suggest_categorical(f"pattern.slstm_at.{i}",
-                                                                   [False, True])
+            p[f"pattern.slstm_at.{i}"] = trial.suggest_categorical(
+                f"pattern.slstm_at.{i}", [False, True]
+            )
         need = int(gen.get("min_slstm", 0))
         if sum(p.values()) < need:  # repair: fill from the end, deterministically
             for i in reversed(range(depth)):
@@ -145,11 +158,21 @@ def suggest_pattern(trial: optuna.Trial, gen: Mapping) -> list[str]:
 def suggest_param(trial: optuna.Trial, key: str, dist: Mapping) -> Any:
     kind = dist.get("type")
     if kind == "float":
-        return trial.suggest_float(key, float(dist["low"]), float(dist["high"]),
-                                   log=bool(dist.get("log", False)), step=dist.get("step"))
+        return trial.suggest_float(
+            key,
+            float(dist["low"]),
+            float(dist["high"]),
+            log=bool(dist.get("log", False)),
+            step=dist.get("step"),
+        )
     if kind == "int":
-        return trial.suggest_int(key, int(dist["low"]), int(dist["high"]),
-                                 step=int(dist.get("step", 1)), log=bool(dist.get("log", False)))
+        return trial.suggest_int(
+            key,
+            int(dist["low"]),
+            int(dist["high"]),
+            step=int(dist.get("step", 1)),
+            log=bool(dist.get("log", False)),
+        )
     if kind == "categorical":
         return trial.suggest_categorical(key, list(dist["choices"]))
     raise SpaceError(f"search.params.{key}.type {kind!r} unknown; valid: {', '.join(PARAM_TYPES)}")
@@ -198,19 +221,29 @@ def all_patterns(gen: Mapping, limit: int = 4096) -> list[list[str]]:
                 raise SpaceError("search.pattern (kind xlstm) needs a non-empty ratio list")
         for d in gen.get("depth", []):
             if not isinstance(d, int) or d <= 0:
-                raise SpaceError(f"search.pattern.depth entries must be positive integers, got {d!r}")
+                raise SpaceError(
+                    f"search.pattern.depth entries must be positive integers, got {d!r}"
+                )
         out = []
         for ratio, place in itertools.product(gen["ratio"], gen.get("placement", ["last"])):
             if place not in PLACEMENTS:
-                raise SpaceError(f"search.pattern.placement {place!r}; valid: {', '.join(PLACEMENTS)}")
+                raise SpaceError(
+                    f"search.pattern.placement {place!r}; valid: {', '.join(PLACEMENTS)}"
+                )
             a, b = _ratio(ratio)
             depths = _depths(gen, a, b)
             if not depths:
-                raise SpaceError(f"search.pattern: ratio {ratio} fits none of the depths "
-                                 f"{list(gen.get('depth', []))} (need a multiple of {a + b})")
+                raise SpaceError(
+                    f"search.pattern: ratio {ratio} fits none of the depths "
+                    f"{list(gen.get('depth', []))} (need a multiple of {a + b})"
+                )
             for d in depths:
-                out.append(pattern_from_params(gen, {"pattern.ratio": ratio, _depth_key(a, b): d,
-                                                     "pattern.placement": place}))
+                out.append(
+                    pattern_from_params(
+                        gen,
+                        {"pattern.ratio": ratio, _depth_key(a, b): d, "pattern.placement": place},
+                    )
+                )
         return out
     if kind == "positions":
         depth = gen.get("depth")
@@ -219,8 +252,14 @@ def all_patterns(gen: Mapping, limit: int = 4096) -> list[list[str]]:
         need = gen.get("min_slstm", 0)
         if not isinstance(need, int) or not 0 <= need <= depth:
             raise SpaceError(f"search.pattern.min_slstm must be in 0..{depth}, got {need!r}")
-        return [xlstm_layers(depth=depth, slstm_at=[0], mlstm=gen.get("mlstm", "mlstm"),
-                             slstm=gen.get("slstm", "slstm"))]
+        return [
+            xlstm_layers(
+                depth=depth,
+                slstm_at=[0],
+                mlstm=gen.get("mlstm", "mlstm"),
+                slstm=gen.get("slstm", "slstm"),
+            )
+        ]
     if kind == "insert":
         depth, count = gen.get("depth"), gen.get("count", 1)
         if not isinstance(depth, int) or depth <= 0:
@@ -240,7 +279,9 @@ def all_patterns(gen: Mapping, limit: int = 4096) -> list[list[str]]:
 def validate(space: Mapping, valid_blocks: list[str]) -> list[list[str]]:
     """Check a search space up front; returns every pattern it can produce (names checked)."""
     if not isinstance(space, Mapping):
-        raise SpaceError(f"search must be a mapping with pattern / params / reference, got {space!r}")
+        raise SpaceError(
+            f"search must be a mapping with pattern / params / reference, got {space!r}"
+        )
     unknown = sorted(set(space) - {"pattern", "params", "reference"})
     if unknown:
         raise SpaceError(f"search has unknown key(s) {unknown}; valid: pattern, params, reference")
@@ -253,8 +294,10 @@ def validate(space: Mapping, valid_blocks: list[str]) -> list[list[str]]:
         for layers in patterns:
             for name in layers:
                 if name not in valid_blocks:
-                    raise SpaceError(f"search.pattern uses unknown block {name!r}; valid blocks: "
-                                     f"{', '.join(valid_blocks)}")
+                    raise SpaceError(
+                        f"search.pattern uses unknown block {name!r}; valid blocks: "
+                        f"{', '.join(valid_blocks)}"
+                    )
     for key, dist in (space.get("params") or {}).items():
         _check_dist(key, dist)
         if key in ("model.pattern", "pattern"):

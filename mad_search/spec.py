@@ -78,7 +78,9 @@ class _Parser:
     def take(self, kind: str | None = None, text: str | None = None) -> _Tok:
         tok = self.peek()
         if (kind and tok.kind != kind) or (text and tok.text != text):
-            want = repr(text) if text else {"name": "a block name", "int": "a number"}.get(kind, kind)
+            want = (
+                repr(text) if text else {"name": "a block name", "int": "a number"}.get(kind, kind)
+            )
             got = "end of spec" if tok.kind == "end" else repr(tok.text)
             raise _Err(f"expected {want}, got {got}", tok.col)
         self.i += 1
@@ -170,7 +172,9 @@ class _Parser:
                 self.i += 1
             elif self.peek().text != ")":
                 t = self.peek()
-                raise _Err(f"expected ',' or ')' in xlstm(...), got {t.text or 'end of spec'!r}", t.col)
+                raise _Err(
+                    f"expected ',' or ')' in xlstm(...), got {t.text or 'end of spec'!r}", t.col
+                )
         self.take("op", ")")
         try:
             return xlstm_layers(ratio=ratio, valid=self.valid, **opts)
@@ -209,7 +213,9 @@ def xlstm_layers(
             raise SpecError(f"ratio {a}:{b} has no blocks; use e.g. 7:1, 1:0 or 0:1")
         depth = group if depth is None else depth
         if not isinstance(depth, int) or depth <= 0 or depth % group:
-            raise SpecError(f"depth {depth} must be a positive multiple of {group} for ratio {a}:{b}")
+            raise SpecError(
+                f"depth {depth} must be a positive multiple of {group} for ratio {a}:{b}"
+            )
         return ([mlstm] * a + [slstm] * b) * (depth // group)
     if depth is None:
         raise SpecError("xlstm(...) needs a ratio like 7:1 or depth=N with slstm_at=[...]")
@@ -282,7 +288,7 @@ def parse(spec: object, valid: Sequence[str] | None = None, check: bool = True) 
 
 
 def format_layers(layers: Sequence[str]) -> str:
-    """A compact spec string for a layer list, e.g. ``['mlstm']*7 + ['slstm']`` -> ``mlstm*7 slstm``.
+    """A compact spec string for a layer list: ``['mlstm']*7 + ['slstm']`` -> ``mlstm*7 slstm``.
 
     Repeated groups are folded when that shortens the string: ``(mlstm*3 slstm)*2``.
     """
@@ -291,7 +297,11 @@ def format_layers(layers: Sequence[str]) -> str:
     for period in range(1, n // 2 + 1):
         if n % period == 0 and layers == layers[:period] * (n // period) and period < n:
             inner = format_layers(layers[:period])
-            return f"({inner})*{n // period}" if period > 1 and " " in inner else f"{inner}*{n // period}"
+            return (
+                f"({inner})*{n // period}"
+                if period > 1 and " " in inner
+                else f"{inner}*{n // period}"
+            )
     parts, i = [], 0
     while i < n:
         j = i

@@ -34,8 +34,16 @@ from mad_search.hogwild import SharedTable, TrialJob, WorkerPool, default_worker
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 STUDY_KEYS = {"name", "storage", "n_trials", "timeout", "direction", "sampler", "pruner", "tasks"}
-HOGWILD_KEYS = {"workers", "threads_per_worker", "embedding", "device", "lr", "rule",
-                "max_nonfinite", "seed"}
+HOGWILD_KEYS = {
+    "workers",
+    "threads_per_worker",
+    "embedding",
+    "device",
+    "lr",
+    "rule",
+    "max_nonfinite",
+    "seed",
+}
 
 
 @dataclass
@@ -80,8 +88,12 @@ def _task_cfgs(cfg: DictConfig, study_cfg: dict) -> list[dict]:
         item = dict(item) if isinstance(item, dict) else {"name": item}
         name = item.get("name")
         if name not in tasks.names():
-            raise ConfigError(f"study.tasks names unknown task {name!r}; valid: {', '.join(tasks.names())}")
-        base = OmegaConf.to_container(OmegaConf.load(resources.files("conf") / "task" / f"{name}.yaml"))
+            raise ConfigError(
+                f"study.tasks names unknown task {name!r}; valid: {', '.join(tasks.names())}"
+            )
+        base = OmegaConf.to_container(
+            OmegaConf.load(resources.files("conf") / "task" / f"{name}.yaml")
+        )
         base.update(item)
         out.append(base)
     return out
@@ -121,15 +133,18 @@ def _make_pruner(spec: dict) -> optuna.pruners.BasePruner:
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """Open (and check) the study storage; one clear line, password masked, if it fails."""
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"study.storage must be a database URL like sqlite:///outputs/mad_search.db "
-                          f"or postgresql://user:pass@host/db, got {mask_url(str(url))!r}")
+        raise ConfigError(
+            f"study.storage must be a database URL like sqlite:///outputs/mad_search.db "
+            f"or postgresql://user:pass@host/db, got {mask_url(str(url))!r}"
+        )
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if path and path != ":memory:":
             Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}
-                                          if not url.startswith("sqlite") else None)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
+        )
     except Exception as exc:  # unreachable host, bad driver, malformed URL...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = reason.replace(url, mask_url(url))
@@ -164,8 +179,10 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
     for key in sorted(set(study_cfg) - STUDY_KEYS):
         raise ConfigError(f"unknown study setting {key!r}; valid: {', '.join(sorted(STUDY_KEYS))}")
     for key in sorted(set(hog) - HOGWILD_KEYS):
-        raise ConfigError(f"unknown hogwild setting {key!r}; valid: {', '.join(sorted(HOGWILD_KEYS))}")
-    for module in (cfg.model.get("block_modules") or []):
+        raise ConfigError(
+            f"unknown hogwild setting {key!r}; valid: {', '.join(sorted(HOGWILD_KEYS))}"
+        )
+    for module in cfg.model.get("block_modules") or []:
         blocks.load_module(module)
     search = _container(cfg.get("search"))
     try:
@@ -177,7 +194,9 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
         raise ConfigError(f"study.n_trials must be a positive integer, got {n_trials!r}")
     timeout = study_cfg.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ConfigError(f"study.timeout must be a positive number of seconds or null, got {timeout!r}")
+        raise ConfigError(
+            f"study.timeout must be a positive number of seconds or null, got {timeout!r}"
+        )
     if study_cfg.get("direction", "maximize") != "maximize":
         raise ConfigError("study.direction must be maximize (the objective is validation accuracy)")
     _make_sampler(study_cfg.get("sampler"))
@@ -203,7 +222,9 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
     threads = hog.get("threads_per_worker", "auto")
     threads = max(1, default_workers() // workers) if threads in ("auto", None) else threads
     if not isinstance(threads, int) or threads <= 0:
-        raise ConfigError(f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}")
+        raise ConfigError(
+            f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}"
+        )
     if hog.get("rule", "adagrad") not in ("sgd", "adagrad"):
         raise ConfigError(f"hogwild.rule must be sgd or adagrad, got {hog.get('rule')!r}")
     lr = hog.get("lr", 0.05)
@@ -217,8 +238,10 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
     elif d_dist["type"] == "categorical":
         d_models = list(d_dist["choices"])
     else:
-        raise ConfigError("search.params.model.d_model must be categorical (one shared embedding "
-                          "table per task and width)")
+        raise ConfigError(
+            "search.params.model.d_model must be categorical (one shared embedding "
+            "table per task and width)"
+        )
     task_cfgs = _task_cfgs(cfg, study_cfg)
     # Probe plans: every pattern x every categorical choice (bounded) must resolve and build.
     cats = {k: v["choices"] for k, v in params.items() if v["type"] == "categorical"}
@@ -232,9 +255,18 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
                 overrides["model.pattern"] = layers
             probe_plans += plans_for(cfg, task_cfgs, overrides)
     make_storage(study_cfg.get("storage"))
-    return SweepPlan(cfg=cfg, space=search, task_cfgs=task_cfgs, study=study_cfg, hogwild=hog,
-                     workers=workers, threads=threads, storage_url=study_cfg["storage"],
-                     d_models=d_models, probe_plans=probe_plans)
+    return SweepPlan(
+        cfg=cfg,
+        space=search,
+        task_cfgs=task_cfgs,
+        study=study_cfg,
+        hogwild=hog,
+        workers=workers,
+        threads=threads,
+        storage_url=study_cfg["storage"],
+        d_models=d_models,
+        probe_plans=probe_plans,
+    )
 
 
 def _enqueue_references(study: optuna.Study, space: dict) -> int:
@@ -247,8 +279,11 @@ def _enqueue_references(study: optuna.Study, space: dict) -> int:
             study.enqueue_trial({}, user_attrs={"reference_pattern": ref, "reference": True})
         else:
             ref = dict(ref)
-            if any(all(t.params.get(k) == v for k, v in ref.items()) for t in existing
-                   if t.user_attrs.get("reference")):
+            if any(
+                all(t.params.get(k) == v for k, v in ref.items())
+                for t in existing
+                if t.user_attrs.get("reference")
+            ):
                 continue
             study.enqueue_trial(ref, user_attrs={"reference": True})
         added += 1
@@ -277,13 +312,17 @@ class Progress:
             return
         self._last = now
         finished = sum(self.counts.values())
-        line = (f"trials {finished}/{self.total} finished (complete {self.counts['done']}, "
-                f"pruned {self.counts['pruned']}, failed {self.counts['failed']}), "
-                f"running {len(self.workers)}")
+        line = (
+            f"trials {finished}/{self.total} finished (complete {self.counts['done']}, "
+            f"pruned {self.counts['pruned']}, failed {self.counts['failed']}), "
+            f"running {len(self.workers)}"
+        )
         if self.workers:
             line += " | " + " | ".join(f"w{k}: {v}" for k, v in sorted(self.workers.items()))
         if self.tty:
-            self.stream.write("\r\033[K" + line[: os.get_terminal_size(self.stream.fileno()).columns - 1])
+            self.stream.write(
+                "\r\033[K" + line[: os.get_terminal_size(self.stream.fileno()).columns - 1]
+            )
         elif force:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -291,9 +330,21 @@ class Progress:
 
 def _flat_attrs(result: dict) -> dict:
     out = {}
-    for key in ("val_accuracy", "test_accuracy", "tokens_per_s", "params", "state_size",
-                "slot", "pid", "host", "device", "backend", "wall_seconds",
-                "shared_block_params", "table_is_shared"):
+    for key in (
+        "val_accuracy",
+        "test_accuracy",
+        "tokens_per_s",
+        "params",
+        "state_size",
+        "slot",
+        "pid",
+        "host",
+        "device",
+        "backend",
+        "wall_seconds",
+        "shared_block_params",
+        "table_is_shared",
+    ):
         if key in result:
             out[key] = result[key]
     for key, value in (result.get("hogwild") or {}).items():
@@ -314,9 +365,13 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(sweep.storage_url)
     study = optuna.create_study(
-        study_name=sweep.study["name"], storage=storage, direction="maximize",
+        study_name=sweep.study["name"],
+        storage=storage,
+        direction="maximize",
         sampler=_make_sampler(sweep.study.get("sampler")),
-        pruner=_make_pruner(sweep.study.get("pruner")), load_if_exists=True)
+        pruner=_make_pruner(sweep.study.get("pruner")),
+        load_if_exists=True,
+    )
     before = len(study.get_trials(deepcopy=False))
     enqueued = _enqueue_references(study, sweep.space)
     study.set_user_attr("search_space", json.loads(json.dumps(sweep.space, default=str)))
@@ -324,9 +379,11 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     study.set_user_attr("pruner", dict(sweep.study.get("pruner") or {}))
     study.set_user_attr("tasks", [t["name"] for t in sweep.task_cfgs])
     hog = sweep.hogwild
-    print(f"study {sweep.study['name']!r} at {mask_url(sweep.storage_url)}: {before} trials so far, "
-          f"{enqueued} reference trials enqueued; {sweep.workers} workers x {sweep.threads} threads, "
-          f"{hog.get('embedding', 'shared')} embedding")
+    print(
+        f"study {sweep.study['name']!r} at {mask_url(sweep.storage_url)}: {before} trials so far, "
+        f"{enqueued} reference trials enqueued; {sweep.workers} workers x {sweep.threads} threads, "
+        f"{hog.get('embedding', 'shared')} embedding"
+    )
 
     # Task data is built (and cached on disk) once here, so workers only load it.
     tables: dict[str, SharedTable] = {}
@@ -334,9 +391,7 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
         tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings)
         key = table_key(plan.task_name, plan.task_settings, plan.d_model)
         if key not in tables:
-            tables[key] = SharedTable(plan.task_info.vocab_size, plan.d_model, sweep.workers,
-                                      seed=int(hog.get("seed", 0)), rule=hog.get("rule", "adagrad"),
-                                      share=hog.get("embedding", "shared") == "shared")
+            tables[key] = _new_table(plan, sweep)
     n_trials = int(sweep.study["n_trials"])
     timeout = sweep.study.get("timeout")
     progress = Progress(n_trials)
@@ -344,7 +399,7 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     running: dict[int, tuple[optuna.Trial, Any]] = {}
     started = 0
     interrupted = False
-    pool = WorkerPool(sweep.workers, sweep.threads, tables)
+    pool = WorkerPool(sweep.workers, sweep.threads)
     try:
         while True:
             timed_out = timeout is not None and time.time() - t_start > timeout
@@ -368,19 +423,33 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
                 trial.set_user_attr("d_model", plan.d_model)
                 trial.set_user_attr("worker", slot.index)
                 trial.set_user_attr("embedding", hog.get("embedding", "shared"))
+                if plan.budget:
+                    trial.set_user_attr("budget", plan.budget)
+                keys = [table_key(p.task_name, p.task_settings, p.d_model) for p in plans]
+                for p, key in zip(plans, keys):  # a width first seen now (budgets): new table
+                    if key not in tables:
+                        tables[key] = _new_table(p, sweep)
                 job = TrialJob(
-                    number=trial.number, plans=plans,
-                    table_keys=[table_key(p.task_name, p.task_settings, p.d_model) for p in plans],
+                    number=trial.number,
+                    plans=plans,
+                    table_keys=keys,
+                    tables={k: tables[k] for k in keys},
                     block_modules=list(cfg.model.get("block_modules") or []),
-                    embedding=hog.get("embedding", "shared"), lr=float(hog.get("lr", 0.05)),
-                    rule=hog.get("rule", "adagrad"), max_nonfinite=int(hog.get("max_nonfinite", 3)),
-                    device=str(hog.get("device", "cpu")), table_seed=int(hog.get("seed", 0)))
+                    embedding=hog.get("embedding", "shared"),
+                    lr=float(hog.get("lr", 0.05)),
+                    rule=hog.get("rule", "adagrad"),
+                    max_nonfinite=int(hog.get("max_nonfinite", 3)),
+                    device=str(hog.get("device", "cpu")),
+                    table_seed=int(hog.get("seed", 0)),
+                )
                 pool.submit(slot, job)
                 slot.started = time.time()
                 running[trial.number] = (trial, slot)
                 progress.workers[slot.index] = f"#{trial.number} {plan.pattern}"
-                progress.event(f"trial {trial.number} -> worker {slot.index}: {plan.pattern} "
-                               f"(d_model {plan.d_model})")
+                progress.event(
+                    f"trial {trial.number} -> worker {slot.index}: {plan.pattern} "
+                    f"(d_model {plan.d_model})"
+                )
             if not running and (started >= n_trials or timed_out):
                 break
             for slot, msg in pool.wait(0.5):
@@ -389,19 +458,35 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     except KeyboardInterrupt:
         interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for number, (trial, slot) in list(running.items()):
+        for trial, _slot in list(running.values()):
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         pool.kill_all()
-        print(f"\ninterrupted: {len(running)} running trial(s) marked failed; the study is saved, "
-              "rerun the same command to resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: {len(running)} running trial(s) marked failed; the study is saved, "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
     else:
         pool.close()
-    summary = report.finish(study, out_dir, tables, sweep, time.time() - t_start, pool.restarts,
-                            interrupted=interrupted)
+    summary = report.finish(
+        study, out_dir, tables, sweep, time.time() - t_start, pool.restarts, interrupted=interrupted
+    )
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+def _new_table(plan: RunPlan, sweep: SweepPlan) -> SharedTable:
+    hog = sweep.hogwild
+    return SharedTable(
+        plan.task_info.vocab_size,
+        plan.d_model,
+        sweep.workers,
+        seed=int(hog.get("seed", 0)),
+        rule=hog.get("rule", "adagrad"),
+        share=hog.get("embedding", "shared") == "shared",
+    )
 
 
 def _handle(study, pool, slot, msg, running, progress) -> None:
@@ -449,9 +534,11 @@ def _handle(study, pool, slot, msg, running, progress) -> None:
     if kind == "done":
         study.tell(trial, result["val_accuracy"])
         progress.counts["done"] += 1
-        progress.event(f"trial {number} complete: val {result['val_accuracy']:.4f} test "
-                       f"{result['test_accuracy']:.4f} ({result['tokens_per_s']:,.0f} tok/s, "
-                       f"{trial.user_attrs.get('pattern')})")
+        progress.event(
+            f"trial {number} complete: val {result['val_accuracy']:.4f} test "
+            f"{result['test_accuracy']:.4f} ({result['tokens_per_s']:,.0f} tok/s, "
+            f"{trial.user_attrs.get('pattern')})"
+        )
     elif kind == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
         progress.counts["pruned"] += 1

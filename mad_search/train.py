@@ -43,8 +43,12 @@ class TrainConfig:
     eval_batch_size: int = 256
     target_accuracy: float = 0.999
     accuracy: str = "macro"  # macro (mad-lab) | micro
-    embedding_optimizer: str = "adamw"  # adamw (dense, in the block optimiser) | sgd | adagrad | sparse_adam
-    embedding_lr: float | None = None  # defaults: lr for adamw/sparse_adam, 0.5 for sgd, 0.05 adagrad
+    embedding_optimizer: str = (
+        "adamw"  # adamw (dense, in the block optimiser) | sgd | adagrad | sparse_adam
+    )
+    embedding_lr: float | None = (
+        None  # defaults: lr for adamw/sparse_adam, 0.5 for sgd, 0.05 adagrad
+    )
     embedding_schedule: str = "backoff"  # schedule for a separate embedding optimiser
     seed: int = 0
     progress: bool = True
@@ -56,13 +60,17 @@ class TrainConfig:
         """Raise ValueError (one line) for settings the trainer cannot honour."""
         for key in ("max_steps", "batch_size", "eval_every", "eval_batch_size", "backoff_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"train.{key} must be a positive integer, got {getattr(self, key)!r}"
+                )
         if not self.lr > 0:
             raise ValueError(f"train.lr must be positive, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.schedule not in self.SCHEDULES:
-            raise ValueError(f"train.schedule {self.schedule!r} unknown; valid: {', '.join(self.SCHEDULES)}")
+            raise ValueError(
+                f"train.schedule {self.schedule!r} unknown; valid: {', '.join(self.SCHEDULES)}"
+            )
         if self.embedding_schedule not in self.SCHEDULES:
             raise ValueError(
                 f"train.embedding_schedule {self.embedding_schedule!r} unknown; valid: "
@@ -81,8 +89,15 @@ class TrainConfig:
             raise ValueError("train.warmup_steps, train.min_lr and train.grad_clip must be >= 0")
 
 
-def lr_factor(step: int, schedule: str, max_steps: int, warmup: int = 0, min_ratio: float = 0.0,
-              backoff_steps: int = 200, backoff_beta: float = 0.37) -> float:
+def lr_factor(
+    step: int,
+    schedule: str,
+    max_steps: int,
+    warmup: int = 0,
+    min_ratio: float = 0.0,
+    backoff_steps: int = 200,
+    backoff_beta: float = 0.37,
+) -> float:
     """Multiplier of the base step size at ``step`` (0-based).
 
     ``backoff`` is the Hogwild paper's recipe: K steps at the base size, then multiply by beta and
@@ -127,7 +142,9 @@ class TrainResult:
         return asdict(self)
 
 
-def make_optimizers(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+def make_optimizers(
+    model: nn.Module, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """AdamW on block parameters (no decay on norms, biases, gains or the embedding), plus an
     optional separate optimiser for the embedding table when it is sparse or shared."""
     emb = getattr(model, "embedding", None)
@@ -141,8 +158,10 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     main = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
     if not separate:
         return main, None
@@ -160,21 +179,29 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross entropy over scored positions (ignore index -100), as mad-lab."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, num_classes: int,
-             batch_size: int = 256, average: str = "macro", device: str | torch.device = "cpu") -> dict:
+def evaluate(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    batch_size: int = 256,
+    average: str = "macro",
+    device: str | torch.device = "cpu",
+) -> dict:
     """Loss and accuracy (macro and micro) over every scored position of a split."""
     was_training = model.training
     model.eval()
     meters = {avg: AccuracyMeter(num_classes, average=avg) for avg in ("macro", "micro")}
     total_loss, total_count = 0.0, 0
     for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start:start + batch_size].to(device)
-        y = targets[start:start + batch_size].to(device)
+        x = inputs[start : start + batch_size].to(device)
+        y = targets[start : start + batch_size].to(device)
         logits = model(x)
         n = int((y != IGNORE_INDEX).sum())
         if n:
@@ -229,12 +256,19 @@ def train(
         t0 = time.perf_counter()
         if cursor + cfg.batch_size > n_train:
             perm, cursor = torch.randperm(n_train, generator=gen), 0
-        idx = perm[cursor:cursor + cfg.batch_size]
+        idx = perm[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
         x, y = x_train[idx].to(device), y_train[idx].to(device)
 
-        factor = lr_factor(step - 1, cfg.schedule, cfg.max_steps, cfg.warmup_steps, min_ratio,
-                           cfg.backoff_steps, cfg.backoff_beta)
+        factor = lr_factor(
+            step - 1,
+            cfg.schedule,
+            cfg.max_steps,
+            cfg.warmup_steps,
+            min_ratio,
+            cfg.backoff_steps,
+            cfg.backoff_beta,
+        )
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * factor
         loss = loss_fn(model(x), y)
@@ -253,8 +287,15 @@ def train(
             if not torch.isfinite(norm):
                 raise Diverged(f"non-finite gradient norm at step {step}")
         opt.step()
-        emb_factor = lr_factor(step - 1, cfg.embedding_schedule, cfg.max_steps, 0, min_ratio,
-                               cfg.backoff_steps, cfg.backoff_beta)
+        emb_factor = lr_factor(
+            step - 1,
+            cfg.embedding_schedule,
+            cfg.max_steps,
+            0,
+            min_ratio,
+            cfg.backoff_steps,
+            cfg.backoff_beta,
+        )
         if embedding_step is not None:
             embedding_step(emb_factor)
         elif emb_opt:
@@ -268,16 +309,22 @@ def train(
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / train_time:,.0f}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            metrics = evaluate(model, *data["validation"], num_classes, cfg.eval_batch_size,
-                               cfg.accuracy, device)
+            metrics = evaluate(
+                model, *data["validation"], num_classes, cfg.eval_batch_size, cfg.accuracy, device
+            )
             metrics.update(step=step, train_loss=loss.item(), tokens_per_s=tokens / train_time)
             history.append(metrics)
             if metrics["accuracy"] > best["accuracy"]:
-                best.update(accuracy=metrics["accuracy"], step=step, metrics=metrics,
-                            state=copy.deepcopy(model.state_dict()))
+                best.update(
+                    accuracy=metrics["accuracy"],
+                    step=step,
+                    metrics=metrics,
+                    state=copy.deepcopy(model.state_dict()),
+                )
             if bar is not None:
-                bar.write(f"step {step}: val_loss {metrics['loss']:.4f} "
-                          f"val_acc {metrics['accuracy']:.4f}")
+                bar.write(
+                    f"step {step}: val_loss {metrics['loss']:.4f} val_acc {metrics['accuracy']:.4f}"
+                )
             if metrics["accuracy"] >= cfg.target_accuracy:
                 stopped = "target_accuracy"
                 break
@@ -292,9 +339,15 @@ def train(
     test = evaluate(model, *data["test"], num_classes, cfg.eval_batch_size, cfg.accuracy, device)
     val = best["metrics"] or {"accuracy": float("nan"), "loss": float("nan")}
     return TrainResult(
-        val_accuracy=val["accuracy"], test_accuracy=test["accuracy"], val_loss=val["loss"],
-        test_loss=test["loss"], steps=step, best_step=best["step"],
-        tokens_per_s=tokens / max(train_time, 1e-9), train_seconds=train_time, stopped=stopped,
+        val_accuracy=val["accuracy"],
+        test_accuracy=test["accuracy"],
+        val_loss=val["loss"],
+        test_loss=test["loss"],
+        steps=step,
+        best_step=best["step"],
+        tokens_per_s=tokens / max(train_time, 1e-9),
+        train_seconds=train_time,
+        stopped=stopped,
         history=history,
     )
 

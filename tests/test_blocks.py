@@ -34,11 +34,11 @@ def test_block_is_causal(name):
     x = torch.randn(2, seq, D_MODEL)
     t = int(torch.randint(0, seq - 1, ()).item())
     x2 = x.clone()
-    x2[:, t + 1:] = torch.randn(2, seq - t - 1, D_MODEL) * 3
+    x2[:, t + 1 :] = torch.randn(2, seq - t - 1, D_MODEL) * 3
     with torch.no_grad():
         y, y2 = blk(x), blk(x2)
     torch.testing.assert_close(y[:, : t + 1], y2[:, : t + 1], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
+    assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :])
 
 
 @pytest.mark.parametrize("name", blocks.names())
@@ -113,15 +113,22 @@ def _reference_attention(blk, x):
         lo = 0 if blk.window is None else max(0, t - blk.window + 1)
         for h in range(H):
             g = h // (H // KV)
-            scores = (q[:, t, h, None, :] * k[:, lo:t + 1, g]).sum(-1) / math.sqrt(hd)
+            scores = (q[:, t, h, None, :] * k[:, lo : t + 1, g]).sum(-1) / math.sqrt(hd)
             w = scores.softmax(-1)
-            out[:, t, h] = (w[..., None] * v[:, lo:t + 1, g]).sum(1)
+            out[:, t, h] = (w[..., None] * v[:, lo : t + 1, g]).sum(1)
     return x + blk.out(out.reshape(B, S, D))
 
 
-@pytest.mark.parametrize("opts", [
-    {}, {"position": "none"}, {"num_kv_heads": 2}, {"window": 5}, {"window": 3, "num_kv_heads": 1},
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {},
+        {"position": "none"},
+        {"num_kv_heads": 2},
+        {"window": 5},
+        {"window": 3, "num_kv_heads": 1},
+    ],
+)
 def test_attention_matches_slow_reference(opts):
     blk = blocks.build("attention", D_MODEL, MAX_LEN, **opts).eval()
     x = torch.randn(2, 13, D_MODEL)
@@ -129,9 +136,15 @@ def test_attention_matches_slow_reference(opts):
         torch.testing.assert_close(blk(x), _reference_attention(blk, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [
-    {"num_heads": 5}, {"num_kv_heads": 3}, {"window": 0}, {"position": "alibi"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_heads": 5},
+        {"num_kv_heads": 3},
+        {"window": 0},
+        {"position": "alibi"},
+    ],
+)
 def test_attention_rejects_bad_options(bad):
     with pytest.raises(blocks.BlockError):
         blocks.build("attention", D_MODEL, MAX_LEN, **bad)
@@ -144,6 +157,7 @@ def test_unknown_block_lists_valid_names():
 
 def test_duplicate_registration_is_refused():
     with pytest.raises(blocks.BlockError, match="already registered"):
+
         @blocks.register("attention")
         class Other(blocks.Block):  # noqa: F841
             pass

@@ -11,23 +11,41 @@ from mad_search.train import TrainConfig, train
 
 
 def _recall_data(seed):
-    ds = tasks.build("in_context_recall", seed=seed, vocab_size=16, seq_len=128,
-                     num_train_examples=4096, num_test_examples=256)
+    ds = tasks.build(
+        "in_context_recall",
+        seed=seed,
+        vocab_size=16,
+        seq_len=128,
+        num_train_examples=4096,
+        num_test_examples=256,
+    )
     return tasks.as_tensors(ds), tasks.info("in_context_recall", vocab_size=16, seq_len=128)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layers, d_model, lr, max_steps", [
-    (["attention", "attention"], 64, 2e-3, 1500),
-    (["mlstm", "mlstm"], 64, 2e-3, 1500),
-])
+@pytest.mark.parametrize(
+    "layers, d_model, lr, max_steps",
+    [
+        (["attention", "attention"], 64, 2e-3, 1500),
+        (["mlstm", "mlstm"], 64, 2e-3, 1500),
+    ],
+)
 def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
     seed = random.randrange(1000)
     data, info = _recall_data(seed)
     torch.manual_seed(seed)
     model = SequenceModel(info.vocab_size, d_model, layers, info.seq_len)
-    cfg = TrainConfig(max_steps=max_steps, batch_size=32, lr=lr, weight_decay=0.0, warmup_steps=50,
-                      eval_every=100, target_accuracy=0.97, progress=False, seed=seed)
+    cfg = TrainConfig(
+        max_steps=max_steps,
+        batch_size=32,
+        lr=lr,
+        weight_decay=0.0,
+        warmup_steps=50,
+        eval_every=100,
+        target_accuracy=0.97,
+        progress=False,
+        seed=seed,
+    )
     result = train(model, data, cfg, info.num_classes)
     assert result.test_accuracy >= 0.9, (layers, seed, result.history[-3:])
 

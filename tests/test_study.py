@@ -22,15 +22,26 @@ from mad_search.study import run_study, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "task.seq_len=32", "task.num_train_examples=512", "task.num_test_examples=128",
-    "model.d_model=32", "train.max_steps=30", "train.eval_every=10", "train.batch_size=16",
-    "hogwild.workers=2", "hogwild.threads_per_worker=1",
+    "task.seq_len=32",
+    "task.num_train_examples=512",
+    "task.num_test_examples=128",
+    "model.d_model=32",
+    "train.max_steps=30",
+    "train.eval_every=10",
+    "train.batch_size=16",
+    "hogwild.workers=2",
+    "hogwild.threads_per_worker=1",
 ]
 
 
 def _cfg(tmp_path, *extra, sweep="layer_patterns", n_trials=4):
-    overrides = [f"+sweep={sweep}", *TINY, f"study.n_trials={n_trials}",
-                 f"study.storage=sqlite:///{tmp_path}/study.db", *extra]
+    overrides = [
+        f"+sweep={sweep}",
+        *TINY,
+        f"study.n_trials={n_trials}",
+        f"study.storage=sqlite:///{tmp_path}/study.db",
+        *extra,
+    ]
     with initialize_config_module(config_module="conf", version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -56,9 +67,20 @@ def test_two_worker_study_records_everything(tmp_path):
     assert complete, [t.user_attrs.get("fail_reason") for t in trials]
     for t in complete:
         a = t.user_attrs
-        for key in ("pattern", "layers", "params", "state_size", "val_accuracy", "test_accuracy",
-                    "tokens_per_s", "worker", "hogwild.rows_per_step", "hogwild.collision_rate",
-                    "hogwild.staleness_mean", "in_context_recall.val_accuracy"):
+        for key in (
+            "pattern",
+            "layers",
+            "params",
+            "state_size",
+            "val_accuracy",
+            "test_accuracy",
+            "tokens_per_s",
+            "worker",
+            "hogwild.rows_per_step",
+            "hogwild.collision_rate",
+            "hogwild.staleness_mean",
+            "in_context_recall.val_accuracy",
+        ):
             assert key in a, key
         assert 0.0 <= t.value <= 1.0
         assert t.intermediate_values, "learning curves need intermediate values"
@@ -71,8 +93,13 @@ def test_two_worker_study_records_everything(tmp_path):
     assert table["finite"] and min(table["writes_per_worker"]) > 0
     assert {t.user_attrs["worker"] for t in complete} == {0, 1}
     run = tmp_path / "run"
-    for f in ("results.csv", "accuracy_vs_params.png", "accuracy_vs_state.png",
-              "learning_curves.png", "study_summary.json"):
+    for f in (
+        "results.csv",
+        "accuracy_vs_params.png",
+        "accuracy_vs_state.png",
+        "learning_curves.png",
+        "study_summary.json",
+    ):
         assert (run / f).stat().st_size > 0, f
     note = json.dumps(study._storage.get_study_system_attrs(study._study_id))
     assert "leaderboard" in note and "(attention swiglu)*2" in note
@@ -92,7 +119,10 @@ def test_rerun_resumes_and_loses_nothing(tmp_path):
 
 
 def test_nan_trial_fails_with_reason_and_table_stays_finite(tmp_path):
-    _plugin(tmp_path, "nan_block_plugin", """
+    _plugin(
+        tmp_path,
+        "nan_block_plugin",
+        """
         import torch
         from blocks import Block, register
 
@@ -107,9 +137,14 @@ def test_nan_trial_fails_with_reason_and_table_stays_finite(tmp_path):
                 self.calls += 1
                 y = self.lin(x)
                 return y * float("nan") if self.training and self.calls > 5 else y
-    """)
-    cfg = _cfg(tmp_path, "model.block_modules=[nan_block_plugin]",
-               "search={pattern:{kind:choice,choices:['nan_after_5','attention']}}", n_trials=3)
+    """,
+    )
+    cfg = _cfg(
+        tmp_path,
+        "model.block_modules=[nan_block_plugin]",
+        "search={pattern:{kind:choice,choices:['nan_after_5','attention']}}",
+        n_trials=3,
+    )
     summary = run_study(cfg, tmp_path / "run")
     trials = _study(tmp_path).get_trials()
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
@@ -121,26 +156,34 @@ def test_nan_trial_fails_with_reason_and_table_stays_finite(tmp_path):
 
 
 def test_private_embedding_is_the_control(tmp_path):
-    summary = run_study(_cfg(tmp_path, "hogwild.embedding=private", "search.params={}", n_trials=2),
-                        tmp_path / "run")
+    summary = run_study(
+        _cfg(tmp_path, "hogwild.embedding=private", "search.params={}", n_trials=2),
+        tmp_path / "run",
+    )
     (table,) = summary["tables"].values()
     assert table["updates"] == 0  # nobody wrote the shared table
     trials = _study(tmp_path).get_trials()
-    assert all(t.user_attrs.get("table_is_shared") is False for t in trials
-               if t.state == optuna.trial.TrialState.COMPLETE)
+    assert all(
+        t.user_attrs.get("table_is_shared") is False
+        for t in trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    )
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("hogwild.embedding=both", "hogwild.embedding must be 'shared' or 'private'"),
-    ("hogwild.workers=0", "hogwild.workers must be a positive integer"),
-    ("study.n_trials=0", "study.n_trials must be a positive integer"),
-    ("study.pruner.name=asha", "study.pruner.name 'asha' unknown"),
-    ("search.pattern.ratio=['7:x']", "look like '7:1'"),
-    ("search.pattern.kind=spiral", "search.pattern.kind 'spiral' unknown"),
-    ("search.params={train.lr:{type:float,low:0.1,high:0.01}}", "low 0.1 is above high 0.01"),
-    ("+search.reference=['mlstm*2 nope']", "unknown block 'nope'"),
-    ("study.storage=notaurl", "study.storage must be a database URL"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("hogwild.embedding=both", "hogwild.embedding must be 'shared' or 'private'"),
+        ("hogwild.workers=0", "hogwild.workers must be a positive integer"),
+        ("study.n_trials=0", "study.n_trials must be a positive integer"),
+        ("study.pruner.name=asha", "study.pruner.name 'asha' unknown"),
+        ("search.pattern.ratio=['7:x']", "look like '7:1'"),
+        ("search.pattern.kind=spiral", "search.pattern.kind 'spiral' unknown"),
+        ("search.params={train.lr:{type:float,low:0.1,high:0.01}}", "low 0.1 is above high 0.01"),
+        ("+search.reference=['mlstm*2 nope']", "unknown block 'nope'"),
+        ("study.storage=notaurl", "study.storage must be a database URL"),
+    ],
+)
 def test_bad_sweep_config_fails_before_any_worker(tmp_path, override, fragment):
     with pytest.raises((ConfigError, ValueError)) as err:
         validate_sweep(_cfg(tmp_path, override))
@@ -151,9 +194,23 @@ def test_bad_sweep_config_fails_before_any_worker(tmp_path, override, fragment):
 def _run_cli(tmp_path, *args, timeout=300, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MAD_SEARCH_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen(
-        [sys.executable, "-m", "mad_search", "+sweep=layer_patterns", *TINY,
-         f"study.storage=sqlite:///{tmp_path}/study.db", f"hydra.run.dir={tmp_path}/run", *args],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+        [
+            sys.executable,
+            "-m",
+            "mad_search",
+            "+sweep=layer_patterns",
+            *TINY,
+            f"study.storage=sqlite:///{tmp_path}/study.db",
+            f"hydra.run.dir={tmp_path}/run",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -181,8 +238,11 @@ def _wait_for_running_trial(tmp_path, proc, timeout=120):
 def test_sigkilled_worker_is_survived(tmp_path):
     proc = _run_cli(tmp_path, "study.n_trials=4", "search.params={}", "train.max_steps=60")
     _wait_for_running_trial(tmp_path, proc)
-    workers = [p for p in _children(proc.pid)
-               if "multiprocessing" in Path(f"/proc/{p}/cmdline").read_text()]
+    workers = [
+        p
+        for p in _children(proc.pid)
+        if "multiprocessing" in Path(f"/proc/{p}/cmdline").read_text()
+    ]
     assert workers, "no worker processes found"
     os.kill(workers[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
@@ -199,8 +259,13 @@ def test_sigkilled_worker_is_survived(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_marks_running_trials_and_rerun_resumes(tmp_path):
-    proc = _run_cli(tmp_path, "study.n_trials=4", "search.params={}", "train.max_steps=200",
-                    start_new_session=True)
+    proc = _run_cli(
+        tmp_path,
+        "study.n_trials=4",
+        "search.params={}",
+        "train.max_steps=200",
+        start_new_session=True,
+    )
     _wait_for_running_trial(tmp_path, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
     out, _ = proc.communicate(timeout=120)
@@ -230,9 +295,21 @@ def test_optuna_cli_and_dashboard_read_the_study(tmp_path):
     run_study(_cfg(tmp_path, "search.params={}", n_trials=2), tmp_path / "run")
     storage = f"sqlite:///{tmp_path}/study.db"
     bin_dir = Path(sys.executable).parent
-    out = subprocess.run([str(bin_dir / "optuna"), "trials", "--study-name", "layer_patterns",
-                          "--storage", storage, "-f", "json"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [
+            str(bin_dir / "optuna"),
+            "trials",
+            "--study-name",
+            "layer_patterns",
+            "--storage",
+            storage,
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert len(rows) == 2 and {r["number"] for r in rows} == {0, 1}
@@ -240,9 +317,11 @@ def test_optuna_cli_and_dashboard_read_the_study(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dash = subprocess.Popen([str(bin_dir / "optuna-dashboard"), storage, "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    dash = subprocess.Popen(
+        [str(bin_dir / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         body = None
         for _ in range(100):
@@ -256,8 +335,9 @@ def test_optuna_cli_and_dashboard_read_the_study(tmp_path):
         (study,) = body["studies"]
         assert study["study_name"] == "layer_patterns"
         sid = study["study_id"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{sid}?after=0",
-                                    timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/studies/{sid}?after=0", timeout=5
+        ) as r:
             detail = json.loads(r.read())
         assert len(detail["trials"]) == 2
         assert "leaderboard" in detail["note"]["body"]

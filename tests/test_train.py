@@ -50,8 +50,9 @@ def test_optimiser_split_keeps_weight_decay_off_norms_biases_and_embedding():
 def test_train_runs_with_every_embedding_optimiser(emb_opt):
     model = SequenceModel(8, 16, ["attention"], 12, sparse_embedding=emb_opt != "adamw")
     before = model.embedding.weight.detach().clone()
-    cfg = TrainConfig(max_steps=6, batch_size=8, eval_every=3, progress=False,
-                      embedding_optimizer=emb_opt)
+    cfg = TrainConfig(
+        max_steps=6, batch_size=8, eval_every=3, progress=False, embedding_optimizer=emb_opt
+    )
     res = train(model, _tiny_data(), cfg, num_classes=8)
     assert res.steps == 6 and len(res.history) == 2
     assert not torch.equal(before, model.embedding.weight.detach())
@@ -91,11 +92,17 @@ def test_encoder_decoder_reconstructs_every_position_from_the_last_state():
     assert not torch.allclose(model(x2), logits)
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"max_steps": 0}, "max_steps"), ({"lr": -1.0}, "lr"), ({"schedule": "linear"}, "schedule"),
-    ({"embedding_optimizer": "lion"}, "embedding_optimizer"), ({"backoff_beta": 1.5}, "beta"),
-    ({"accuracy": "weighted"}, "accuracy"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"schedule": "linear"}, "schedule"),
+        ({"embedding_optimizer": "lion"}, "embedding_optimizer"),
+        ({"backoff_beta": 1.5}, "beta"),
+        ({"accuracy": "weighted"}, "accuracy"),
+    ],
+)
 def test_bad_train_settings_are_refused(bad, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**bad).validate()

@@ -5,5 +5,12 @@ from mad_search.hogwild.pool import WorkerPool, default_workers
 from mad_search.hogwild.table import NonFiniteUpdate, SharedTable, TableEmbedding
 from mad_search.hogwild.worker import TrialJob, table_key
 
-__all__ = ["NonFiniteUpdate", "SharedTable", "TableEmbedding", "TrialJob", "WorkerPool",
-           "default_workers", "table_key"]
+__all__ = [
+    "NonFiniteUpdate",
+    "SharedTable",
+    "TableEmbedding",
+    "TrialJob",
+    "WorkerPool",
+    "default_workers",
+    "table_key",
+]

@@ -13,7 +13,6 @@ from multiprocessing.connection import wait
 
 import torch.multiprocessing as tmp
 
-from mad_search.hogwild.table import SharedTable
 from mad_search.hogwild.worker import TrialJob, worker_main
 
 
@@ -30,11 +29,12 @@ class Slot:
 
 
 class WorkerPool:
-    """``workers`` spawned processes, ``threads`` torch threads each, sharing ``tables``."""
+    """``workers`` spawned processes, ``threads`` torch threads each. Shared tables travel with
+    each job (torch shares their memory; nothing is copied)."""
 
-    def __init__(self, workers: int, threads: int, tables: dict[str, SharedTable]):
+    def __init__(self, workers: int, threads: int):
         self.ctx = tmp.get_context("spawn")
-        self.threads, self.tables = threads, tables
+        self.threads = threads
         self.slots = [Slot(i) for i in range(workers)]
         self.restarts = 0
         for slot in self.slots:
@@ -42,11 +42,21 @@ class WorkerPool:
 
     def _start(self, slot: Slot) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
-        proc = self.ctx.Process(target=worker_main, name=f"mad-search-worker-{slot.index}",
-                                args=(slot.index, child, self.tables, self.threads), daemon=True)
+        proc = self.ctx.Process(
+            target=worker_main,
+            name=f"mad-search-worker-{slot.index}",
+            args=(slot.index, child, self.threads),
+            daemon=True,
+        )
         proc.start()
         child.close()
-        slot.process, slot.conn, slot.job, slot.ready, slot.pid = proc, parent, None, False, proc.pid
+        slot.process, slot.conn, slot.job, slot.ready, slot.pid = (
+            proc,
+            parent,
+            None,
+            False,
+            proc.pid,
+        )
 
     def restart(self, slot: Slot) -> None:
         """Replace a dead worker (its trial has already been settled by the caller)."""
@@ -113,4 +123,6 @@ class WorkerPool:
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )

@@ -32,8 +32,15 @@ RULES = ("sgd", "adagrad")
 class SharedTable:
     """Weights plus measurement counters of one embedding table, placed in shared memory."""
 
-    def __init__(self, vocab_size: int, d_model: int, num_slots: int, seed: int = 0,
-                 rule: str = "adagrad", share: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        num_slots: int,
+        seed: int = 0,
+        rule: str = "adagrad",
+        share: bool = True,
+    ):
         if rule not in RULES:
             raise ValueError(f"hogwild.rule must be one of {', '.join(RULES)}, got {rule!r}")
         gen = torch.Generator().manual_seed(seed)
@@ -51,8 +58,15 @@ class SharedTable:
                 t.share_memory_()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.weight, self.accum, self.writes, self.last_writer, self.last_write,
-                self.touches, self.skipped]
+        return [
+            self.weight,
+            self.accum,
+            self.writes,
+            self.last_writer,
+            self.last_write,
+            self.touches,
+            self.skipped,
+        ]
 
     def clock(self) -> int:
         """Global number of updates written so far (all workers)."""
@@ -73,7 +87,8 @@ class SharedTable:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def summary(self) -> dict:
-        """Table-wide measurements (the paper's Delta: the largest share of updates one row is in)."""
+        """Table-wide measurements; ``delta`` is the paper's Delta (largest share of updates
+        that one row is in)."""
         total = self.clock()
         return {
             "updates": total,
@@ -122,8 +137,9 @@ class TableEmbedding(nn.Module):
     in CPU shared memory (only the touched rows travel).
     """
 
-    def __init__(self, table: SharedTable, slot: int, lr: float, max_nonfinite: int = 3,
-                 eps: float = 1e-10):
+    def __init__(
+        self, table: SharedTable, slot: int, lr: float, max_nonfinite: int = 3, eps: float = 1e-10
+    ):
         super().__init__()
         self.table, self.slot, self.lr = table, slot, lr
         self.max_nonfinite, self.eps = max_nonfinite, eps
@@ -173,7 +189,9 @@ class TableEmbedding(nn.Module):
         # Measure before writing: rows another worker wrote since our read are collisions.
         clock = t.clock()
         lw = t.last_writer.index_select(0, rows)
-        collided = (lw >= 0) & (lw != self.slot) & (t.last_write.index_select(0, rows) >= self._read_clock)
+        collided = (
+            (lw >= 0) & (lw != self.slot) & (t.last_write.index_select(0, rows) >= self._read_clock)
+        )
         staleness = clock - self._read_clock  # updates by others between our read and our write
         # The lock-free write (Hogwild!): per-row adds, no lock, other workers may interleave.
         t.weight.index_add_(0, rows, delta)

@@ -31,6 +31,7 @@ class TrialJob:
     number: int
     plans: list  # one mad_search.config.RunPlan per task
     table_keys: list[str]  # key of each task's shared table
+    tables: dict = field(default_factory=dict)  # key -> SharedTable (shared memory, not copied)
     block_modules: list[str] = field(default_factory=list)
     embedding: str = "shared"  # shared | private
     lr: float = 0.05
@@ -53,8 +54,7 @@ class _Pruned(Exception):
     pass
 
 
-def run_trial(job: TrialJob, slot: int, tables: dict[str, SharedTable], conn,
-              data_cache: dict) -> tuple[str, dict]:
+def run_trial(job: TrialJob, slot: int, conn, data_cache: dict) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
     from mad_search import tasks
@@ -65,25 +65,39 @@ def run_trial(job: TrialJob, slot: int, tables: dict[str, SharedTable], conn,
     for module in job.block_modules:
         blocks.load_module(module)
     per_task, stats_all, pruned = [], [], False
-    result: dict[str, Any] = {"slot": slot, "pid": os.getpid(), "host": socket.gethostname(),
-                              "device": job.device, "backend": "torch", "tasks": per_task}
+    result: dict[str, Any] = {
+        "slot": slot,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "device": job.device,
+        "backend": "torch",
+        "tasks": per_task,
+    }
     offset = 0
     for plan, key in zip(job.plans, job.table_keys):
         cache_key = (plan.task_name, repr(sorted(plan.task_settings.items())), plan.seed)
         if cache_key not in data_cache:
             data_cache.clear()  # keep one task's tensors in memory per worker
             data_cache[cache_key] = tasks.as_tensors(
-                tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))
+                tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings)
+            )
         data = data_cache[cache_key]
         torch.manual_seed(plan.seed + job.number)
         model = build_model(plan)
         if job.embedding == "shared":
-            table = tables[key]
+            table = job.tables[key]
         else:  # the control: a table of this trial's own, same initial weights
-            table = SharedTable(plan.task_info.vocab_size, plan.d_model, 1, seed=job.table_seed,
-                                rule=job.rule, share=False)
-        emb = TableEmbedding(table, slot if job.embedding == "shared" else 0, job.lr,
-                             job.max_nonfinite)
+            table = SharedTable(
+                plan.task_info.vocab_size,
+                plan.d_model,
+                1,
+                seed=job.table_seed,
+                rule=job.rule,
+                share=False,
+            )
+        emb = TableEmbedding(
+            table, slot if job.embedding == "shared" else 0, job.lr, job.max_nonfinite
+        )
         model.embedding = emb
         step_offset = offset
 
@@ -91,18 +105,33 @@ def run_trial(job: TrialJob, slot: int, tables: dict[str, SharedTable], conn,
             conn.send(("report", job.number, _off + step, float(metrics["accuracy"])))
             return conn.recv() == "prune"
 
-        res = train(model, data, plan.train, plan.task_info.num_classes, on_eval=on_eval,
-                    device=job.device, embedding_step=emb.apply_update)
+        res = train(
+            model,
+            data,
+            plan.train,
+            plan.task_info.num_classes,
+            on_eval=on_eval,
+            device=job.device,
+            embedding_step=emb.apply_update,
+        )
         offset += plan.train.max_steps
         stats = emb.stats.as_dict()
         stats_all.append(stats)
-        per_task.append({
-            "task": plan.task_name, "val_accuracy": res.val_accuracy,
-            "test_accuracy": res.test_accuracy, "val_loss": res.val_loss, "steps": res.steps,
-            "tokens_per_s": res.tokens_per_s, "train_seconds": res.train_seconds,
-            "stopped": res.stopped, "params": count_params(model) + table.weight.numel(),
-            "state_size": model.state_size(plan.task_info.seq_len), **stats,
-        })
+        per_task.append(
+            {
+                "task": plan.task_name,
+                "val_accuracy": res.val_accuracy,
+                "test_accuracy": res.test_accuracy,
+                "val_loss": res.val_loss,
+                "steps": res.steps,
+                "tokens_per_s": res.tokens_per_s,
+                "train_seconds": res.train_seconds,
+                "stopped": res.stopped,
+                "params": count_params(model) + table.weight.numel(),
+                "state_size": model.state_size(plan.task_info.seq_len),
+                **stats,
+            }
+        )
         # Hogwild's split, checked rather than assumed: blocks private, table shared.
         result["shared_block_params"] = sum(p.numel() for p in model.parameters() if p.is_shared())
         result["table_is_shared"] = bool(table.weight.is_shared())
@@ -114,13 +143,14 @@ def run_trial(job: TrialJob, slot: int, tables: dict[str, SharedTable], conn,
         val_accuracy=sum(t["val_accuracy"] for t in per_task) / n,
         test_accuracy=sum(t["test_accuracy"] for t in per_task) / n,
         tokens_per_s=sum(t["tokens_per_s"] for t in per_task) / n,
-        params=per_task[0]["params"], state_size=per_task[0]["state_size"],
+        params=per_task[0]["params"],
+        state_size=per_task[0]["state_size"],
         hogwild={k: sum(s[k] for s in stats_all) / n for k in stats_all[0]},
     )
     return ("pruned" if pruned else "done"), result
 
 
-def worker_main(slot: int, conn, tables: dict[str, SharedTable], threads: int) -> None:
+def worker_main(slot: int, conn, threads: int) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C for everyone
     torch.set_num_threads(threads)
@@ -139,12 +169,18 @@ def worker_main(slot: int, conn, tables: dict[str, SharedTable], threads: int) -
         job: TrialJob = msg[1]
         t0 = time.perf_counter()
         try:
-            status, result = run_trial(job, slot, tables, conn, data_cache)
+            status, result = run_trial(job, slot, conn, data_cache)
             result["wall_seconds"] = time.perf_counter() - t0
             conn.send((status, job.number, result))
         except (Diverged, NonFiniteUpdate) as exc:
             conn.send(("failed", job.number, f"diverged: {exc}", {"slot": slot}))
         except Exception as exc:  # a broken trial must not take the worker down
             tb = traceback.format_exc(limit=3)
-            conn.send(("failed", job.number, f"{type(exc).__name__}: {exc}",
-                       {"slot": slot, "traceback": tb}))
+            conn.send(
+                (
+                    "failed",
+                    job.number,
+                    f"{type(exc).__name__}: {exc}",
+                    {"slot": slot, "traceback": tb},
+                )
+            )

@@ -30,20 +30,28 @@ def register(name: str, *, backend: str = "torch") -> Callable:
     """Class decorator that adds a block type under ``name``.
 
     The class is built as ``Cls(d_model, max_len, block_index=..., num_blocks=..., **overrides)``.
-    Registering a name twice is refused.
+    Registering a name that another class already holds is refused, naming both classes and
+    their modules; the same class again (or a new version of it from ``importlib.reload``) replaces
+    the old one. Every block type is checked against the block contract (:mod:`blocks.contract`)
+    the first time it is built.
     """
     table = _REGISTRY if backend == "torch" else _MLX_REGISTRY
 
     def deco(cls):
-        if name in table and table[name] is not cls:
+        old = table.get(name)
+        if old is not None and old is not cls and _qualified(old) != _qualified(cls):
             raise BlockError(
-                f"block name {name!r} is already registered by "
-                f"{table[name].__module__}.{table[name].__qualname__}; choose another name"
+                f"block name {name!r} is already registered by {_qualified(old)}; "
+                f"{_qualified(cls)} cannot register it too; choose another name"
             )
-        table[name] = cls
+        table[name] = cls  # the same class again, or its module reloaded: replace it
         return cls
 
     return deco
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{getattr(obj, '__qualname__', getattr(obj, '__name__', obj))}"
 
 
 def load_entry_points() -> None:
@@ -90,16 +98,46 @@ def get(name: str, backend: str = "torch") -> Callable[..., Any]:
 
 
 def build(name: str, d_model: int, max_len: int, backend: str = "torch", **overrides: Any):
-    """Build one block that maps ``(batch, seq, d_model) -> (batch, seq, d_model)``, causally."""
+    """Build one block that maps ``(batch, seq, d_model) -> (batch, seq, d_model)``, causally.
+
+    The first build of a block type (class + options) in a process runs the contract check
+    (:func:`blocks.contract.check_block`); a block that breaks the contract is refused with a
+    one-line :class:`BlockError`.
+    """
     if not isinstance(d_model, int) or d_model <= 0:
         raise BlockError(f"d_model must be a positive integer, got {d_model!r}")
     if not isinstance(max_len, int) or max_len <= 0:
         raise BlockError(f"max_len must be a positive integer, got {max_len!r}")
     cls = get(name, backend)
     try:
-        return cls(d_model, max_len, **overrides)
+        block = cls(d_model, max_len, **overrides)
     except TypeError as exc:
         raise BlockError(f"block {name!r}: bad options {sorted(overrides)}: {exc}") from exc
+    if backend == "torch":
+        _check_contract_once(name, cls, block, d_model, max_len, overrides)
+    return block
+
+
+# Block types (class + options) that passed the contract check in this process.
+_CHECKED: set[tuple[Any, str]] = set()
+_STACK_POSITION = ("block_index", "num_blocks")  # only the initialisation depends on these
+
+
+def _check_contract_once(name: str, cls: Callable, block: Any, d_model: int, max_len: int,
+                         overrides: dict[str, Any]) -> None:
+    """Run :func:`blocks.contract.check_block` the first time ``cls`` is built with these options
+    in this process (``MAD_SEARCH_SKIP_CONTRACT=1`` skips it, for debugging only)."""
+    from blocks import contract
+
+    options = {k: v for k, v in overrides.items() if k not in _STACK_POSITION}
+    key = (cls, repr(sorted(options.items())))
+    if key in _CHECKED or contract.skipped():
+        return
+    tensors = [*block.parameters(), *block.buffers()] if hasattr(block, "parameters") else []
+    if any(t.is_meta for t in tensors):  # built on the meta device (budget sizing): no data
+        return
+    contract.check_block(name, block, d_model, max_len, origin=cls)
+    _CHECKED.add(key)
 
 
 def _import_mlx_twins() -> None:

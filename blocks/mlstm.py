@@ -1,0 +1,475 @@
+"""The mLSTM: matrix-memory LSTM cell (three equivalent forms) and the xLSTM mLSTM block.
+
+Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory", section 2.3 and appendix. Per head,
+with query/key size d, exponential input gate and sigmoid forget gate (kept in log space):
+
+    m_t = max(log f_t + m_{t-1}, i~_t)                      stabiliser, m_0 = 0
+    f'_t = exp(log f_t + m_{t-1} - m_t),  i'_t = exp(i~_t - m_t)
+    C_t = f'_t C_{t-1} + i'_t k_t v_t^T / sqrt(d)           matrix memory (d x d_v)
+    n_t = f'_t n_{t-1} + i'_t k_t / sqrt(d)                 normaliser state
+    h_t = C_t^T q_t / (max(|q_t . n_t|, exp(-m_t)) + eps)
+
+The cell is offered as three functions that compute the same numbers:
+
+- :func:`mlstm_recurrent`: the equations above, one step at a time (slow; the readable reference).
+- :func:`mlstm_parallel`: the quadratic form ``H = (Q K^T / sqrt(d) * D) V`` with the decay
+  matrix ``log D_tj = F_t - F_j + i~_j`` (``F`` the cumulative log forget gate), like attention.
+- :func:`mlstm_chunkwise`: the parallel form inside chunks of ``chunk_size`` steps plus the
+  states carried between chunks; linear in the sequence length.
+
+All three use the same stabiliser (the recurrent ``m_t`` with ``m_0 = 0``), so they agree to
+rounding, eps term included. Gate maths and states run in float32 (float64 for float64 inputs).
+
+:class:`MLSTMBlock` (registered as ``"mlstm"``) is the pre-up-projection block of the paper's
+figure 10, as in NX-AI's official code (``xlstm/blocks/mlstm/layer.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blocks.base import Block
+from blocks.init import round_up, small_init_, wang_init_
+from blocks.registry import BlockError, register
+
+__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_parallel", "mlstm_recurrent"]
+
+CELLS = ("auto", "parallel", "chunkwise", "recurrent")
+
+# cell="auto" runs the quadratic parallel form while the sequence fits in this many chunks and
+# the chunkwise form beyond. Measured with float32 forward + backward of the whole block at
+# d_model 128, 4 heads (head size 64), batch 16, chunk 64. CPU (1 thread): parallel 11% faster
+# at 128 steps, even at 192, chunkwise 13% faster at 256 and 1.8x at 384. CUDA (H200): parallel
+# 1.2x faster at 256 steps, even at 1024, chunkwise 3.4x faster at 4096.
+AUTO_PARALLEL_MAX_CHUNKS = 2
+AUTO_PARALLEL_MAX_CHUNKS_CUDA = 16
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared by the three forms
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gate maths and states never run below float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inverse_normaliser(qn: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / (max(|qn|, exp(-m)) + eps)`` with no exponential that can overflow.
+
+    For m < 0 numerator and denominator are multiplied by exp(m) <= 1, so a very negative
+    stabiliser (e.g. input gates far below zero) gives a tiny output, never inf or NaN.
+    """
+    scale = torch.exp(m.clamp(max=0.0))
+    return scale / (torch.maximum(qn.abs() * scale, torch.exp(-m.clamp(min=0.0))) + eps * scale)
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size, size): 0 on and below the diagonal, -inf above (added before exp)."""
+    return torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+# Below this magnitude of u and mu (see _stabilised_decay) the float32 rounding of u and mu
+# costs at most 2^-24 * 16 ~ 1e-6 in any exponent: a few float32 ulps of the output, so the
+# hi/lo split is skipped.
+_LO_PART_NEEDED_ABOVE = 8.0
+
+
+def _stabilised_decay(
+    log_f: torch.Tensor, i_pre: torch.Tensor, m_start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay matrix of the parallel form over the last axis, already divided by exp(m_t).
+
+    With ``F_t = sum_{s<=t} log f_s`` and a state entering with stabiliser ``m_start`` (0 at
+    the start of a sequence):
+
+        log D_tj = F_t - F_j + i~_j  (j <= t),   m_t = max(F_t + m_start, max_j log D_tj)
+
+    Writing ``u_j = i~_j - F_j`` and ``mu_t = max(m_start, max_{j<=t} u_j)`` gives
+    ``m_t = F_t + mu_t`` and ``log D_tj - m_t = u_j - mu_t``: no S x S max is needed. F_t - F_j
+    from float32 cumulative sums loses precision on long sequences, so u and mu come from a
+    float64 cumulative sum and, when they are large, the S x S difference is formed from hi and
+    lo float32 parts (the lo part is a constant for autograd; its gradient is exactly zero).
+
+    Returns ``D`` (..., S, S) = exp(log D - m) (0 above the diagonal), ``m`` (..., S) and
+    ``w_start`` (..., S) = exp(F_t + m_start - m_t), the weight of the incoming state.
+    """
+    dtype, size = log_f.dtype, log_f.shape[-1]
+    cum_f = torch.cumsum(log_f.double(), dim=-1)
+    u = i_pre.double() - cum_f
+    mu = torch.cummax(u, dim=-1).values
+    m_start = u.new_zeros(()) if m_start is None else m_start.double().unsqueeze(-1)
+    mu = torch.maximum(mu, m_start)
+    u_hi, mu_hi = u.to(dtype), mu.to(dtype)
+    # an add of -mu (not a subtract) spares autograd a negation of the S x S gradient
+    log_d = u_hi.unsqueeze(-2) + (-mu_hi).unsqueeze(-1)
+    with torch.no_grad():
+        bias = _causal_bias(size, dtype, log_f.device)
+        if dtype != torch.float64 and max(u.abs().max(), mu.abs().max()) > _LO_PART_NEEDED_ABOVE:
+            u_lo, mu_lo = (u - u_hi.double()).to(dtype), (mu - mu_hi.double()).to(dtype)
+            bias = (u_lo.unsqueeze(-2) - mu_lo.unsqueeze(-1)).add_(bias)
+    log_d.add_(bias)  # the causal mask (and lo part): a constant, so no extra backward pass
+    m = (cum_f + mu).to(dtype)
+    w_start = torch.exp(m_start - mu).to(dtype)
+    return torch.exp(log_d), m, w_start
+
+
+# --------------------------------------------------------------------------------------------
+# the three forms of the cell
+
+
+def mlstm_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_preact: torch.Tensor,
+    f_preact: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """mLSTM cell, one time step after another (the reference; O(S) Python steps).
+
+    Shapes: q, k (B, NH, S, DQK); v (B, NH, S, DV); i_preact, f_preact (B, NH, S).
+    Returns h (B, NH, S, DV) in q's dtype.
+    """
+    out_dtype, dtype = q.dtype, _state_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    i_pre, log_f = i_preact.to(dtype), F.logsigmoid(f_preact.to(dtype))
+    B, NH, S, DQK = q.shape
+    k = k / math.sqrt(DQK)
+
+    C = q.new_zeros(B, NH, DQK, v.shape[-1])
+    n = q.new_zeros(B, NH, DQK)
+    m = q.new_zeros(B, NH)
+    hs = []
+    for t in range(S):
+        m_new = torch.maximum(log_f[..., t] + m, i_pre[..., t])
+        f_gate = torch.exp(log_f[..., t] + m - m_new)
+        i_gate = torch.exp(i_pre[..., t] - m_new)
+        k_t, v_t, q_t = k[..., t, :], v[..., t, :], q[..., t, :]
+        kv_t = k_t[..., :, None] * v_t[..., None, :]
+        C = f_gate[..., None, None] * C + i_gate[..., None, None] * kv_t
+        n = f_gate[..., None] * n + i_gate[..., None] * k_t
+        m = m_new
+        h_num = torch.einsum("bhd,bhde->bhe", q_t, C)
+        qn = (q_t * n).sum(-1)
+        hs.append(h_num * _inverse_normaliser(qn, m, eps)[..., None])
+    return torch.stack(hs, dim=-2).to(out_dtype)
+
+
+def mlstm_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_preact: torch.Tensor,
+    f_preact: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """mLSTM cell in the quadratic parallel form: O(S^2) memory and time, no loop.
+
+    ``H = (C~ V) / (max(|C~ 1|, exp(-m)) + eps)`` with ``C~ = (Q K^T / sqrt(d)) * exp(log D - m)``.
+    Shapes as :func:`mlstm_recurrent`.
+    """
+    out_dtype, dtype = q.dtype, _state_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    log_f = F.logsigmoid(f_preact.to(dtype))
+    decay, m, _ = _stabilised_decay(log_f, i_preact.to(dtype))
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) * decay  # (B, NH, S, S)
+    h_num = scores @ v
+    qn = scores.sum(-1)  # q_t . n_t in the stabilised scale
+    return (h_num * _inverse_normaliser(qn, m, eps)[..., None]).to(out_dtype)
+
+
+def mlstm_chunkwise(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_preact: torch.Tensor,
+    f_preact: torch.Tensor,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """mLSTM cell, chunkwise: parallel inside chunks of ``chunk_size``, states between them.
+
+    Cost O(S * chunk_size) plus O((S / chunk_size)^2 * DQK * DV). The state entering every chunk
+    is itself computed in parallel: it is the parallel form one level up, over chunks, whose
+    "inputs" are the chunks' summed k v^T and "forget gates" the chunks' total log forget gate.
+    A last chunk shorter than ``chunk_size`` is padded at the end (padding never reaches an
+    earlier position). Shapes as :func:`mlstm_recurrent`.
+    """
+    B, NH, S, DQK = q.shape
+    L = max(1, min(int(chunk_size), S))
+    NC = -(-S // L)
+    if NC == 1:
+        return mlstm_parallel(q, k, v, i_preact, f_preact, eps)
+    out_dtype, dtype = q.dtype, _state_dtype(q.dtype)
+    DV = v.shape[-1]
+    pad = NC * L - S
+
+    q = q.to(dtype) * DQK**-0.5
+    k, v = k.to(dtype), v.to(dtype)
+    i_pre, log_f = i_preact.to(dtype), F.logsigmoid(f_preact.to(dtype))
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        i_pre, log_f = F.pad(i_pre, (0, pad)), F.pad(log_f, (0, pad))
+    q = q.view(B, NH, NC, L, DQK)
+    k = k.view(B, NH, NC, L, DQK)
+    v = v.view(B, NH, NC, L, DV)
+    i_pre, log_f = i_pre.view(B, NH, NC, L), log_f.view(B, NH, NC, L)
+
+    # What each chunk adds to the state, stabilised by its own max m_loc: C gets
+    # sum_j exp(a_j - m_loc) k_j v_j^T and n gets sum_j exp(a_j - m_loc) k_j, where
+    # a_j = g - b_j + i~_j is input j's log weight at the chunk's end (b = cumsum log f, g = b_L).
+    cum_f = torch.cumsum(log_f.double(), dim=-1)
+    g = cum_f[..., -1]  # (B, NH, NC) total log forget gate of each chunk
+    a = g.unsqueeze(-1) - cum_f + i_pre.double()
+    m_loc = a.max(dim=-1).values
+    k_weighted = k * torch.exp(a - m_loc.unsqueeze(-1)).to(dtype).unsqueeze(-1)
+    kv = k_weighted.transpose(-2, -1) @ v  # (B, NH, NC, DQK, DV)
+    kn = k_weighted.sum(dim=-2)  # (B, NH, NC, DQK)
+
+    # The state entering chunk c (C_prev, n_prev, m_prev) is the parallel form over chunks.
+    # Sources: 0 the initial state (zero, with m = 0), s >= 1 chunk s - 1 (its log weight m_loc),
+    # decayed by the forget gates of chunks s .. c - 1.
+    zero = g.new_zeros(B, NH, 1)
+    x = torch.cat([zero, g[..., :-1]], dim=-1)
+    src_m = torch.cat([zero, m_loc[..., :-1]], dim=-1)
+    cum_x = torch.cumsum(x, dim=-1)
+    u = src_m - cum_x
+    mu = torch.cummax(u, dim=-1).values
+    m_prev = cum_x + mu  # (B, NH, NC), float64
+    log_w = u.unsqueeze(-2) - mu.unsqueeze(-1) + _causal_bias(NC, u.dtype, u.device)
+    w_src = torch.exp(log_w[..., 1:]).to(dtype)  # (B, NH, NC, NC - 1); the zero state drops out
+    C_prev = (w_src @ kv[:, :, :-1].flatten(-2)).view(B, NH, NC, DQK, DV)
+    n_prev = w_src @ kn[:, :, :-1]  # (B, NH, NC, DQK)
+
+    # Inside each chunk: the parallel form, plus the entering state read with weight w_start.
+    decay, m, w_start = _stabilised_decay(log_f, i_pre, m_prev)
+    scores = q @ k.transpose(-2, -1) * decay  # (B, NH, NC, L, L)
+    q_start = q * w_start.unsqueeze(-1)
+    h_num = scores @ v + q_start @ C_prev  # (B, NH, NC, L, DV)
+    qn = scores.sum(dim=-1) + (q_start * n_prev.unsqueeze(-2)).sum(dim=-1)
+    h = h_num * _inverse_normaliser(qn, m, eps).unsqueeze(-1)
+    return h.reshape(B, NH, NC * L, DV)[:, :, :S].to(out_dtype)
+
+
+_CELL_FNS = {
+    "parallel": mlstm_parallel,
+    "chunkwise": mlstm_chunkwise,
+    "recurrent": mlstm_recurrent,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the block
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, C) -> (B, C, 1, S): the same memory seen as a channels-last image, no copy.
+
+    Convolutions on this view run in PyTorch's channels-last kernels and return (B, C', 1, S)
+    channels-last, which :func:`_from_channels_last` turns back into (B, S, C') for free.
+    """
+    return x.transpose(1, 2).unsqueeze(2)
+
+
+def _from_channels_last(y: torch.Tensor) -> torch.Tensor:
+    return y.squeeze(2).transpose(1, 2)
+
+
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal linear map: ``dim / block`` independent ``block x block`` matrices, no bias.
+
+    ``weight`` is (num_blocks, out, in), the official ``LinearHeadwiseExpand`` layout. It runs
+    as a grouped 1x1 convolution, which is faster on CPU than the einsum over blocks.
+    """
+
+    def __init__(self, dim: int, block: int):
+        super().__init__()
+        self.dim, self.block = dim, block
+        self.weight = nn.Parameter(torch.empty(dim // block, block, block))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, dim) -> (B, S, dim)."""
+        kernel = self.weight.reshape(self.dim, self.block, 1, 1)
+        y = F.conv2d(_channels_last(x), kernel, groups=self.dim // self.block)
+        return _from_channels_last(y)
+
+
+@register("mlstm")
+class MLSTMBlock(Block):
+    """xLSTM mLSTM block (pre-up-projection): ``x + proj_down(mLSTM-layer(LayerNorm(x)))``.
+
+    Inside, with inner size ``I = proj_factor * d_model`` rounded up to a multiple of 64::
+
+        x_m, z   = split(proj_up(x))                                  E -> 2I
+        x_c      = SiLU(causal depthwise conv(x_m))                   kernel conv_kernel
+        q, k, v  = headwise(x_c), headwise(x_c), headwise(x_m)        blocks of qkv_block_size
+        i~, f~   = Linear(3I -> num_heads)([q, k, v])                 one gate value per head
+        h~       = GroupNorm_heads(mLSTM cell(q, k, v, i~, f~))
+        out      = proj_down((h~ + skip * x_c) * SiLU(z))             I -> E
+
+    ``cell`` picks the form of the cell: "parallel", "chunkwise", "recurrent" (slow reference),
+    or "auto": parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks
+    on CUDA), chunkwise beyond; whichever measured faster.
+
+    Parameters, shapes and initialisation follow NX-AI/xlstm 2.0.x (``mLSTMLayer``,
+    ``mLSTMCell``), under the same names where there is one. Deliberate differences:
+
+    - the group norm's weight is stored as the weight itself (init 1), not as ``1 + w`` (init 0):
+      same function, but weight decay pulls it towards 0 rather than 1;
+    - the parallel form's stabiliser includes the initial state's term (m_0 = 0), as the
+      official recurrent and chunkwise forms do; the official parallel form leaves it out, which
+      changes outputs only through eps, so all our forms agree to rounding;
+    - no exponential can overflow: very negative input gates give tiny outputs, not inf/NaN;
+    - speed only: q/k/v run as grouped 1x1 convolutions (the official code uses an einsum),
+      proj_up as two products, and both gates in one product.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        max_len: int,
+        *,
+        block_index: int = 0,
+        num_blocks: int = 1,
+        num_heads: int = 4,
+        proj_factor: float = 2.0,
+        conv_kernel: int = 4,
+        qkv_block_size: int = 4,
+        chunk_size: int = 64,
+        cell: str = "auto",
+    ):
+        super().__init__(d_model, max_len, block_index=block_index, num_blocks=num_blocks)
+        _check(
+            isinstance(proj_factor, (int, float)) and proj_factor > 0,
+            f"proj_factor must be a number > 0, got {proj_factor!r}",
+        )
+        inner = round_up(proj_factor * d_model, 64)
+        _check(
+            isinstance(num_heads, int) and num_heads >= 1,
+            f"num_heads must be a positive integer, got {num_heads!r}",
+        )
+        _check(
+            inner % num_heads == 0,
+            f"inner size {inner} (proj_factor {proj_factor} * d_model {d_model}, rounded up to "
+            f"a multiple of 64) is not divisible by num_heads {num_heads}",
+        )
+        _check(
+            isinstance(qkv_block_size, int) and qkv_block_size >= 1,
+            f"qkv_block_size must be a positive integer, got {qkv_block_size!r}",
+        )
+        _check(
+            inner % qkv_block_size == 0,
+            f"inner size {inner} is not divisible by qkv_block_size {qkv_block_size}",
+        )
+        _check(
+            isinstance(conv_kernel, int) and conv_kernel >= 1,
+            f"conv_kernel must be a positive integer, got {conv_kernel!r}",
+        )
+        _check(
+            isinstance(chunk_size, int) and chunk_size >= 1,
+            f"chunk_size must be a positive integer, got {chunk_size!r}",
+        )
+        _check(cell in CELLS, f"cell must be one of {', '.join(CELLS)}; got {cell!r}")
+
+        self.inner_dim = inner
+        self.num_heads = num_heads
+        self.head_dim = inner // num_heads
+        self.conv_kernel = conv_kernel
+        self.chunk_size = chunk_size
+        self.cell = cell
+
+        self.proj_up = nn.Linear(d_model, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, conv_kernel, groups=inner, bias=True)
+        self.q_proj = HeadwiseLinear(inner, qkv_block_size)
+        self.k_proj = HeadwiseLinear(inner, qkv_block_size)
+        self.v_proj = HeadwiseLinear(inner, qkv_block_size)
+        self.igate = nn.Linear(3 * inner, num_heads)
+        self.fgate = nn.Linear(3 * inner, num_heads)
+        self.outnorm_weight = nn.Parameter(torch.ones(inner))
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official initialisation ("small" init, "wang" init for the down-projection)."""
+        small_init_(self.proj_up.weight, self.d_model)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            small_init_(proj.weight, self.d_model)  # official: the embedding size, not the block's
+        wang_init_(self.proj_down.weight, self.d_model, self.num_blocks)
+        self.conv1d.reset_parameters()  # PyTorch's default, as in the official code
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, std=0.1)
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        nn.init.ones_(self.outnorm_weight)
+        nn.init.ones_(self.learnable_skip)
+
+    def cell_for(self, seq_len: int, device: torch.device | str = "cpu") -> str:
+        """The cell form used for sequences of ``seq_len`` steps on ``device``."""
+        if self.cell != "auto":
+            return self.cell
+        cuda = torch.device(device).type == "cuda"
+        max_chunks = AUTO_PARALLEL_MAX_CHUNKS_CUDA if cuda else AUTO_PARALLEL_MAX_CHUNKS
+        return "parallel" if seq_len <= max_chunks * self.chunk_size else "chunkwise"
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv over time, (B, S, I) -> (B, S, I): pad K - 1 steps in front."""
+        y = F.conv2d(
+            _channels_last(F.pad(x, (0, 0, self.conv_kernel - 1, 0))),
+            self.conv1d.weight.unsqueeze(2),
+            self.conv1d.bias,
+            groups=self.inner_dim,
+        )
+        return _from_channels_last(y)
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        NH, DH, inner = self.num_heads, self.head_dim, self.inner_dim
+
+        # two products instead of one and a split: x_m and z come out contiguous
+        x_m = F.linear(x, self.proj_up.weight[:inner])
+        z = F.linear(x, self.proj_up.weight[inner:])
+        x_c = F.silu(self._conv(x_m))
+        q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
+
+        gates = F.linear(
+            torch.cat([q, k, v], dim=-1),
+            torch.cat([self.igate.weight, self.fgate.weight]),
+            torch.cat([self.igate.bias, self.fgate.bias]),
+        ).transpose(1, 2)  # (B, 2 NH, S)
+        i_pre, f_pre = gates[:, :NH], gates[:, NH:]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, S, NH, DH).transpose(1, 2)
+
+        cell = self.cell_for(S, x.device)
+        kwargs = {"chunk_size": self.chunk_size} if cell == "chunkwise" else {}
+        h = _CELL_FNS[cell](heads(q), heads(k), heads(v), i_pre, f_pre, **kwargs)
+
+        # multi-head group norm: each head normalised on its own, then one weight per channel
+        h = F.layer_norm(h, (DH,), eps=1e-5).transpose(1, 2).reshape(B, S, inner)
+        h = torch.addcmul(h * self.outnorm_weight, self.learnable_skip, x_c) * F.silu(z)
+        return self.proj_down(h)
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats of recurrent state per sequence at inference, independent of ``seq_len``.
+
+        Zoology's convention: everything a step-by-step decoder must keep between tokens.
+        Per head the matrix memory C (DQK x DV), the normaliser n (DQK) and the stabiliser m (1);
+        plus the causal conv's last ``conv_kernel - 1`` inputs (I floats each).
+        """
+        dqk = dv = self.head_dim
+        return self.num_heads * (dqk * dv + dqk + 1) + (self.conv_kernel - 1) * self.inner_dim
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise BlockError(f"mlstm: {message}")

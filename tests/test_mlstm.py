@@ -1,0 +1,429 @@
+"""The mLSTM cell's three forms and the mLSTM block (blocks/mlstm.py).
+
+Inputs are fresh random draws each run (torch's default generator, never seeded here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blocks.mlstm import (
+    AUTO_PARALLEL_MAX_CHUNKS,
+    MLSTMBlock,
+    mlstm_chunkwise,
+    mlstm_parallel,
+    mlstm_recurrent,
+)
+from blocks.registry import BlockError
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Overrides conftest's: these tensors are tiny, and one thread runs them fastest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# cell: inputs and independent references
+
+# gate regimes: (input-gate mean, input-gate spread, forget-gate mean, forget-gate spread)
+REGIMES = {
+    "moderate": (0.0, 1.0, 3.0, 1.0),
+    "input_near_+10": (10.0, 3.0, 3.0, 2.0),
+    "input_near_-10": (-10.0, 3.0, 3.0, 2.0),
+    "input_very_negative": (-30.0, 3.0, 0.0, 3.0),
+    "forget_closed": (0.0, 3.0, -5.0, 2.0),
+    "forget_open": (2.0, 2.0, 8.0, 1.0),
+}
+
+
+def cell_inputs(regime, S, *, B=2, NH=2, DQK=8, DV=6, dtype=torch.float64, positive_qk=False):
+    i_mean, i_std, f_mean, f_std = REGIMES[regime]
+    q, k = torch.randn(B, NH, S, DQK), torch.randn(B, NH, S, DQK)
+    if positive_qk:  # q . k > 0 everywhere: no cancellation in the normaliser
+        q, k = q.abs(), k.abs()
+    v = torch.randn(B, NH, S, DV)
+    i_pre = i_mean + i_std * torch.randn(B, NH, S)
+    f_pre = f_mean + f_std * torch.randn(B, NH, S)
+    return tuple(t.to(dtype) for t in (q, k, v, i_pre, f_pre))
+
+
+def chunked(chunk_size):
+    def run(*args, **kwargs):
+        return mlstm_chunkwise(*args, chunk_size=chunk_size, **kwargs)
+
+    return run
+
+
+FORMS = {
+    "recurrent": mlstm_recurrent,
+    "parallel": mlstm_parallel,
+    "chunkwise16": chunked(16),
+    "chunkwise64": chunked(64),
+    "chunkwise7": chunked(7),
+}
+
+
+def conditioning(q, k, v, i_pre, f_pre):
+    """How much rounding each output h_t can amplify (B, NH, S), from a direct float64 sum.
+
+    kappa_t = sum_j w_tj (|q_t| . |k_j|) / sqrt(d) / normaliser_t with w the stabilised decay
+    weights: large where the normaliser nearly cancels. Rounding errors of size u in the terms
+    move h_t by about u * kappa_t * (|h_t| + max |v|).
+    """
+    q, k, v, i_pre, f_pre = (t.double() for t in (q, k, v, i_pre, f_pre))
+    S, d = q.shape[-2], q.shape[-1]
+    log_f = F.logsigmoid(f_pre)
+    cum = torch.cumsum(log_f, -1)
+    log_d = cum[..., :, None] - cum[..., None, :] + i_pre[..., None, :]
+    log_d = log_d.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), -math.inf)
+    m = torch.maximum(log_d.amax(-1), cum)
+    w = torch.exp(log_d - m[..., None])
+    qk = q @ k.transpose(-1, -2) / math.sqrt(d)
+    qk_abs = q.abs() @ k.abs().transpose(-1, -2) / math.sqrt(d)
+    norm = torch.maximum((w * qk).sum(-1).abs(), torch.exp(-m))
+    return (w * qk_abs).sum(-1) / norm
+
+
+def unstabilised_reference(q, k, v, i_pre, f_pre):
+    """The paper's mLSTM without the stabiliser m, step by step in float64, eps = 0.
+
+    C_t = sigmoid(f~_t) C_{t-1} + exp(i~_t) k_t v_t^T / sqrt(d); n_t likewise with k_t;
+    h_t = C_t^T q_t / max(|q_t . n_t|, 1). Only valid where exp(i~) and products of forget
+    gates stay in range, i.e. for moderate gate values.
+    """
+    q, k, v, i_pre, f_pre = (t.double() for t in (q, k, v, i_pre, f_pre))
+    B, NH, S, d = q.shape
+    out = torch.zeros(B, NH, S, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(NH):
+            C = torch.zeros(d, v.shape[-1], dtype=torch.float64)
+            n = torch.zeros(d, dtype=torch.float64)
+            for t in range(S):
+                f_gate = 1.0 / (1.0 + math.exp(-f_pre[b, h, t].item()))
+                i_gate = math.exp(i_pre[b, h, t].item())
+                k_t = k[b, h, t] / math.sqrt(d)
+                C = f_gate * C + i_gate * torch.outer(k_t, v[b, h, t])
+                n = f_gate * n + i_gate * k_t
+                q_t = q[b, h, t]
+                out[b, h, t] = q_t @ C / max(abs(float(q_t @ n)), 1.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# cell: the three forms agree
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+@pytest.mark.parametrize("S", [1, 37, 130])
+def test_cell_forms_agree_in_float64(regime, S):
+    args = cell_inputs(regime, S)
+    ref = mlstm_recurrent(*args)
+    scale = conditioning(*args)[..., None] * (ref.abs() + args[2].abs().amax())
+    for name, form in FORMS.items():
+        h = form(*args)
+        assert h.dtype == torch.float64 and h.shape == ref.shape
+        err = ((h - ref).abs() / scale).max().item()
+        assert err < 1e-11, f"{name}: scaled error {err:.2e}"
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+@pytest.mark.parametrize("S", [1, 37, 130])
+def test_cell_forms_agree_in_float32_to_rounding(regime, S):
+    """Each float32 form is within float32 rounding of the float64 result.
+
+    The error is measured against the problem's own conditioning (a normaliser that nearly
+    cancels amplifies any rounding), so the bound is tight for every regime.
+    """
+    args = cell_inputs(regime, S, dtype=torch.float32)
+    ref = mlstm_parallel(*(t.double() for t in args))  # equals the recurrence (test above)
+    scale = conditioning(*args)[..., None] * (ref.abs() + args[2].double().abs().amax())
+    for name, form in FORMS.items():
+        h = form(*args)
+        assert h.dtype == torch.float32 and torch.isfinite(h).all()
+        err = ((h.double() - ref).abs() / scale).max().item()
+        assert err < 2e-5, f"{name}: scaled error {err:.2e}"
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_cell_forms_allclose_in_float32_when_well_conditioned(regime):
+    args = cell_inputs(regime, 130, dtype=torch.float32, positive_qk=True)
+    ref = mlstm_recurrent(*args)
+    for name, form in FORMS.items():
+        torch.testing.assert_close(form(*args), ref, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("regime", ["moderate", "forget_closed", "forget_open"])
+def test_stabiliser_does_not_change_the_maths(regime):
+    """All forms equal the paper's un-stabilised recurrence (float64, eps = 0)."""
+    args = cell_inputs(regime, 37, DQK=4, DV=3)
+    ref = unstabilised_reference(*args)
+    for name, form in FORMS.items():
+        torch.testing.assert_close(form(*args, eps=0.0), ref, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_eps_enters_as_documented():
+    """With the default eps the outputs differ from eps = 0 by the eps term alone."""
+    args = cell_inputs("moderate", 37)
+    for name, form in FORMS.items():
+        h0, h1 = form(*args, eps=0.0), form(*args)
+        rel = ((h1 - h0).abs() / h0.abs().clamp_min(1e-3)).max().item()
+        assert 0 < rel < 1e-3, name
+
+
+@pytest.mark.parametrize("i_shift", [-200.0, -1000.0, 60.0])
+def test_cell_extreme_input_gates_stay_finite(i_shift):
+    """No exponential overflows: outputs and gradients are finite and the forms agree."""
+    q, k, v, i_pre, f_pre = cell_inputs("moderate", 40, dtype=torch.float32, positive_qk=True)
+    i_pre = i_pre + i_shift
+    outs = {}
+    for name, form in FORMS.items():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, i_pre, f_pre)]
+        h = form(*leaves)
+        (h * torch.randn_like(h)).sum().backward()
+        assert torch.isfinite(h).all(), name
+        assert all(torch.isfinite(t.grad).all() for t in leaves), name
+        outs[name] = h
+    ref = mlstm_recurrent(*(t.double() for t in (q, k, v, i_pre, f_pre)))
+    for name, h in outs.items():
+        torch.testing.assert_close(h.double(), ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("regime", ["moderate", "input_near_+10", "forget_closed"])
+def test_cell_gradients_agree_in_float64(regime):
+    base = cell_inputs(regime, 37)
+    weight = torch.randn(2, 2, 37, 6, dtype=torch.float64)
+    grads = {}
+    for name, form in FORMS.items():
+        leaves = [t.clone().requires_grad_() for t in base]
+        (form(*leaves) * weight).sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    for name, gs in grads.items():
+        for g, r in zip(gs, grads["recurrent"]):
+            # the gate gradients can reach 1e8 where the normaliser nearly cancels
+            atol = 1e-9 * r.abs().max().item()
+            torch.testing.assert_close(g, r, rtol=1e-7, atol=atol, msg=name)
+
+
+def test_cell_parallel_form_keeps_precision_on_long_sequences():
+    """F_t - F_j is not taken from two large float32 cumulative sums.
+
+    Leaky forget gates (log f ~ -1 per step) make |F| reach ~1000 over 1024 steps, where a
+    float32 difference of cumulative sums is off by ~1e-4 in the exponent.
+    """
+    args = cell_inputs("moderate", 1024, B=1, DQK=16, DV=16, dtype=torch.float32, positive_qk=True)
+    q, k, v, i_pre, _ = args
+    f_pre = -0.5 + 0.5 * torch.randn_like(i_pre)
+    ref = mlstm_parallel(*(t.double() for t in (q, k, v, i_pre, f_pre)))
+    for form in (mlstm_parallel, mlstm_chunkwise):
+        h = form(q, k, v, i_pre, f_pre)
+        assert ((h.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
+def test_cell_low_precision_inputs_compute_in_float32():
+    """bfloat16 inputs: the result is the float32 computation rounded once at the end."""
+    args = cell_inputs("moderate", 37, dtype=torch.bfloat16)
+    for name, form in FORMS.items():
+        h = form(*args)
+        assert h.dtype == torch.bfloat16, name
+        expected = form(*(t.float() for t in args)).to(torch.bfloat16)
+        torch.testing.assert_close(h, expected, rtol=0, atol=0, msg=name)
+
+
+def test_chunkwise_handles_remainders_and_tiny_chunks():
+    args = cell_inputs("moderate", 29)
+    ref = mlstm_recurrent(*args)
+    for chunk_size in (1, 2, 5, 28, 29, 30, 1000):
+        torch.testing.assert_close(mlstm_chunkwise(*args, chunk_size=chunk_size), ref)
+
+
+# --------------------------------------------------------------------------------------------
+# block
+
+
+def small_block(**kw) -> MLSTMBlock:
+    kw.setdefault("chunk_size", 16)
+    return MLSTMBlock(64, 64, **kw)  # inner 128, 4 heads of 32
+
+
+def expected_num_params(E, inner, heads, kernel, qkv_block):
+    return (
+        E  # pre-norm weight (no bias)
+        + E * 2 * inner  # proj_up
+        + inner * (kernel + 1)  # depthwise conv + bias
+        + 3 * (inner // qkv_block) * qkv_block * qkv_block  # q, k, v block-diagonal
+        + 2 * (3 * inner * heads + heads)  # input and forget gates, with bias
+        + inner  # group-norm weight
+        + inner  # learnable skip
+        + inner * E  # proj_down
+    )
+
+
+def test_block_is_registered_and_builds():
+    import blocks
+
+    assert "mlstm" in blocks.names()
+    block = blocks.build("mlstm", d_model=48, max_len=32, num_heads=2)
+    assert isinstance(block, MLSTMBlock)
+    assert block.inner_dim == 128  # 2 * 48 = 96, rounded up to a multiple of 64
+
+
+@pytest.mark.parametrize("cell", ["parallel", "chunkwise", "recurrent", "auto"])
+def test_block_shape_dtype_and_finite_gradients(cell):
+    block = small_block(cell=cell)
+    x = torch.randn(3, 40, 64, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    (y * torch.randn_like(y)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cell", ["parallel", "chunkwise"])
+def test_block_is_causal(cell):
+    block = small_block(cell=cell)
+    S, t = 40, 21
+    x = torch.randn(2, S, 64)
+    x2 = x.clone()
+    x2[:, t + 1 :] = torch.randn(2, S - t - 1, 64)
+    with torch.no_grad():
+        y, y2 = block(x), block(x2)
+    torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-6)
+    assert (y2[:, t + 1 :] - y[:, t + 1 :]).abs().max() > 1e-3  # the perturbation does reach
+
+
+def test_block_cell_modes_give_the_same_output():
+    block = small_block(cell="recurrent").double()
+    x = torch.randn(2, 45, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = block(x)
+        for cell in ("parallel", "chunkwise", "auto"):
+            block.cell = cell
+            torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-12, msg=cell)
+    block = small_block(cell="parallel")
+    x = x.float()
+    with torch.no_grad():
+        ref = block(x)
+        block.cell = "chunkwise"
+        torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_auto_picks_parallel_for_short_and_chunkwise_for_long_sequences():
+    block = MLSTMBlock(64, 512, chunk_size=32)
+    limit = AUTO_PARALLEL_MAX_CHUNKS * 32
+    assert block.cell_for(1) == "parallel"
+    assert block.cell_for(limit) == "parallel"
+    assert block.cell_for(limit + 1) == "chunkwise"
+    assert block.cell_for(limit + 1, "cuda") == "parallel"  # GPUs keep the parallel form longer
+    assert block.cell_for(100_000, "cuda") == "chunkwise"
+    assert MLSTMBlock(64, 512, cell="parallel").cell_for(4096) == "parallel"
+
+
+@pytest.mark.parametrize(
+    "E, heads, proj_factor, kernel, qkv_block",
+    [(64, 4, 2.0, 4, 4), (128, 4, 2.0, 4, 4), (48, 2, 1.5, 3, 8), (100, 8, 2.0, 4, 2)],
+)
+def test_block_parameter_count_and_state_size(E, heads, proj_factor, kernel, qkv_block):
+    kw = dict(num_heads=heads, proj_factor=proj_factor, conv_kernel=kernel)
+    block = MLSTMBlock(E, 32, qkv_block_size=qkv_block, **kw)
+    inner = 64 * math.ceil(proj_factor * E / 64)
+    assert block.inner_dim == inner
+    assert block.num_params() == expected_num_params(E, inner, heads, kernel, qkv_block)
+    head = inner // heads
+    state = heads * (head * head + head + 1) + (kernel - 1) * inner
+    assert block.state_size(16) == block.state_size(4096) == state
+
+
+def test_block_parameter_count_at_benchmark_size():
+    # d_model 128: inner 256, 4 heads of 64
+    assert MLSTMBlock(128, 256).num_params() == 109_448
+
+
+def test_block_initialisation():
+    E, num_blocks = 128, 4
+    block = MLSTMBlock(E, 32, num_heads=8, num_blocks=num_blocks)
+    torch.testing.assert_close(block.fgate.bias.detach(), torch.linspace(3.0, 6.0, 8))
+    assert torch.all(block.fgate.weight == 0) and torch.all(block.igate.weight == 0)
+    assert torch.all(block.learnable_skip == 1) and torch.all(block.outnorm_weight == 1)
+    assert block.igate.bias.abs().max() < 1.0  # N(0, 0.1)
+    small = math.sqrt(2 / (5 * E))
+    for w in (block.proj_up.weight, block.q_proj.weight, block.k_proj.weight):
+        assert abs(w.std().item() / small - 1) < 0.1
+    wang = 2 / num_blocks / math.sqrt(E)
+    assert abs(block.proj_down.weight.std().item() / wang - 1) < 0.1
+    assert block.proj_up.bias is None and block.proj_down.bias is None
+
+
+def test_block_initial_input_gate_bias_spread():
+    block = MLSTMBlock(64, 32, num_heads=64)  # 64 heads of 2: enough samples for the spread
+    assert 0.05 < block.igate.bias.std().item() < 0.2
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"num_heads": 3},  # inner 128 not divisible by 3
+        {"num_heads": 0},
+        {"qkv_block_size": 3},
+        {"conv_kernel": 0},
+        {"chunk_size": 0},
+        {"proj_factor": -1.0},
+        {"cell": "fast"},
+    ],
+)
+def test_block_rejects_bad_options_with_one_line(kw):
+    with pytest.raises(BlockError) as info:
+        MLSTMBlock(64, 32, **kw)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("mlstm:")
+
+
+def test_block_matches_the_official_xlstm_block():
+    """Same weights, same outputs as NX-AI's mLSTMBlock (where the xlstm package is installed).
+
+    The official norms store their weight as ``1 + w``; ours store the weight itself. The only
+    other difference, the parallel form's stabiliser, acts through eps alone.
+    """
+    pytest.importorskip("xlstm")
+    from mad_search.bench import _official_xlstm
+
+    E, S = 64, 40
+    official = _official_xlstm.build("mlstm", E, S).double()
+    ours = MLSTMBlock(E, S, chunk_size=16).double()
+    with torch.no_grad():
+        for p in official.parameters():  # random weights everywhere, gates included
+            p.normal_(0.0, 0.05 if p.dim() > 1 else 0.5)
+        layer, cell = official.xlstm, official.xlstm.mlstm_cell
+        pairs = {
+            ours.proj_up.weight: layer.proj_up.weight,
+            ours.conv1d.weight: layer.conv1d.conv.weight,
+            ours.conv1d.bias: layer.conv1d.conv.bias,
+            ours.q_proj.weight: layer.q_proj.weight,
+            ours.k_proj.weight: layer.k_proj.weight,
+            ours.v_proj.weight: layer.v_proj.weight,
+            ours.igate.weight: cell.igate.weight,
+            ours.igate.bias: cell.igate.bias,
+            ours.fgate.weight: cell.fgate.weight,
+            ours.fgate.bias: cell.fgate.bias,
+            ours.learnable_skip: layer.learnable_skip,
+            ours.proj_down.weight: layer.proj_down.weight,
+            ours.norm.weight: 1.0 + official.xlstm_norm.weight,
+            ours.outnorm_weight: 1.0 + cell.outnorm.weight,
+        }
+        for mine, theirs in pairs.items():
+            mine.copy_(theirs)
+        assert sum(p.numel() for p in pairs) == ours.num_params()
+        x = torch.randn(2, S, E, dtype=torch.float64)
+        branch = official(x) - x  # compare the residual branch, not x itself
+        for cell_form in ("parallel", "chunkwise", "recurrent"):
+            ours.cell = cell_form
+            torch.testing.assert_close(ours(x) - x, branch, rtol=1e-6, atol=1e-9, msg=cell_form)

@@ -357,3 +357,22 @@ def test_optuna_cli_and_dashboard_read_the_study(tmp_path):
     finally:
         dash.terminate()
         dash.wait(timeout=10)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="hogwild.device=cuda needs a CUDA GPU; none here")
+def test_cuda_workers_keep_the_table_in_cpu_shared_memory(tmp_path):
+    summary = run_study(
+        _cfg(tmp_path, "hogwild.device=cuda", "search.params={}", n_trials=3), tmp_path / "run"
+    )
+    trials = _study(tmp_path).get_trials()
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3, [t.user_attrs.get("fail_reason") for t in trials]
+    assert all(t.user_attrs["device"] == "cuda" and t.user_attrs["table_is_shared"] for t in done)
+    (table,) = summary["tables"].values()
+    assert table["finite"] and min(table["writes_per_worker"]) > 0

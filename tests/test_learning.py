@@ -26,7 +26,9 @@ def _recall_data(seed):
 @pytest.mark.parametrize(
     "layers, d_model, lr, max_steps",
     [
-        (["attention", "attention"], 64, 2e-3, 1500),
+        # attention learns recall through a sudden transition (around step 1,200 at lr 6e-3);
+        # the mLSTM gets there in a few hundred steps. Training stops at 0.97 validation accuracy.
+        (["attention", "attention"], 64, 6e-3, 3000),
         (["mlstm", "mlstm"], 64, 2e-3, 1500),
     ],
 )
@@ -40,7 +42,7 @@ def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
         batch_size=32,
         lr=lr,
         weight_decay=0.0,
-        warmup_steps=50,
+        warmup_steps=100,
         eval_every=100,
         target_accuracy=0.97,
         progress=False,

@@ -1,5 +1,5 @@
 # mad-search: `make test` sets everything up from nothing and runs the whole suite;
-# `make run` trains the default layer sequence on the default task.
+# `make run` runs the default study (python -m mad_search +sweep=layer_patterns).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := constraints.txt
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-fast run lint clean
+.PHONY: setup test test-fast run run-single lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 run: setup
+	$(PY) -m mad_search +sweep=layer_patterns
+
+run-single: setup
 	$(PY) -m mad_search
 
 lint: setup

@@ -1,0 +1,371 @@
+"""The pool against the standard way to parallelise Optuna: independent processes, one storage.
+
+    python -m mad_search.bench vs_independent [workers=[1,2,4]] [trials=8] [d_model=512]
+        [vocab_size=50000] [max_steps=6] [out=PATH]
+
+The same fixed trials (``patterns`` repeated up to ``trials``, enqueued in order, trial seed
+``seed + trial number``) run two ways at each W in ``workers``:
+
+* ``pool``: one ``run_study`` process (the coordinator) with W Hogwild workers sharing one
+  embedding table per task in shared memory;
+* ``independent``: W copies of a script that calls ``study.optimize(objective, n_trials=k)`` on
+  one shared study storage (a journal file by default, Optuna's advice for several processes on
+  one machine; ``storage=sqlite`` for a SQLite file), the k adding up to ``trials``; each trains
+  its trials in-process with its own dense ``nn.Embedding`` and AdamW.
+
+Both get ``threads_per_worker`` torch threads per process (0: cores // W, the pool's own rule).
+Each setup is started in fresh processes; its time runs from the launch to the last trial told
+(start-up included, the pool's final report left out), and ``throughput_ratio`` is pool trials
+per hour over independent trials per hour. Memory is the proportional set size (PSS, from
+``/proc/<pid>/smaps_rollup``) summed over every process of the setup, sampled every
+``sample_interval`` seconds; the peak is kept. The slope of peak PSS against W is each extra
+worker's cost; the shared table should save at least its own size (``table_mb``) per extra
+worker. The defaults are the language-modelling task with a word vocabulary of 50,000 and
+d_model 512, and a few training steps: memory is the point. The bundled corpus has fewer
+distinct words than that; the table (and the model's head) are still allocated at 50,000 rows,
+and the JSON reports how many rows the data uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mad_search.bench import BenchError
+from mad_search.bench import _common as common
+
+DEFAULTS: dict[str, Any] = {
+    "workers": [1, 2, 4],
+    "trials": 8,
+    "patterns": ["attention swiglu", "mlstm swiglu", "swiglu attention", "mlstm"],
+    "task": "text",
+    "tokenizer": "word",
+    "vocab_size": 50000,
+    "d_model": 512,
+    "seq_len": 32,
+    "batch_size": 8,
+    "max_steps": 6,
+    "task_settings": {"num_train_examples": 512, "num_test_examples": 32},
+    "train": {"eval_batch_size": 32},
+    "threads_per_worker": 0,  # 0: cores // W (at least 1), for both setups
+    "storage": "journal",  # the independent processes' shared storage: journal | sqlite
+    "sample_interval": 0.2,  # seconds between PSS samples
+    "seed": 0,
+}
+
+CHILD = "from mad_search.bench.vs_independent import child_main; child_main()"
+
+
+def run(**options: Any) -> dict:
+    """Run both setups at every W; return the JSON result."""
+    opts = _validate(options)
+    if not common.pss_available():
+        raise BenchError("this benchmark reads /proc/<pid>/smaps_rollup (Linux 4.14+), which is "
+                         "not readable here")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    patterns = common.trial_patterns(opts["patterns"], opts["trials"])
+    common.check_patterns(patterns)
+    cores = common.available_cores()
+    by_workers: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mad-bench-vs-independent-") as tmp:
+        tmp = Path(tmp)
+        probe = _config(tmp, "probe", patterns, opts, 1, 1)
+        data = common.load_data(probe)  # builds the task's data cache once, before any timing
+        rows_used = _rows_used(data)
+        for w in opts["workers"]:
+            threads = opts["threads_per_worker"] or max(1, cores // w)
+            common.note(f"vs_independent: {w} worker(s) x {threads} thread(s): pool ...")
+            pool = _run_pool(tmp, patterns, opts, w, threads)
+            common.note(f"vs_independent: {w} worker(s) x {threads} thread(s): "
+                        f"{w} independent process(es) ...")
+            indep = _run_independent(tmp, patterns, opts, w, threads)
+            by_workers[str(w)] = {
+                "threads_per_process": threads,
+                "pool": pool,
+                "independent": indep,
+                "throughput_ratio": common.ratio(pool["trials_per_hour"],
+                                                 indep["trials_per_hour"]),
+            }
+    ws = [int(w) for w in by_workers]
+
+    def peaks(setup: str, key: str) -> list[float]:
+        return [by_workers[str(w)][setup]["memory"][key] for w in ws]
+
+    table_mb = opts["vocab_size"] * opts["d_model"] * 4 / 2**20
+    slope_pool = common.slope(ws, peaks("pool", "peak_pss_mb"))
+    slope_indep = common.slope(ws, peaks("independent", "peak_pss_mb"))
+    saving = common.diff(slope_indep, slope_pool)
+    result = {
+        "config": {**opts, "trial_patterns": patterns, "cores": cores},
+        "machine": common.machine(),
+        "task": {
+            "name": opts["task"],
+            "tokenizer": opts["tokenizer"],
+            "vocab_size": opts["vocab_size"],
+            "rows_used_by_data": rows_used,
+            "note": (
+                f"table and head allocated at vocab_size {opts['vocab_size']}; the data uses "
+                f"{rows_used} distinct token ids"
+            ),
+        },
+        "independent_setup": (
+            f"W processes, each study.optimize(objective, n_trials=k) on one {opts['storage']} "
+            "storage; objective: mad_search.run.build_model (dense nn.Embedding) + "
+            "mad_search.train.train (AdamW on everything)"
+        ),
+        "timing": "from launching the setup's processes to its last trial told",
+        "memory_method": (
+            "PSS from /proc/<pid>/smaps_rollup summed over the setup's processes and their "
+            f"children, sampled every {opts['sample_interval']} s, peak kept; MB = 2**20 bytes"
+        ),
+        "table_mb": table_mb,
+        "throughput_ratio": (by_workers.get("2") or {}).get("throughput_ratio"),
+        "throughput_ratio_by_workers": {w: r["throughput_ratio"] for w, r in by_workers.items()},
+        "pss_total_mb": {
+            setup: dict(zip(map(str, ws), peaks(setup, "peak_pss_mb")))
+            for setup in ("pool", "independent")
+        },
+        "pss_per_extra_worker_pool_mb": slope_pool,
+        "pss_per_extra_worker_independent_mb": slope_indep,
+        "pss_saving_per_extra_worker_mb": saving,
+        "anon_shmem_per_extra_worker_pool_mb": common.slope(
+            ws, peaks("pool", "peak_pss_anon_shmem_mb")),
+        "anon_shmem_per_extra_worker_independent_mb": common.slope(
+            ws, peaks("independent", "peak_pss_anon_shmem_mb")),
+        "by_workers": by_workers,
+    }
+    ratio = result["throughput_ratio"]
+    result["met"] = {
+        "throughput_ratio": None if ratio is None else ratio >= 1.0,
+        "memory": None if saving is None else saving >= table_mb,
+    }
+    return result
+
+
+def _config(tmp: Path, tag: str, patterns: list[str], opts: dict, workers: int, threads: int,
+            storage: str | None = None):
+    settings = {"tokenizer": opts["tokenizer"], "vocab_size": opts["vocab_size"],
+                "seq_len": opts["seq_len"], **opts["task_settings"]}
+    if opts["task"] != "text":
+        settings.pop("tokenizer")
+    train = {"max_steps": opts["max_steps"], "eval_every": opts["max_steps"],
+             "batch_size": opts["batch_size"], **opts["train"]}
+    return common.compose_study_config(
+        patterns=patterns,
+        storage=storage or f"sqlite:///{tmp}/{tag}.db",
+        study_name=f"vs-independent-{tag}",
+        task=opts["task"],
+        d_model=opts["d_model"],
+        workers=workers,
+        threads_per_worker=threads,
+        task_settings=settings,
+        train=train,
+        seed=opts["seed"],
+        sweep=None,
+    )
+
+
+def _rows_used(data: dict) -> int:
+    import torch
+
+    ids = torch.cat([t.flatten() for split in data.values() for t in split])
+    return int(torch.unique(ids[ids >= 0]).numel())
+
+
+def _launch(args: list[str], log: Path) -> subprocess.Popen:
+    import mad_search
+
+    root = str(Path(mad_search.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=f,
+                                stderr=subprocess.STDOUT, env=env)
+
+
+def _watch(
+    procs: list[subprocess.Popen], logs: list[Path], interval: float, cpu: common.CpuMeter
+) -> tuple[dict, dict]:
+    sampler = common.PeakPss(lambda: [p.pid for p in procs], interval)
+    sampler.start()
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        memory = sampler.stop()
+        usage = cpu.stop()
+    for code, log in zip(codes, logs):
+        if code != 0:
+            tail = "\n".join(log.read_text().splitlines()[-15:])
+            raise RuntimeError(
+                f"a benchmark process exited with code {code}; its log ends:\n{tail}"
+            )
+    return memory, usage
+
+
+def _run_pool(tmp: Path, patterns: list[str], opts: dict, w: int, threads: int) -> dict:
+    import optuna
+    from omegaconf import OmegaConf
+
+    tag = f"pool{w}"
+    cfg = _config(tmp, tag, patterns, opts, w, threads)
+    spec = tmp / f"{tag}.json"
+    spec.write_text(json.dumps({"cfg": OmegaConf.to_container(cfg, resolve=True),
+                                "out_dir": str(tmp / tag)}))
+    log = tmp / f"{tag}.log"
+    t0, cpu = time.time(), common.CpuMeter()
+    memory, usage = _watch([_launch(["pool", str(spec)], log)], [log], opts["sample_interval"],
+                           cpu)
+    exited = time.time() - t0
+    study = optuna.load_study(study_name=cfg.study.name, storage=cfg.study.storage)
+    return _finish(study, t0, exited, cfg, memory, usage, f"1 coordinator + {w} workers")
+
+
+def _run_independent(tmp: Path, patterns: list[str], opts: dict, w: int, threads: int) -> dict:
+    import optuna
+    from omegaconf import OmegaConf
+
+    tag = f"independent{w}"
+    url = (f"journal:{tmp}/{tag}.journal" if opts["storage"] == "journal"
+           else f"sqlite:///{tmp}/{tag}.db")
+    cfg = _config(tmp, tag, patterns, opts, 1, threads, storage=url)
+    study = optuna.create_study(study_name=cfg.study.name, storage=open_storage(url),
+                                direction="maximize")
+    common.enqueue(study, patterns)
+    shares = [len(patterns) // w + (1 if i < len(patterns) % w else 0) for i in range(w)]
+    procs, logs = [], []
+    t0, cpu = time.time(), common.CpuMeter()
+    for i, k in enumerate(s for s in shares if s):
+        spec = tmp / f"{tag}-{i}.json"
+        spec.write_text(json.dumps({"cfg": OmegaConf.to_container(cfg, resolve=True),
+                                    "storage": url, "n_trials": k, "threads": threads}))
+        logs.append(tmp / f"{tag}-{i}.log")
+        procs.append(_launch(["independent", str(spec)], logs[-1]))
+    memory, usage = _watch(procs, logs, opts["sample_interval"], cpu)
+    exited = time.time() - t0
+    study = optuna.load_study(study_name=cfg.study.name, storage=open_storage(url))
+    return _finish(study, t0, exited, cfg, memory, usage, f"{len(procs)} processes")
+
+
+def _finish(study, t0: float, exited: float, cfg, memory: dict, usage: dict,
+            processes: str) -> dict:
+    ends = [t.datetime_complete.timestamp() for t in study.get_trials(deepcopy=False)
+            if t.datetime_complete]
+    wall = (max(ends) - t0) if ends else exited
+    rec = common.record(study, wall, common.tokens_per_step(cfg))
+    rec.update(until_exit_s=exited, processes=processes, memory=memory, cpu=usage)
+    return rec
+
+
+def open_storage(url: str):
+    """An Optuna storage for ``journal:PATH`` (a journal file) or a database URL."""
+    import optuna
+
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url[len("journal:") :]))
+    return optuna.storages.RDBStorage(url)
+
+
+def child_main() -> None:
+    """Entry point of the benchmark's own processes: ``pool SPEC`` or ``independent SPEC``."""
+    import optuna
+    from omegaconf import OmegaConf
+
+    role, spec_path = sys.argv[1], sys.argv[2]
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = OmegaConf.create(spec["cfg"])
+    if role == "pool":
+        from mad_search.study import run_study
+
+        run_study(cfg, spec["out_dir"])
+        return
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    data = common.load_data(cfg)
+    study = optuna.load_study(
+        study_name=cfg.study.name,
+        storage=open_storage(spec["storage"]),
+        sampler=optuna.samplers.RandomSampler(seed=int(cfg.seed)),
+        pruner=optuna.pruners.NopPruner(),
+    )
+    study.optimize(common.make_objective(cfg, data), n_trials=int(spec["n_trials"]))
+
+
+def table(result: dict) -> str:
+    """Per W: both setups' time, trials/hour and peak PSS; then the slopes and the verdict."""
+    cfg, task = result["config"], result["task"]
+    lines = [
+        f"vs_independent benchmark: {len(cfg['trial_patterns'])} fixed trials, "
+        f"{cfg['max_steps']} steps each; task {task['name']} ({task['tokenizer']} vocab "
+        f"{task['vocab_size']:,}, {task['rows_used_by_data']:,} ids used by the data), "
+        f"d_model {cfg['d_model']}; {cfg['cores']} cores; table {result['table_mb']:.1f} MB",
+        f"independent: {result['independent_setup']}",
+        f"memory: {result['memory_method']}",
+        "",
+    ]
+    cols = ("W", "thr", "setup", "to last trial s", "trials/h", "mean acc", "peak PSS MB",
+            "anon+shm MB", "procs", "pool/indep", "cores us/others")
+    fmt = "{:>3} {:>4} {:<12} {:>15} {:>9} {:>9} {:>12} {:>12} {:>6} {:>10} {:>15}"
+    lines.append(fmt.format(*cols))
+    lines.append("-" * len(fmt.format(*cols)))
+    for w, res in result["by_workers"].items():
+        for setup in ("pool", "independent"):
+            rec = res[setup]
+            mem = rec["memory"]
+            r = res["throughput_ratio"] if setup == "pool" else None
+            lines.append(fmt.format(
+                w, res["threads_per_process"], setup, common.fmt(rec["wall_s"], ".1f"),
+                common.fmt(rec["trials_per_hour"], ",.0f"), common.fmt(rec["mean_accuracy"], ".4f"),
+                common.fmt(mem["peak_pss_mb"], ",.0f"),
+                common.fmt(mem["peak_pss_anon_shmem_mb"], ",.0f"), mem["processes_at_peak"],
+                "" if r is None else f"{r:.2f}x",
+                f"{common.fmt(rec['cpu']['ours_cores'], '.1f')}/"
+                f"{common.fmt(rec['cpu']['others_cores'], '.1f')}",
+            ))
+    met = result["met"]
+    lines += [
+        "",
+        f"PSS per extra worker: pool {common.fmt(result['pss_per_extra_worker_pool_mb'], ',.0f')}"
+        f" MB, independent {common.fmt(result['pss_per_extra_worker_independent_mb'], ',.0f')} MB"
+        f" -> saving {common.fmt(result['pss_saving_per_extra_worker_mb'], ',.0f')} MB per "
+        f"extra worker (target >= table {result['table_mb']:.1f} MB: {_word(met['memory'])})",
+        f"(anon+shmem only: pool "
+        f"{common.fmt(result['anon_shmem_per_extra_worker_pool_mb'], ',.0f')} MB, independent "
+        f"{common.fmt(result['anon_shmem_per_extra_worker_independent_mb'], ',.0f')} MB)",
+        f"throughput_ratio at 2 workers {common.fmt(result['throughput_ratio'])} "
+        f"(target >= 1.0: {_word(met['throughput_ratio'])})",
+    ]
+    return "\n".join(lines)
+
+
+def _word(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("met" if flag else "MISSED")
+
+
+def _validate(opts: dict) -> dict:
+    opts = dict(opts)
+    for key in ("trials", "max_steps", "d_model", "vocab_size", "seq_len", "batch_size"):
+        if opts[key] < 1:
+            raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    if opts["threads_per_worker"] < 0:
+        raise BenchError(f"option threads_per_worker must be 0 or more, got "
+                         f"{opts['threads_per_worker']}")
+    if not opts["workers"] or any(w < 1 for w in opts["workers"]):
+        raise BenchError(f"option workers must be positive integers, got {opts['workers']}")
+    if opts["storage"] not in ("journal", "sqlite"):
+        raise BenchError(f"option storage must be journal or sqlite, got {opts['storage']!r}")
+    if opts["sample_interval"] <= 0:
+        raise BenchError(f"option sample_interval must be positive, got {opts['sample_interval']}")
+    opts["workers"] = sorted(dict.fromkeys(opts["workers"]))
+    return opts

@@ -5,6 +5,11 @@
 >>> blk = blocks.build("mlstm", d_model=128, max_len=256)
 """
 
+# Built-in block types register themselves on import: every module in this package except the
+# infrastructure ones below is a block module (adding a block type is adding one file).
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
 from blocks.base import Block
 from blocks.registry import (
     ENTRY_POINT_GROUP,
@@ -16,11 +21,6 @@ from blocks.registry import (
     names,
     register,
 )
-
-# Built-in block types register themselves on import: every module in this package except the
-# infrastructure ones below is a block module (adding a block type is adding one file).
-import importlib as _importlib  # noqa: E402
-import pkgutil as _pkgutil  # noqa: E402
 
 _NOT_BLOCKS = {"base", "registry", "init", "mlx", "contract"}
 for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -107,8 +107,14 @@ def test_study_config_enqueues_exactly_the_trial_list(tmp_path):
     patterns = common.trial_patterns(["mlstm*2", "(attention swiglu)*2"], 3)
     assert patterns == ["mlstm*2", "(attention swiglu)*2", "mlstm*2"]
     cfg = common.compose_study_config(
-        patterns=patterns, storage=f"sqlite:///{tmp_path}/s.db", study_name="x", d_model=32,
-        workers=2, embedding="private", task_settings={"seq_len": 32}, train={"max_steps": 4},
+        patterns=patterns,
+        storage=f"sqlite:///{tmp_path}/s.db",
+        study_name="x",
+        d_model=32,
+        workers=2,
+        embedding="private",
+        task_settings={"seq_len": 32},
+        train={"max_steps": 4},
     )
     assert list(cfg.search.reference) == patterns
     assert list(cfg.search.pattern.choices) == ["mlstm*2", "(attention swiglu)*2"]
@@ -122,8 +128,10 @@ def test_study_config_enqueues_exactly_the_trial_list(tmp_path):
 
 def test_inprocess_baseline_trains_the_trial_list_deterministically(tmp_path):
     cfg = common.compose_study_config(
-        patterns=["attention swiglu", "mlstm"], storage=f"sqlite:///{tmp_path}/s.db",
-        study_name="x", d_model=16,
+        patterns=["attention swiglu", "mlstm"],
+        storage=f"sqlite:///{tmp_path}/s.db",
+        study_name="x",
+        d_model=16,
         task_settings={"seq_len": 16, "num_train_examples": 64, "num_test_examples": 16},
         train={"max_steps": 2, "eval_every": 2, "batch_size": 4},
     )
@@ -139,13 +147,16 @@ def test_inprocess_baseline_trains_the_trial_list_deterministically(tmp_path):
     )
 
 
-@pytest.mark.parametrize("name, override, fragment", [
-    ("scaling", "workers=[0]", "workers must be positive"),
-    ("scaling", "trials=0", "trials must be at least 1"),
-    ("vs_independent", "storage=redis", "storage must be journal or sqlite"),
-    ("sharing", "patterns=[mlstm,mlstm,attention]", "must not repeat"),
-    ("sharing", "patterns=[mlstm]", "at least 2"),
-])
+@pytest.mark.parametrize(
+    "name, override, fragment",
+    [
+        ("scaling", "workers=[0]", "workers must be positive"),
+        ("scaling", "trials=0", "trials must be at least 1"),
+        ("vs_independent", "storage=redis", "storage must be journal or sqlite"),
+        ("sharing", "patterns=[mlstm,mlstm,attention]", "must not repeat"),
+        ("sharing", "patterns=[mlstm]", "at least 2"),
+    ],
+)
 def test_bad_options_are_one_line_errors(name, override, fragment, capsys):
     assert bench.main([name, override]) == 2
     err = capsys.readouterr().err.strip()
@@ -167,8 +178,15 @@ def _is_number(value):
 @pytest.mark.slow
 def test_scaling_smoke_writes_every_key(tmp_path):
     result = _run(
-        "scaling", tmp_path, "workers=[1,2]", "sizes=[16]", "trials=2", "max_steps=2",
-        f"task_settings={TINY_TASK}", f"train={TINY_TRAIN}", "patterns=[attention swiglu,mlstm]",
+        "scaling",
+        tmp_path,
+        "workers=[1,2]",
+        "sizes=[16]",
+        "trials=2",
+        "max_steps=2",
+        f"task_settings={TINY_TASK}",
+        f"train={TINY_TRAIN}",
+        "patterns=[attention swiglu,mlstm]",
     )
     assert "speedup_2" in scaling.table(result)
     for key in ("speedup_2", "speedup_vs_serial", "accuracy_diff_2_vs_1", "speedup_vs_serial_min"):
@@ -189,12 +207,25 @@ def test_scaling_smoke_writes_every_key(tmp_path):
 @pytest.mark.slow
 def test_vs_independent_smoke_writes_every_key(tmp_path):
     result = _run(
-        "vs_independent", tmp_path, "workers=[1,2]", "trials=2", "max_steps=2", "d_model=16",
-        "vocab_size=300", "seq_len=16", "batch_size=4", "patterns=[attention swiglu]",
+        "vs_independent",
+        tmp_path,
+        "workers=[1,2]",
+        "trials=2",
+        "max_steps=2",
+        "d_model=16",
+        "vocab_size=300",
+        "seq_len=16",
+        "batch_size=4",
+        "patterns=[attention swiglu]",
         "task_settings={num_train_examples: 64, num_test_examples: 16}",
     )
-    for key in ("throughput_ratio", "table_mb", "pss_per_extra_worker_pool_mb",
-                "pss_per_extra_worker_independent_mb", "pss_saving_per_extra_worker_mb"):
+    for key in (
+        "throughput_ratio",
+        "table_mb",
+        "pss_per_extra_worker_pool_mb",
+        "pss_per_extra_worker_independent_mb",
+        "pss_saving_per_extra_worker_mb",
+    ):
         assert _is_number(result[key]), key
     assert result["table_mb"] == pytest.approx(300 * 16 * 4 / 2**20)
     assert result["task"]["vocab_size"] == 300 and result["task"]["rows_used_by_data"] <= 300
@@ -212,8 +243,13 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
 def test_sharing_smoke_writes_both_rankings_and_tau(tmp_path):
     patterns = ["attention swiglu", "mlstm", "swiglu"]
     result = _run(
-        "sharing", tmp_path, "max_steps=2", "d_model=16", f"task_settings={TINY_TASK}",
-        f"train={TINY_TRAIN}", f"patterns=[{','.join(patterns)}]",
+        "sharing",
+        tmp_path,
+        "max_steps=2",
+        "d_model=16",
+        f"task_settings={TINY_TASK}",
+        f"train={TINY_TRAIN}",
+        f"patterns=[{','.join(patterns)}]",
     )
     assert result["kendall_tau"] is None or -1.0 <= result["kendall_tau"] <= 1.0
     for key in ("ranking_shared", "ranking_private"):

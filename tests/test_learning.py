@@ -27,7 +27,7 @@ def _recall_data(seed):
     "layers, d_model, lr, max_steps",
     [
         # attention learns recall through a sudden transition (around step 1,200 at lr 6e-3);
-        # the mLSTM gets there in a few hundred steps. Training stops at 0.97 validation accuracy.
+        # the mLSTM gets there in a few hundred steps. Training stops at 0.995 validation accuracy.
         (["attention", "attention"], 64, 6e-3, 3000),
         (["mlstm", "mlstm"], 64, 2e-3, 1500),
     ],
@@ -44,7 +44,7 @@ def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
         weight_decay=0.0,
         warmup_steps=100,
         eval_every=100,
-        target_accuracy=0.97,
+        target_accuracy=0.995,  # train past the transition, not just onto it
         progress=False,
         seed=seed,
     )

@@ -233,8 +233,9 @@ def warm_up(cfg: DictConfig) -> None:
     task_cfgs = [dict(OmegaConf.to_container(cfg.task, resolve=True))]
     for spec in cfg.search.pattern.choices:
         plan = plans_for(cfg, task_cfgs, {"model.pattern": parse(spec, check=False)})[0]
-        steps = dataclasses.replace(plan.train, max_steps=1, eval_every=1, batch_size=2,
-                                    eval_batch_size=4)
+        steps = dataclasses.replace(
+            plan.train, max_steps=1, eval_every=1, batch_size=2, eval_batch_size=4
+        )
         train(build_model(plan), tiny, steps, plan.task_info.num_classes)
 
 

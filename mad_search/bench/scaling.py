@@ -77,8 +77,12 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
-TARGETS = {"speedup_2": 1.8, "speedup_vs_serial": 1.1, "speedup_vs_serial_min": 1.0,
-           "accuracy_diff_2_vs_1_abs": 0.02}
+TARGETS = {
+    "speedup_2": 1.8,
+    "speedup_vs_serial": 1.1,
+    "speedup_vs_serial_min": 1.0,
+    "accuracy_diff_2_vs_1_abs": 0.02,
+}
 
 
 def run(**options: Any) -> dict:
@@ -99,15 +103,29 @@ def run(**options: Any) -> dict:
             )
     first = by_size[str(opts["sizes"][0])]
     per_workers = {
-        w: {k: rec[k] for k in ("trials_per_hour", "tokens_per_s", "mean_accuracy", "wall_s",
-                                "span_s", "complete", "trials")}
+        w: {
+            k: rec[k]
+            for k in (
+                "trials_per_hour",
+                "tokens_per_s",
+                "mean_accuracy",
+                "wall_s",
+                "span_s",
+                "complete",
+                "trials",
+            )
+        }
         for w, rec in first["pool"].items()
     }
     vs_serial = {s: r["speedup_vs_serial"] for s, r in by_size.items()}
     known = [v for v in vs_serial.values() if v is not None]
     result = {
-        "config": {**opts, "trial_patterns": patterns, "cores": cores,
-                   "serial_threads": serial_threads},
+        "config": {
+            **opts,
+            "trial_patterns": patterns,
+            "cores": cores,
+            "serial_threads": serial_threads,
+        },
         "machine": common.machine(),
         "serial_baseline": (
             f"in-process, one trial at a time (study.optimize n_jobs=1), torch threads "
@@ -117,7 +135,9 @@ def run(**options: Any) -> dict:
         "optuna_n_jobs_mode": (
             f"study.optimize(n_jobs={opts['optuna_n_jobs']}) in one process: Python threads "
             "running the same in-process objective (dense embedding, AdamW); torch threads 1, "
-            "process-wide" if opts["optuna_n_jobs"] else "skipped (optuna_n_jobs=0)"
+            "process-wide"
+            if opts["optuna_n_jobs"]
+            else "skipped (optuna_n_jobs=0)"
         ),
         "wall_time": (
             "pool: run_study's wall_seconds (worker start-up and every trial; config checks and "
@@ -162,8 +182,10 @@ def _one_size(tmp: Path, d_model: int, patterns: list[str], opts: dict, serial_t
         out["serial"] = common.run_inprocess(cfg, n_jobs=1, threads=serial_threads)
         out["serial"]["threads"] = serial_threads
     for w in opts["workers"]:
-        common.note(f"scaling d_model {d_model}: pool, {w} workers x "
-                    f"{opts['threads_per_worker']} threads ...")
+        common.note(
+            f"scaling d_model {d_model}: pool, {w} workers x "
+            f"{opts['threads_per_worker']} threads ..."
+        )
         rec = common.run_pool(config(f"pool{w}", w), tmp / f"pool{w}-d{d_model}")
         rec["threads_per_worker"] = opts["threads_per_worker"]
         rec["oversubscribed"] = w * opts["threads_per_worker"] > common.available_cores()
@@ -221,8 +243,18 @@ def table(result: dict) -> str:
         f"optuna n_jobs: {result['optuna_n_jobs_mode']}",
         "",
     ]
-    cols = ("setup", "procs x thr", "wall s", "trials/h", "tokens/s", "trial tok/s", "mean acc",
-            "vs 1 worker", "vs serial", "cores us/others")
+    cols = (
+        "setup",
+        "procs x thr",
+        "wall s",
+        "trials/h",
+        "tokens/s",
+        "trial tok/s",
+        "mean acc",
+        "vs 1 worker",
+        "vs serial",
+        "cores us/others",
+    )
     fmt = "{:<16} {:>11} {:>8} {:>9} {:>10} {:>11} {:>9} {:>11} {:>9} {:>15}"
     for size, res in result["by_size"].items():
         lines.append(f"d_model {size}")
@@ -233,25 +265,42 @@ def table(result: dict) -> str:
             rows.append(("serial", f"1 x {res['serial']['threads']}", res["serial"], None, 1.0))
         for w, rec in res["pool"].items():
             label = f"pool {w}" + (" (over)" if rec["oversubscribed"] else "")
-            rows.append((label, f"{w} x {rec['threads_per_worker']}", rec,
-                         res["speedup_by_workers"][w], res["speedup_vs_serial_by_workers"][w]))
+            rows.append(
+                (
+                    label,
+                    f"{w} x {rec['threads_per_worker']}",
+                    rec,
+                    res["speedup_by_workers"][w],
+                    res["speedup_vs_serial_by_workers"][w],
+                )
+            )
         if res["optuna_n_jobs"]:
             rec = res["optuna_n_jobs"]
             serial = res["serial"]
-            rows.append((f"optuna n_jobs={rec['n_jobs']}", f"1 x {rec['threads']}", rec, None,
-                         common.ratio(rec["trials_per_hour"],
-                                      serial and serial["trials_per_hour"])))
+            rows.append(
+                (
+                    f"optuna n_jobs={rec['n_jobs']}",
+                    f"1 x {rec['threads']}",
+                    rec,
+                    None,
+                    common.ratio(rec["trials_per_hour"], serial and serial["trials_per_hour"]),
+                )
+            )
         for label, procs, rec, vs1, vss in rows:
-            lines.append(fmt.format(
-                label, procs, common.fmt(rec["wall_s"], ".1f"),
-                common.fmt(rec["trials_per_hour"], ",.0f"),
-                common.fmt(rec["tokens_per_s"], ",.0f"),
-                common.fmt(rec["mean_trial_tokens_per_s"], ",.0f"),
-                common.fmt(rec["mean_accuracy"], ".4f"),
-                common.fmt(vs1, ".2f") + ("x" if vs1 is not None else ""),
-                common.fmt(vss, ".2f") + ("x" if vss is not None else ""),
-                _cores(rec.get("cpu")),
-            ))
+            lines.append(
+                fmt.format(
+                    label,
+                    procs,
+                    common.fmt(rec["wall_s"], ".1f"),
+                    common.fmt(rec["trials_per_hour"], ",.0f"),
+                    common.fmt(rec["tokens_per_s"], ",.0f"),
+                    common.fmt(rec["mean_trial_tokens_per_s"], ",.0f"),
+                    common.fmt(rec["mean_accuracy"], ".4f"),
+                    common.fmt(vs1, ".2f") + ("x" if vs1 is not None else ""),
+                    common.fmt(vss, ".2f") + ("x" if vss is not None else ""),
+                    _cores(rec.get("cpu")),
+                )
+            )
         lines.append(
             f"speedup_2 {common.fmt(res['speedup_2'])} (span {common.fmt(res['speedup_2_span'])})"
             f" | speedup_vs_serial {common.fmt(res['speedup_vs_serial'])} "

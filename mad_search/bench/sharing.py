@@ -39,8 +39,11 @@ def run(**options: Any) -> dict:
     opts = _validate(options)
     patterns = list(opts["patterns"])
     common.check_patterns(patterns)
-    train = {"max_steps": opts["max_steps"], "eval_every": max(1, opts["max_steps"] // 2),
-             **opts["train"]}
+    train = {
+        "max_steps": opts["max_steps"],
+        "eval_every": max(1, opts["max_steps"] // 2),
+        **opts["train"],
+    }
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mad-bench-sharing-") as tmp:
         for embedding in ("shared", "private"):
@@ -58,13 +61,18 @@ def run(**options: Any) -> dict:
             )
             if embedding == "shared":
                 common.load_data(cfg)  # build the data cache before either run
-            common.note(f"sharing: {len(patterns)} trials, {embedding} embedding, "
-                        f"{opts['workers']} workers ...")
+            common.note(
+                f"sharing: {len(patterns)} trials, {embedding} embedding, "
+                f"{opts['workers']} workers ..."
+            )
             runs[embedding] = common.run_pool(cfg, Path(tmp) / embedding)
 
     def scores(rec: dict, key: str = "val_accuracy") -> dict[str, float]:
-        return {r["pattern"]: r[key] for r in rec["per_trial"]
-                if r["state"] == "COMPLETE" and r[key] is not None}
+        return {
+            r["pattern"]: r[key]
+            for r in rec["per_trial"]
+            if r["state"] == "COMPLETE" and r[key] is not None
+        }
 
     shared, private = scores(runs["shared"]), scores(runs["private"])
     both = [p for p in patterns if p in shared and p in private]
@@ -83,8 +91,9 @@ def run(**options: Any) -> dict:
         "rank_moves": {r["pattern"]: where[r["pattern"]] - r["rank"] for r in rank_shared},
         "mean_accuracy_shared": runs["shared"]["mean_accuracy"],
         "mean_accuracy_private": runs["private"]["mean_accuracy"],
-        "accuracy_diff_shared_vs_private": common.diff(runs["shared"]["mean_accuracy"],
-                                                       runs["private"]["mean_accuracy"]),
+        "accuracy_diff_shared_vs_private": common.diff(
+            runs["shared"]["mean_accuracy"], runs["private"]["mean_accuracy"]
+        ),
         "shared": runs["shared"],
         "private": runs["private"],
     }
@@ -104,8 +113,15 @@ def table(result: dict) -> str:
     lines.append(fmt.format(*cols))
     lines.append("-" * len(fmt.format(*cols)))
     for a, b in zip(result["ranking_shared"], result["ranking_private"]):
-        lines.append(fmt.format(a["rank"], a["pattern"][:26], f"{a['val_accuracy']:.4f}",
-                                b["pattern"][:26], f"{b['val_accuracy']:.4f}"))
+        lines.append(
+            fmt.format(
+                a["rank"],
+                a["pattern"][:26],
+                f"{a['val_accuracy']:.4f}",
+                b["pattern"][:26],
+                f"{b['val_accuracy']:.4f}",
+            )
+        )
     if result["left_out"]:
         lines.append(f"left out (not complete in both runs): {', '.join(result['left_out'])}")
     lines += [

@@ -51,8 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "seq_len": 32,
     "batch_size": 8,
     "max_steps": 6,
-    "task_settings": {"num_train_examples": 512, "num_test_examples": 32},
-    "train": {"eval_batch_size": 32},
+    "task_settings": {"num_train_examples": 512, "num_test_examples": 16},
+    "train": {"eval_batch_size": 16},
     "threads_per_worker": 0,  # 0: cores // W (at least 1), for both setups
     "storage": "journal",  # the independent processes' shared storage: journal | sqlite
     "sample_interval": 0.2,  # seconds between PSS samples
@@ -66,8 +66,10 @@ def run(**options: Any) -> dict:
     """Run both setups at every W; return the JSON result."""
     opts = _validate(options)
     if not common.pss_available():
-        raise BenchError("this benchmark reads /proc/<pid>/smaps_rollup (Linux 4.14+), which is "
-                         "not readable here")
+        raise BenchError(
+            "this benchmark reads /proc/<pid>/smaps_rollup (Linux 4.14+), which is "
+            "not readable here"
+        )
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -84,15 +86,16 @@ def run(**options: Any) -> dict:
             threads = opts["threads_per_worker"] or max(1, cores // w)
             common.note(f"vs_independent: {w} worker(s) x {threads} thread(s): pool ...")
             pool = _run_pool(tmp, patterns, opts, w, threads)
-            common.note(f"vs_independent: {w} worker(s) x {threads} thread(s): "
-                        f"{w} independent process(es) ...")
+            common.note(
+                f"vs_independent: {w} worker(s) x {threads} thread(s): "
+                f"{w} independent process(es) ..."
+            )
             indep = _run_independent(tmp, patterns, opts, w, threads)
             by_workers[str(w)] = {
                 "threads_per_process": threads,
                 "pool": pool,
                 "independent": indep,
-                "throughput_ratio": common.ratio(pool["trials_per_hour"],
-                                                 indep["trials_per_hour"]),
+                "throughput_ratio": common.ratio(pool["trials_per_hour"], indep["trials_per_hour"]),
             }
     ws = [int(w) for w in by_workers]
 
@@ -137,9 +140,11 @@ def run(**options: Any) -> dict:
         "pss_per_extra_worker_independent_mb": slope_indep,
         "pss_saving_per_extra_worker_mb": saving,
         "anon_shmem_per_extra_worker_pool_mb": common.slope(
-            ws, peaks("pool", "peak_pss_anon_shmem_mb")),
+            ws, peaks("pool", "peak_pss_anon_shmem_mb")
+        ),
         "anon_shmem_per_extra_worker_independent_mb": common.slope(
-            ws, peaks("independent", "peak_pss_anon_shmem_mb")),
+            ws, peaks("independent", "peak_pss_anon_shmem_mb")
+        ),
         "by_workers": by_workers,
     }
     ratio = result["throughput_ratio"]
@@ -150,14 +155,29 @@ def run(**options: Any) -> dict:
     return result
 
 
-def _config(tmp: Path, tag: str, patterns: list[str], opts: dict, workers: int, threads: int,
-            storage: str | None = None):
-    settings = {"tokenizer": opts["tokenizer"], "vocab_size": opts["vocab_size"],
-                "seq_len": opts["seq_len"], **opts["task_settings"]}
+def _config(
+    tmp: Path,
+    tag: str,
+    patterns: list[str],
+    opts: dict,
+    workers: int,
+    threads: int,
+    storage: str | None = None,
+):
+    settings = {
+        "tokenizer": opts["tokenizer"],
+        "vocab_size": opts["vocab_size"],
+        "seq_len": opts["seq_len"],
+        **opts["task_settings"],
+    }
     if opts["task"] != "text":
         settings.pop("tokenizer")
-    train = {"max_steps": opts["max_steps"], "eval_every": opts["max_steps"],
-             "batch_size": opts["batch_size"], **opts["train"]}
+    train = {
+        "max_steps": opts["max_steps"],
+        "eval_every": opts["max_steps"],
+        "batch_size": opts["batch_size"],
+        **opts["train"],
+    }
     return common.compose_study_config(
         patterns=patterns,
         storage=storage or f"sqlite:///{tmp}/{tag}.db",
@@ -187,8 +207,9 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-c", CHILD, *args], stdout=f,
-                                stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args], stdout=f, stderr=subprocess.STDOUT, env=env
+        )
 
 
 def _watch(
@@ -217,12 +238,12 @@ def _run_pool(tmp: Path, patterns: list[str], opts: dict, w: int, threads: int) 
     tag = f"pool{w}"
     cfg = _config(tmp, tag, patterns, opts, w, threads)
     spec = tmp / f"{tag}.json"
-    spec.write_text(json.dumps({"cfg": OmegaConf.to_container(cfg, resolve=True),
-                                "out_dir": str(tmp / tag)}))
+    spec.write_text(
+        json.dumps({"cfg": OmegaConf.to_container(cfg, resolve=True), "out_dir": str(tmp / tag)})
+    )
     log = tmp / f"{tag}.log"
     t0, cpu = time.time(), common.CpuMeter()
-    memory, usage = _watch([_launch(["pool", str(spec)], log)], [log], opts["sample_interval"],
-                           cpu)
+    memory, usage = _watch([_launch(["pool", str(spec)], log)], [log], opts["sample_interval"], cpu)
     exited = time.time() - t0
     study = optuna.load_study(study_name=cfg.study.name, storage=cfg.study.storage)
     return _finish(study, t0, exited, cfg, memory, usage, f"1 coordinator + {w} workers")
@@ -233,19 +254,31 @@ def _run_independent(tmp: Path, patterns: list[str], opts: dict, w: int, threads
     from omegaconf import OmegaConf
 
     tag = f"independent{w}"
-    url = (f"journal:{tmp}/{tag}.journal" if opts["storage"] == "journal"
-           else f"sqlite:///{tmp}/{tag}.db")
+    url = (
+        f"journal:{tmp}/{tag}.journal"
+        if opts["storage"] == "journal"
+        else f"sqlite:///{tmp}/{tag}.db"
+    )
     cfg = _config(tmp, tag, patterns, opts, 1, threads, storage=url)
-    study = optuna.create_study(study_name=cfg.study.name, storage=open_storage(url),
-                                direction="maximize")
+    study = optuna.create_study(
+        study_name=cfg.study.name, storage=open_storage(url), direction="maximize"
+    )
     common.enqueue(study, patterns)
     shares = [len(patterns) // w + (1 if i < len(patterns) % w else 0) for i in range(w)]
     procs, logs = [], []
     t0, cpu = time.time(), common.CpuMeter()
     for i, k in enumerate(s for s in shares if s):
         spec = tmp / f"{tag}-{i}.json"
-        spec.write_text(json.dumps({"cfg": OmegaConf.to_container(cfg, resolve=True),
-                                    "storage": url, "n_trials": k, "threads": threads}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "cfg": OmegaConf.to_container(cfg, resolve=True),
+                    "storage": url,
+                    "n_trials": k,
+                    "threads": threads,
+                }
+            )
+        )
         logs.append(tmp / f"{tag}-{i}.log")
         procs.append(_launch(["independent", str(spec)], logs[-1]))
     memory, usage = _watch(procs, logs, opts["sample_interval"], cpu)
@@ -254,10 +287,14 @@ def _run_independent(tmp: Path, patterns: list[str], opts: dict, w: int, threads
     return _finish(study, t0, exited, cfg, memory, usage, f"{len(procs)} processes")
 
 
-def _finish(study, t0: float, exited: float, cfg, memory: dict, usage: dict,
-            processes: str) -> dict:
-    ends = [t.datetime_complete.timestamp() for t in study.get_trials(deepcopy=False)
-            if t.datetime_complete]
+def _finish(
+    study, t0: float, exited: float, cfg, memory: dict, usage: dict, processes: str
+) -> dict:
+    ends = [
+        t.datetime_complete.timestamp()
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete
+    ]
     wall = (max(ends) - t0) if ends else exited
     rec = common.record(study, wall, common.tokens_per_step(cfg))
     rec.update(until_exit_s=exited, processes=processes, memory=memory, cpu=usage)
@@ -314,8 +351,19 @@ def table(result: dict) -> str:
         f"memory: {result['memory_method']}",
         "",
     ]
-    cols = ("W", "thr", "setup", "to last trial s", "trials/h", "mean acc", "peak PSS MB",
-            "anon+shm MB", "procs", "pool/indep", "cores us/others")
+    cols = (
+        "W",
+        "thr",
+        "setup",
+        "to last trial s",
+        "trials/h",
+        "mean acc",
+        "peak PSS MB",
+        "anon+shm MB",
+        "procs",
+        "pool/indep",
+        "cores us/others",
+    )
     fmt = "{:>3} {:>4} {:<12} {:>15} {:>9} {:>9} {:>12} {:>12} {:>6} {:>10} {:>15}"
     lines.append(fmt.format(*cols))
     lines.append("-" * len(fmt.format(*cols)))
@@ -324,15 +372,22 @@ def table(result: dict) -> str:
             rec = res[setup]
             mem = rec["memory"]
             r = res["throughput_ratio"] if setup == "pool" else None
-            lines.append(fmt.format(
-                w, res["threads_per_process"], setup, common.fmt(rec["wall_s"], ".1f"),
-                common.fmt(rec["trials_per_hour"], ",.0f"), common.fmt(rec["mean_accuracy"], ".4f"),
-                common.fmt(mem["peak_pss_mb"], ",.0f"),
-                common.fmt(mem["peak_pss_anon_shmem_mb"], ",.0f"), mem["processes_at_peak"],
-                "" if r is None else f"{r:.2f}x",
-                f"{common.fmt(rec['cpu']['ours_cores'], '.1f')}/"
-                f"{common.fmt(rec['cpu']['others_cores'], '.1f')}",
-            ))
+            lines.append(
+                fmt.format(
+                    w,
+                    res["threads_per_process"],
+                    setup,
+                    common.fmt(rec["wall_s"], ".1f"),
+                    common.fmt(rec["trials_per_hour"], ",.0f"),
+                    common.fmt(rec["mean_accuracy"], ".4f"),
+                    common.fmt(mem["peak_pss_mb"], ",.0f"),
+                    common.fmt(mem["peak_pss_anon_shmem_mb"], ",.0f"),
+                    mem["processes_at_peak"],
+                    "" if r is None else f"{r:.2f}x",
+                    f"{common.fmt(rec['cpu']['ours_cores'], '.1f')}/"
+                    f"{common.fmt(rec['cpu']['others_cores'], '.1f')}",
+                )
+            )
     met = result["met"]
     lines += [
         "",
@@ -359,8 +414,9 @@ def _validate(opts: dict) -> dict:
         if opts[key] < 1:
             raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
     if opts["threads_per_worker"] < 0:
-        raise BenchError(f"option threads_per_worker must be 0 or more, got "
-                         f"{opts['threads_per_worker']}")
+        raise BenchError(
+            f"option threads_per_worker must be 0 or more, got {opts['threads_per_worker']}"
+        )
     if not opts["workers"] or any(w < 1 for w in opts["workers"]):
         raise BenchError(f"option workers must be positive integers, got {opts['workers']}")
     if opts["storage"] not in ("journal", "sqlite"):

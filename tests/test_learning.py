@@ -22,18 +22,7 @@ def _recall_data(seed):
     return tasks.as_tensors(ds), tasks.info("in_context_recall", vocab_size=16, seq_len=128)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "layers, d_model, lr, max_steps",
-    [
-        # attention learns recall through a sudden transition (around step 1,200 at lr 6e-3);
-        # the mLSTM gets there in a few hundred steps. Training stops at 0.995 validation accuracy.
-        (["attention", "attention"], 64, 6e-3, 3000),
-        (["mlstm", "mlstm"], 64, 2e-3, 1500),
-    ],
-)
-def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
-    seed = random.randrange(1000)
+def _train(layers, d_model, lr, max_steps, seed):
     data, info = _recall_data(seed)
     torch.manual_seed(seed)
     model = SequenceModel(info.vocab_size, d_model, layers, info.seq_len)
@@ -45,11 +34,41 @@ def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
         warmup_steps=100,
         eval_every=100,
         target_accuracy=0.995,  # train past the transition, not just onto it
+        # The fraction of recalled values. mad-lab's macro accuracy (the default) also counts,
+        # with recall 0, any class that is predicted but never a target: one stray key-token
+        # guess took a 2-layer attention model from 0.999 (micro) to 0.888 (macro) on a test split.
+        accuracy="micro",
         progress=False,
         seed=seed,
     )
-    result = train(model, data, cfg, info.num_classes)
+    return train(model, data, cfg, info.num_classes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layers, d_model, lr, max_steps",
+    [
+        # Attention does the recall; the short convolution in front hands it the previous token
+        # (what an induction head's first layer would have to learn), so the transition comes
+        # early and reliably: 100 to 200 steps on each of 8 seeds tried. Attention-only and
+        # attention + SwiGLU stacks got there erratically (600 to 2,300 steps at lr 3e-3, and on
+        # one seed each not within 3,000). The mLSTM gets there in a few hundred steps.
+        (["short_conv", "attention"], 64, 3e-3, 1500),
+        (["mlstm", "mlstm"], 64, 2e-3, 1500),
+    ],
+)
+def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
+    seed = random.randrange(1000)
+    result = _train(layers, d_model, lr, max_steps, seed)
     assert result.test_accuracy >= 0.9, (layers, seed, result.history[-3:])
+
+
+@pytest.mark.slow
+def test_short_convolutions_alone_cannot_recall():
+    """The control for the hybrid above: without attention the model cannot look back far."""
+    seed = random.randrange(1000)
+    result = _train(["short_conv", "short_conv"], 64, 3e-3, 300, seed)
+    assert result.test_accuracy < 0.5, (seed, result.history[-3:])
 
 
 def test_training_reduces_loss_quickly():

@@ -35,6 +35,33 @@ from mad_search.bench import BenchError
 # --- configs -------------------------------------------------------------------------------
 
 
+def compose_base(sweep: str | None = "layer_patterns", task: str | None = None) -> DictConfig:
+    """``config`` composed with ``+sweep=<sweep>`` and ``task=<task>`` (Hydra's compose API)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"+sweep={sweep}"] if sweep else []
+    if task:
+        overrides.append(f"task={task}")
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose("config", overrides=overrides)
+    else:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def default_width(sweep: str = "layer_patterns") -> int:
+    """``model.d_model`` of the default study (``+sweep=<sweep>``)."""
+    return int(compose_base(sweep).model.d_model)
+
+
+def default_steps(sweep: str = "layer_patterns") -> int:
+    """``train.max_steps`` of the default study (``+sweep=<sweep>``)."""
+    return int(compose_base(sweep).train.max_steps)
+
+
 def compose_study_config(
     *,
     patterns: Sequence[str],
@@ -56,18 +83,7 @@ def compose_study_config(
     fixed trial list, the pool size and the given task / train settings. Values with spaces or
     brackets (patterns) are set on the composed config, not through Hydra's override grammar.
     """
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    overrides = [f"+sweep={sweep}"] if sweep else []
-    if task:
-        overrides.append(f"task={task}")
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose("config", overrides=overrides)
-    else:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
+    cfg = compose_base(sweep, task)
     values: dict[str, Any] = {
         "seed": seed,
         "study.name": study_name,

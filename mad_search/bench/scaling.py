@@ -1,13 +1,14 @@
 """Scaling benchmark: one fixed list of trials through the Hogwild pool at several pool sizes.
 
-    python -m mad_search.bench scaling [workers=[1,2,4]] [sizes=[64,128]] [trials=8]
-        [max_steps=60] [threads_per_worker=1] [optuna_n_jobs=2] [out=PATH]
+    python -m mad_search.bench scaling [workers=[1,2,4]] [sizes=[0,128]] [trials=8]
+        [max_steps=0] [threads_per_worker=1] [optuna_n_jobs=2] [out=PATH]
 
 The trials are the same in every setup: ``patterns`` (repeated up to ``trials``) enqueued in
 order into a fresh SQLite study, random sampler with a fixed seed, no pruner, trial seed
-``seed + trial number``; task, model and training settings of the default study
-(``+sweep=layer_patterns``: in-context recall, sequence 64, batch 32) with ``max_steps`` steps,
-at each width in ``sizes``. Per width, back to back:
+``seed + trial number``; the task and training settings of the default study
+(``+sweep=layer_patterns``: in-context recall, its sequence length, batch and learning rate)
+with ``max_steps`` steps, at each width in ``sizes`` (0: the default study's width). Per width,
+back to back:
 
 * ``serial``: what a user does without the pool: one process, torch using every core, one trial
   at a time (``study.optimize`` with ``n_jobs=1``; the objective builds the model with a dense
@@ -31,7 +32,7 @@ start-up out.
 A pool run pays a fixed cost that the in-process runs do not: spawning the workers, their
 imports, and each worker's first-call costs (PyTorch imports ``torch._dynamo`` on the first
 optimiser step), several seconds on 2 cores. The speedups therefore grow with trial length
-(``max_steps``; the default study trains 240 steps per trial). The in-process runs get an
+(``max_steps``; by default the default study's 300 steps per trial). The in-process runs get an
 untimed warm-up (one tiny training run per pattern) so that they are not charged the same
 first-call costs. ``cpu`` in each record (the table's "cores us/others") says how many cores
 the benchmark's processes and everything else on the machine used during that run: on a machine
@@ -65,8 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "workers": [1, 2, 4],
     "threads_per_worker": 1,
     "trials": 8,
-    "max_steps": 60,
-    "sizes": [64, 128],  # model.d_model; the first is the default study's
+    "max_steps": 0,  # steps per trial; 0: the default study's (train.max_steps)
+    "sizes": [0, 128],  # model.d_model of each run; 0: the default study's; the first is primary
     "patterns": PATTERNS,
     "serial": True,  # run the serial baseline (speedup_vs_serial needs it)
     "serial_threads": 0,  # torch threads of the serial baseline; 0 = every core
@@ -88,6 +89,9 @@ TARGETS = {
 def run(**options: Any) -> dict:
     """Run every setup at every width; return the JSON result."""
     opts = _validate(options)
+    width = common.default_width()
+    opts["max_steps"] = opts["max_steps"] or common.default_steps()
+    opts["sizes"] = list(dict.fromkeys(s or width for s in opts["sizes"]))
     cores = common.available_cores()
     serial_threads = opts["serial_threads"] or cores
     patterns = common.trial_patterns(opts["patterns"], opts["trials"])
@@ -339,16 +343,17 @@ def _word(flag: bool | None) -> str:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("trials", "max_steps", "threads_per_worker"):
+    for key in ("trials", "threads_per_worker"):
         if opts[key] < 1:
             raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
-    for key in ("optuna_n_jobs", "serial_threads"):
+    for key in ("optuna_n_jobs", "serial_threads", "max_steps"):
         if opts[key] < 0:
             raise BenchError(f"option {key} must be 0 or more, got {opts[key]}")
     if not opts["workers"] or any(w < 1 for w in opts["workers"]):
         raise BenchError(f"option workers must be positive integers, got {opts['workers']}")
-    if not opts["sizes"] or any(s < 1 for s in opts["sizes"]):
-        raise BenchError(f"option sizes must be positive integers, got {opts['sizes']}")
+    if not opts["sizes"] or any(s < 0 for s in opts["sizes"]):
+        raise BenchError(
+            f"option sizes must be positive integers (0: the default study's), got {opts['sizes']}"
+        )
     opts["workers"] = list(dict.fromkeys(opts["workers"]))
-    opts["sizes"] = list(dict.fromkeys(opts["sizes"]))
     return opts

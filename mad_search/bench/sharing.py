@@ -1,6 +1,6 @@
 """What sharing the embedding table does to a study's ranking of layer sequences.
 
-    python -m mad_search.bench sharing [patterns=[...]] [workers=2] [max_steps=60] [out=PATH]
+    python -m mad_search.bench sharing [patterns=[...]] [workers=2] [max_steps=200] [out=PATH]
 
 The same fixed trials (``patterns``, at least 8 by default, each once, enqueued in order, trial
 seed ``seed + trial number``) run twice through the Hogwild pool: ``hogwild.embedding=shared``
@@ -26,8 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "patterns": PATTERNS,
     "workers": 2,
     "threads_per_worker": 1,
-    "max_steps": 60,
-    "d_model": 64,
+    "max_steps": 200,  # long enough for the patterns to separate (short runs rank noise)
+    "d_model": 0,  # 0: the default study's width
     "task_settings": {"num_test_examples": 256},  # task.<key> on top of the default study's
     "train": {},  # train.<key> on top of the default study's (max_steps and eval_every set)
     "seed": 0,
@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
 def run(**options: Any) -> dict:
     """Run the trials with a shared and with private tables; return the JSON result."""
     opts = _validate(options)
+    opts["d_model"] = opts["d_model"] or common.default_width()
     patterns = list(opts["patterns"])
     common.check_patterns(patterns)
     train = {
@@ -138,9 +139,13 @@ def table(result: dict) -> str:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("workers", "threads_per_worker", "max_steps", "d_model"):
+    for key in ("workers", "threads_per_worker", "max_steps"):
         if opts[key] < 1:
             raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    if opts["d_model"] < 0:
+        raise BenchError(
+            f"option d_model must be positive (0: the default study's width), got {opts['d_model']}"
+        )
     if len(opts["patterns"]) < 2:
         raise BenchError("option patterns needs at least 2 layer sequences to rank")
     if len(set(opts["patterns"])) != len(opts["patterns"]):

@@ -218,6 +218,9 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
         "batch_size=4",
         "patterns=[attention swiglu]",
         "task_settings={num_train_examples: 64, num_test_examples: 16}",
+        "throughput_steps=2",
+        "throughput_patterns=[mlstm]",
+        f"throughput_task_settings={TINY_TASK}",
     )
     for key in (
         "throughput_ratio",
@@ -237,6 +240,14 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
     # two independent processes really ran, each with its own trial
     pids = {r["worker"] for r in result["by_workers"]["2"]["independent"]["per_trial"]}
     assert len(pids) == 2
+    # the throughput phase ran the default study's trials (its task and width), both ways
+    assert result["config"]["throughput_trial_patterns"] == ["mlstm", "mlstm"]
+    for w in ("1", "2"):
+        phase = result["throughput_by_workers"][w]
+        assert result["throughput_ratio_by_workers"][w] == phase["throughput_ratio"]
+        for setup in ("pool", "independent"):
+            assert phase[setup]["complete"] == 2 and phase[setup]["tokens"] == 2 * 2 * 32 * 32
+    assert result["throughput_ratio"] == result["throughput_by_workers"]["2"]["throughput_ratio"]
 
 
 @pytest.mark.slow

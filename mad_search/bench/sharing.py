@@ -1,6 +1,6 @@
 """What sharing the embedding table does to a study's ranking of layer sequences.
 
-    python -m mad_search.bench sharing [patterns=[...]] [workers=2] [max_steps=200] [out=PATH]
+    python -m mad_search.bench sharing [patterns=[...]] [workers=2] [max_steps=0] [out=PATH]
 
 The same fixed trials (``patterns``, at least 8 by default, each once, enqueued in order, trial
 seed ``seed + trial number``) run twice through the Hogwild pool: ``hogwild.embedding=shared``
@@ -9,7 +9,7 @@ concurrent ones learned) and ``hogwild.embedding=private`` (the control: each tr
 from the same initial weights). Both rank the patterns by validation accuracy; ``kendall_tau``
 is Kendall's tau-b between the two rankings (1: same order, 0: unrelated, ties handled), over
 the patterns complete in both runs. Task and sizes are the default study's
-(``+sweep=layer_patterns``) with ``max_steps`` steps.
+(``+sweep=layer_patterns``), by default also its steps per trial.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "patterns": PATTERNS,
     "workers": 2,
     "threads_per_worker": 1,
-    "max_steps": 200,  # long enough for the patterns to separate (short runs rank noise)
+    "max_steps": 0,  # 0: the default study's (train.max_steps); short runs rank noise
     "d_model": 0,  # 0: the default study's width
     "task_settings": {"num_test_examples": 256},  # task.<key> on top of the default study's
     "train": {},  # train.<key> on top of the default study's (max_steps and eval_every set)
@@ -38,6 +38,7 @@ def run(**options: Any) -> dict:
     """Run the trials with a shared and with private tables; return the JSON result."""
     opts = _validate(options)
     opts["d_model"] = opts["d_model"] or common.default_width()
+    opts["max_steps"] = opts["max_steps"] or common.default_steps()
     patterns = list(opts["patterns"])
     common.check_patterns(patterns)
     train = {
@@ -139,9 +140,13 @@ def table(result: dict) -> str:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("workers", "threads_per_worker", "max_steps"):
+    for key in ("workers", "threads_per_worker"):
         if opts[key] < 1:
             raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    if opts["max_steps"] < 0:
+        raise BenchError(
+            f"option max_steps must be positive (0: the default study's), got {opts['max_steps']}"
+        )
     if opts["d_model"] < 0:
         raise BenchError(
             f"option d_model must be positive (0: the default study's width), got {opts['d_model']}"

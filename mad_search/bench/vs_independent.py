@@ -1,10 +1,18 @@
 """The pool against the standard way to parallelise Optuna: independent processes, one storage.
 
-    python -m mad_search.bench vs_independent [workers=[1,2,4]] [trials=8] [d_model=512]
-        [vocab_size=50000] [max_steps=6] [out=PATH]
+    python -m mad_search.bench vs_independent [workers=[1,2,4]] [trials=8] [throughput=true]
+        [throughput_steps=0] [d_model=512] [vocab_size=50000] [max_steps=6] [out=PATH]
 
-The same fixed trials (``patterns`` repeated up to ``trials``, enqueued in order, trial seed
-``seed + trial number``) run two ways at each W in ``workers``:
+Two phases, each running the same fixed trials (patterns repeated up to ``trials``, enqueued in
+order, trial seed ``seed + trial number``) two ways at each W in ``workers``:
+
+1. throughput: the default study's trials as a user runs them (``+sweep=layer_patterns``: its
+   task, width and steps per trial, ``throughput_patterns``); ``throughput_ratio`` comes from
+   here (``throughput=false`` skips the phase and takes it from phase 2);
+2. memory: the language-modelling task with a big word vocabulary (``patterns``, ``task``,
+   ``vocab_size``, ``d_model``, ``max_steps``, ...), where the table's size shows.
+
+The two ways:
 
 * ``pool``: one ``run_study`` process (the coordinator) with W Hogwild workers sharing one
   embedding table per task in shared memory;
@@ -16,12 +24,12 @@ The same fixed trials (``patterns`` repeated up to ``trials``, enqueued in order
 Both get ``threads_per_worker`` torch threads per process (0: cores // W, the pool's own rule).
 Each setup is started in fresh processes; its time runs from the launch to the last trial told
 (start-up included, the pool's final report left out), and ``throughput_ratio`` is pool trials
-per hour over independent trials per hour. Memory is the proportional set size (PSS, from
-``/proc/<pid>/smaps_rollup``) summed over every process of the setup, sampled every
-``sample_interval`` seconds; the peak is kept. The slope of peak PSS against W is each extra
+per hour over independent trials per hour (at W = 2). Memory (phase 2) is the proportional set
+size (PSS, from ``/proc/<pid>/smaps_rollup``) summed over every process of the setup, sampled
+every ``sample_interval`` seconds; the peak is kept. The slope of peak PSS against W is each extra
 worker's cost; the shared table should save at least its own size (``table_mb``) per extra
-worker. The defaults are the language-modelling task with a word vocabulary of 50,000 and
-d_model 512, and a few training steps: memory is the point. The bundled corpus has fewer
+worker. Phase 2's defaults are the language-modelling task with a word vocabulary of 50,000
+and d_model 512, and a few training steps: memory is the point. The bundled corpus has fewer
 distinct words than that; the table (and the model's head) are still allocated at 50,000 rows,
 and the JSON reports how many rows the data uses.
 """
@@ -39,10 +47,17 @@ from typing import Any
 
 from mad_search.bench import BenchError
 from mad_search.bench import _common as common
+from mad_search.bench.scaling import PATTERNS
 
 DEFAULTS: dict[str, Any] = {
     "workers": [1, 2, 4],
     "trials": 8,
+    # phase 1 (throughput): the default study's task, width and steps
+    "throughput": True,
+    "throughput_patterns": PATTERNS,
+    "throughput_steps": 0,  # steps per trial; 0: the default study's (train.max_steps)
+    "throughput_task_settings": {"num_test_examples": 256},  # task.<key> on the default study's
+    # phase 2 (memory): a big vocabulary
     "patterns": ["attention swiglu", "mlstm swiglu", "swiglu attention", "mlstm"],
     "task": "text",
     "tokenizer": "word",
@@ -76,27 +91,32 @@ def run(**options: Any) -> dict:
     patterns = common.trial_patterns(opts["patterns"], opts["trials"])
     common.check_patterns(patterns)
     cores = common.available_cores()
+    throughput_patterns = common.trial_patterns(opts["throughput_patterns"], opts["trials"])
+    steps = opts["throughput_steps"] or common.default_steps()
+    if opts["throughput"]:
+        common.check_patterns(throughput_patterns)
+    throughput_by_workers: dict[str, dict] = {}
     by_workers: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mad-bench-vs-independent-") as tmp:
         tmp = Path(tmp)
-        probe = _config(tmp, "probe", patterns, opts, 1, 1)
-        data = common.load_data(probe)  # builds the task's data cache once, before any timing
-        rows_used = _rows_used(data)
-        for w in opts["workers"]:
-            threads = opts["threads_per_worker"] or max(1, cores // w)
-            common.note(f"vs_independent: {w} worker(s) x {threads} thread(s): pool ...")
-            pool = _run_pool(tmp, patterns, opts, w, threads)
-            common.note(
-                f"vs_independent: {w} worker(s) x {threads} thread(s): "
-                f"{w} independent process(es) ..."
+        if opts["throughput"]:
+
+            def study_config(tag, workers, threads, storage=None):
+                return _study_config(
+                    tmp, tag, throughput_patterns, opts, steps, workers, threads, storage
+                )
+
+            common.load_data(study_config("probe-study", 1, 1))  # data cache, before timing
+            throughput_by_workers = _phase(
+                tmp, "throughput", study_config, throughput_patterns, opts, cores
             )
-            indep = _run_independent(tmp, patterns, opts, w, threads)
-            by_workers[str(w)] = {
-                "threads_per_process": threads,
-                "pool": pool,
-                "independent": indep,
-                "throughput_ratio": common.ratio(pool["trials_per_hour"], indep["trials_per_hour"]),
-            }
+
+        def text_config(tag, workers, threads, storage=None):
+            return _config(tmp, tag, patterns, opts, workers, threads, storage)
+
+        data = common.load_data(text_config("probe", 1, 1))  # data cache, before any timing
+        rows_used = _rows_used(data)
+        by_workers = _phase(tmp, "memory", text_config, patterns, opts, cores)
     ws = [int(w) for w in by_workers]
 
     def peaks(setup: str, key: str) -> list[float]:
@@ -107,7 +127,13 @@ def run(**options: Any) -> dict:
     slope_indep = common.slope(ws, peaks("independent", "peak_pss_mb"))
     saving = common.diff(slope_indep, slope_pool)
     result = {
-        "config": {**opts, "trial_patterns": patterns, "cores": cores},
+        "config": {
+            **opts,
+            "trial_patterns": patterns,
+            "throughput_trial_patterns": throughput_patterns if opts["throughput"] else None,
+            "throughput_steps": steps if opts["throughput"] else None,
+            "cores": cores,
+        },
         "machine": common.machine(),
         "task": {
             "name": opts["task"],
@@ -130,8 +156,22 @@ def run(**options: Any) -> dict:
             f"children, sampled every {opts['sample_interval']} s, peak kept; MB = 2**20 bytes"
         ),
         "table_mb": table_mb,
-        "throughput_ratio": (by_workers.get("2") or {}).get("throughput_ratio"),
-        "throughput_ratio_by_workers": {w: r["throughput_ratio"] for w, r in by_workers.items()},
+        "throughput_phase": (
+            f"the default study's trials ({len(throughput_patterns)} trials, {steps} steps each, "
+            "its task and width)"
+            if opts["throughput"]
+            else "skipped (throughput=false): throughput_ratio is the memory phase's"
+        ),
+        "throughput_ratio": ((throughput_by_workers or by_workers).get("2") or {}).get(
+            "throughput_ratio"
+        ),
+        "throughput_ratio_by_workers": {
+            w: r["throughput_ratio"] for w, r in (throughput_by_workers or by_workers).items()
+        },
+        "throughput_ratio_memory_phase_by_workers": {
+            w: r["throughput_ratio"] for w, r in by_workers.items()
+        },
+        "throughput_by_workers": throughput_by_workers,
         "pss_total_mb": {
             setup: dict(zip(map(str, ws), peaks(setup, "peak_pss_mb")))
             for setup in ("pool", "independent")
@@ -153,6 +193,50 @@ def run(**options: Any) -> dict:
         "memory": None if saving is None else saving >= table_mb,
     }
     return result
+
+
+def _phase(tmp: Path, name: str, make_cfg, patterns: list[str], opts: dict, cores: int):
+    """Both setups at every W; per W the two records and their throughput ratio."""
+    out: dict[str, dict] = {}
+    for w in opts["workers"]:
+        threads = opts["threads_per_worker"] or max(1, cores // w)
+        what = f"vs_independent {name}: {w} worker(s) x {threads} thread(s)"
+        common.note(f"{what}: pool ...")
+        pool = _run_pool(tmp, f"{name}-pool{w}", make_cfg, w, threads, opts)
+        common.note(f"{what}: {w} independent process(es) ...")
+        indep = _run_independent(
+            tmp, f"{name}-independent{w}", make_cfg, patterns, w, threads, opts
+        )
+        out[str(w)] = {
+            "threads_per_process": threads,
+            "pool": pool,
+            "independent": indep,
+            "throughput_ratio": common.ratio(pool["trials_per_hour"], indep["trials_per_hour"]),
+        }
+    return out
+
+
+def _study_config(
+    tmp: Path,
+    tag: str,
+    patterns: list[str],
+    opts: dict,
+    steps: int,
+    workers: int,
+    threads: int,
+    storage: str | None = None,
+):
+    """Phase 1: the default study's task, width and training, with the fixed trials."""
+    return common.compose_study_config(
+        patterns=patterns,
+        storage=storage or f"sqlite:///{tmp}/{tag}.db",
+        study_name=f"vs-independent-{tag}",
+        workers=workers,
+        threads_per_worker=threads,
+        task_settings=opts["throughput_task_settings"],
+        train={"max_steps": steps, "eval_every": steps},
+        seed=opts["seed"],
+    )
 
 
 def _config(
@@ -231,12 +315,11 @@ def _watch(
     return memory, usage
 
 
-def _run_pool(tmp: Path, patterns: list[str], opts: dict, w: int, threads: int) -> dict:
+def _run_pool(tmp: Path, tag: str, make_cfg, w: int, threads: int, opts: dict) -> dict:
     import optuna
     from omegaconf import OmegaConf
 
-    tag = f"pool{w}"
-    cfg = _config(tmp, tag, patterns, opts, w, threads)
+    cfg = make_cfg(tag, w, threads)
     spec = tmp / f"{tag}.json"
     spec.write_text(
         json.dumps({"cfg": OmegaConf.to_container(cfg, resolve=True), "out_dir": str(tmp / tag)})
@@ -249,17 +332,18 @@ def _run_pool(tmp: Path, patterns: list[str], opts: dict, w: int, threads: int) 
     return _finish(study, t0, exited, cfg, memory, usage, f"1 coordinator + {w} workers")
 
 
-def _run_independent(tmp: Path, patterns: list[str], opts: dict, w: int, threads: int) -> dict:
+def _run_independent(
+    tmp: Path, tag: str, make_cfg, patterns: list[str], w: int, threads: int, opts: dict
+) -> dict:
     import optuna
     from omegaconf import OmegaConf
 
-    tag = f"independent{w}"
     url = (
         f"journal:{tmp}/{tag}.journal"
         if opts["storage"] == "journal"
         else f"sqlite:///{tmp}/{tag}.db"
     )
-    cfg = _config(tmp, tag, patterns, opts, 1, threads, storage=url)
+    cfg = make_cfg(tag, 1, threads, url)
     study = optuna.create_study(
         study_name=cfg.study.name, storage=open_storage(url), direction="maximize"
     )
@@ -351,6 +435,34 @@ def table(result: dict) -> str:
         f"memory: {result['memory_method']}",
         "",
     ]
+    if result.get("throughput_by_workers"):
+        lines.append(f"phase 1, throughput: {result['throughput_phase']}")
+        lines += _rows(result["throughput_by_workers"])
+        lines.append("")
+        lines.append(
+            f"phase 2, memory: task {task['name']}, vocab {task['vocab_size']:,}, "
+            f"d_model {cfg['d_model']}, {cfg['max_steps']} steps per trial"
+        )
+    lines += _rows(result["by_workers"])
+    met = result["met"]
+    phase = "phase 1" if result.get("throughput_by_workers") else "phase 2"
+    lines += [
+        "",
+        f"PSS per extra worker: pool {common.fmt(result['pss_per_extra_worker_pool_mb'], ',.0f')}"
+        f" MB, independent {common.fmt(result['pss_per_extra_worker_independent_mb'], ',.0f')} MB"
+        f" -> saving {common.fmt(result['pss_saving_per_extra_worker_mb'], ',.0f')} MB per "
+        f"extra worker (target >= table {result['table_mb']:.1f} MB: {_word(met['memory'])})",
+        f"(anon+shmem only: pool "
+        f"{common.fmt(result['anon_shmem_per_extra_worker_pool_mb'], ',.0f')} MB, independent "
+        f"{common.fmt(result['anon_shmem_per_extra_worker_independent_mb'], ',.0f')} MB)",
+        f"throughput_ratio at 2 workers ({phase}) "
+        f"{common.fmt(result['throughput_ratio'])} "
+        f"(target >= 1.0: {_word(met['throughput_ratio'])})",
+    ]
+    return "\n".join(lines)
+
+
+def _rows(by_workers: dict) -> list[str]:
     cols = (
         "W",
         "thr",
@@ -365,9 +477,8 @@ def table(result: dict) -> str:
         "cores us/others",
     )
     fmt = "{:>3} {:>4} {:<12} {:>15} {:>9} {:>9} {:>12} {:>12} {:>6} {:>10} {:>15}"
-    lines.append(fmt.format(*cols))
-    lines.append("-" * len(fmt.format(*cols)))
-    for w, res in result["by_workers"].items():
+    lines = [fmt.format(*cols), "-" * len(fmt.format(*cols))]
+    for w, res in by_workers.items():
         for setup in ("pool", "independent"):
             rec = res[setup]
             mem = rec["memory"]
@@ -388,20 +499,7 @@ def table(result: dict) -> str:
                     f"{common.fmt(rec['cpu']['others_cores'], '.1f')}",
                 )
             )
-    met = result["met"]
-    lines += [
-        "",
-        f"PSS per extra worker: pool {common.fmt(result['pss_per_extra_worker_pool_mb'], ',.0f')}"
-        f" MB, independent {common.fmt(result['pss_per_extra_worker_independent_mb'], ',.0f')} MB"
-        f" -> saving {common.fmt(result['pss_saving_per_extra_worker_mb'], ',.0f')} MB per "
-        f"extra worker (target >= table {result['table_mb']:.1f} MB: {_word(met['memory'])})",
-        f"(anon+shmem only: pool "
-        f"{common.fmt(result['anon_shmem_per_extra_worker_pool_mb'], ',.0f')} MB, independent "
-        f"{common.fmt(result['anon_shmem_per_extra_worker_independent_mb'], ',.0f')} MB)",
-        f"throughput_ratio at 2 workers {common.fmt(result['throughput_ratio'])} "
-        f"(target >= 1.0: {_word(met['throughput_ratio'])})",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _word(flag: bool | None) -> str:

@@ -201,6 +201,12 @@ def test_bad_sweep_config_fails_before_any_worker(tmp_path, override, fragment):
     assert "\n" not in str(err.value)
 
 
+def _default_sigint() -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT, so
+    # a suite run in the background would hand that to the CLI; give it a terminal's default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_cli(tmp_path, *args, timeout=300, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MAD_SEARCH_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen(
@@ -219,6 +225,7 @@ def _run_cli(tmp_path, *args, timeout=300, **kw):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
         **kw,
     )
 

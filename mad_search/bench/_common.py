@@ -52,16 +52,6 @@ def compose_base(sweep: str | None = "layer_patterns", task: str | None = None) 
     return cfg
 
 
-def default_width(sweep: str = "layer_patterns") -> int:
-    """``model.d_model`` of the default study (``+sweep=<sweep>``)."""
-    return int(compose_base(sweep).model.d_model)
-
-
-def default_steps(sweep: str = "layer_patterns") -> int:
-    """``train.max_steps`` of the default study (``+sweep=<sweep>``)."""
-    return int(compose_base(sweep).train.max_steps)
-
-
 def compose_study_config(
     *,
     patterns: Sequence[str],
@@ -603,6 +593,11 @@ def fmt(value: Any, spec: str = ".2f", missing: str = "-") -> str:
 
 
 _T0 = time.perf_counter()
+
+
+def verdict(flag: bool | None) -> str:
+    """A target check for a table: met, MISSED, or n/a where it could not be computed."""
+    return "n/a" if flag is None else ("met" if flag else "MISSED")
 
 
 def note(text: str) -> None:

@@ -89,9 +89,9 @@ TARGETS = {
 def run(**options: Any) -> dict:
     """Run every setup at every width; return the JSON result."""
     opts = _validate(options)
-    width = common.default_width()
-    opts["max_steps"] = opts["max_steps"] or common.default_steps()
-    opts["sizes"] = list(dict.fromkeys(s or width for s in opts["sizes"]))
+    base = common.compose_base()  # the default study: its width and steps fill the 0s
+    opts["max_steps"] = opts["max_steps"] or int(base.train.max_steps)
+    opts["sizes"] = list(dict.fromkeys(s or int(base.model.d_model) for s in opts["sizes"]))
     cores = common.available_cores()
     serial_threads = opts["serial_threads"] or cores
     patterns = common.trial_patterns(opts["patterns"], opts["trials"])
@@ -320,13 +320,13 @@ def table(result: dict) -> str:
     )
     lines.append(
         f"d_model {result['primary_size']}: speedup_2 {common.fmt(result['speedup_2'])} "
-        f"(target >= 1.8: {_word(met['speedup_2'])}), speedup_vs_serial "
+        f"(target >= 1.8: {common.verdict(met['speedup_2'])}), speedup_vs_serial "
         f"{common.fmt(result['speedup_vs_serial'])} (target >= 1.1: "
-        f"{_word(met['speedup_vs_serial'])}), lowest over sizes "
+        f"{common.verdict(met['speedup_vs_serial'])}), lowest over sizes "
         f"{common.fmt(result['speedup_vs_serial_min'])} (>= 1.0: "
-        f"{_word(met['speedup_vs_serial_min'])}), accuracy_diff_2_vs_1 "
+        f"{common.verdict(met['speedup_vs_serial_min'])}), accuracy_diff_2_vs_1 "
         f"{common.fmt(result['accuracy_diff_2_vs_1'], '+.4f')} (within 0.02: "
-        f"{_word(met['accuracy_diff_2_vs_1'])})"
+        f"{common.verdict(met['accuracy_diff_2_vs_1'])})"
     )
     return "\n".join(lines)
 
@@ -335,10 +335,6 @@ def _cores(cpu: dict | None) -> str:
     if not cpu:
         return "-"
     return f"{common.fmt(cpu['ours_cores'], '.1f')}/{common.fmt(cpu['others_cores'], '.1f')}"
-
-
-def _word(flag: bool | None) -> str:
-    return "n/a" if flag is None else ("met" if flag else "MISSED")
 
 
 def _validate(opts: dict) -> dict:

@@ -37,8 +37,9 @@ DEFAULTS: dict[str, Any] = {
 def run(**options: Any) -> dict:
     """Run the trials with a shared and with private tables; return the JSON result."""
     opts = _validate(options)
-    opts["d_model"] = opts["d_model"] or common.default_width()
-    opts["max_steps"] = opts["max_steps"] or common.default_steps()
+    base = common.compose_base()  # the default study: its width and steps fill the 0s
+    opts["d_model"] = opts["d_model"] or int(base.model.d_model)
+    opts["max_steps"] = opts["max_steps"] or int(base.train.max_steps)
     patterns = list(opts["patterns"])
     common.check_patterns(patterns)
     train = {

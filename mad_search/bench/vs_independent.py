@@ -92,7 +92,7 @@ def run(**options: Any) -> dict:
     common.check_patterns(patterns)
     cores = common.available_cores()
     throughput_patterns = common.trial_patterns(opts["throughput_patterns"], opts["trials"])
-    steps = opts["throughput_steps"] or common.default_steps()
+    steps = opts["throughput_steps"] or int(common.compose_base().train.max_steps)
     if opts["throughput"]:
         common.check_patterns(throughput_patterns)
     throughput_by_workers: dict[str, dict] = {}
@@ -451,13 +451,14 @@ def table(result: dict) -> str:
         f"PSS per extra worker: pool {common.fmt(result['pss_per_extra_worker_pool_mb'], ',.0f')}"
         f" MB, independent {common.fmt(result['pss_per_extra_worker_independent_mb'], ',.0f')} MB"
         f" -> saving {common.fmt(result['pss_saving_per_extra_worker_mb'], ',.0f')} MB per "
-        f"extra worker (target >= table {result['table_mb']:.1f} MB: {_word(met['memory'])})",
+        f"extra worker (target >= table {result['table_mb']:.1f} MB: "
+        f"{common.verdict(met['memory'])})",
         f"(anon+shmem only: pool "
         f"{common.fmt(result['anon_shmem_per_extra_worker_pool_mb'], ',.0f')} MB, independent "
         f"{common.fmt(result['anon_shmem_per_extra_worker_independent_mb'], ',.0f')} MB)",
         f"throughput_ratio at 2 workers ({phase}) "
         f"{common.fmt(result['throughput_ratio'])} "
-        f"(target >= 1.0: {_word(met['throughput_ratio'])})",
+        f"(target >= 1.0: {common.verdict(met['throughput_ratio'])})",
     ]
     return "\n".join(lines)
 
@@ -500,10 +501,6 @@ def _rows(by_workers: dict) -> list[str]:
                 )
             )
     return lines
-
-
-def _word(flag: bool | None) -> str:
-    return "n/a" if flag is None else ("met" if flag else "MISSED")
 
 
 def _validate(opts: dict) -> dict:

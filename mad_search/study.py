@@ -400,11 +400,16 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     started = 0
     interrupted = False
     pool = WorkerPool(sweep.workers, sweep.threads)
+    # Ctrl-C only raises a flag that the loop checks between storage calls: a KeyboardInterrupt
+    # raised inside an SQLAlchemy query leaves that connection's read lock behind, and the
+    # "mark running trials failed" writes below then fail with "database is locked". A second
+    # Ctrl-C gets Python's default behaviour back.
+    stop = _InterruptFlag()
     try:
-        while True:
+        while not stop.raised:
             timed_out = timeout is not None and time.time() - t_start > timeout
             for slot in pool.free_slots():
-                if started >= n_trials or timed_out:
+                if started >= n_trials or timed_out or stop.raised:
                     break
                 trial = study.ask()
                 started += 1
@@ -455,13 +460,22 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
             for slot, msg in pool.wait(0.5):
                 _handle(study, pool, slot, msg, running, progress)
             progress.status()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the flag was installed
         interrupted = True
+    finally:
+        stop.restore()
+    interrupted = interrupted or stop.raised
+    if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for trial, _slot in list(running.values()):
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
         pool.kill_all()
+        for trial, _slot in list(running.values()):
+            try:
+                trial.set_user_attr(
+                    "fail_reason", "interrupted (Ctrl-C); rerun the command to resume"
+                )
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            except Exception as exc:  # storage left unusable by a hard (second) Ctrl-C
+                print(f"could not mark trial {trial.number} failed: {exc}", file=sys.stderr)
         print(
             f"\ninterrupted: {len(running)} running trial(s) marked failed; the study is saved, "
             "rerun the same command to resume",
@@ -475,6 +489,22 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+class _InterruptFlag:
+    """Turns the first SIGINT into ``raised = True``; the next one raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.raised = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def restore(self) -> None:
+        if signal.getsignal(signal.SIGINT) == self._on_sigint:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _new_table(plan: RunPlan, sweep: SweepPlan) -> SharedTable:

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 import blocks
@@ -98,9 +99,13 @@ def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int, d
         raise ConfigError(
             f"model.blocks names unknown block(s) {unknown}; valid: {', '.join(blocks.names())}"
         )
-    # Building one block of each type used catches bad options (and sizes) before training.
-    for name in sorted(set(layers)):
-        blocks.build(name, d_model, max_len, **(block_options.get(name) or {}))
+    # Building one block of each type used catches bad options (and sizes) before training. The
+    # probe's initialisation must not move torch's global RNG: a caller that seeds, resolves a
+    # plan and then builds its model gets the same weights as one that resolved first. (Threads
+    # that resolve plans while another seeds and builds must still hold a common lock.)
+    with torch.random.fork_rng(devices=[]):
+        for name in sorted(set(layers)):
+            blocks.build(name, d_model, max_len, **(block_options.get(name) or {}))
     return layers, block_options, d_model, budget_result
 
 

@@ -126,12 +126,6 @@ def test_study_config_enqueues_exactly_the_trial_list(tmp_path):
         common.check_patterns(["mlstm nope"])
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 4 note): inside the full suite the n_jobs=2 run of trial 0 can train "
-    "to another accuracy than the n_jobs=1 run (0.014 vs 0.123, 0.033 vs 0.056 in clean clones); "
-    "passes alone; the global state the threads share outside the build lock is not yet found",
-    strict=False,
-)
 def test_inprocess_baseline_trains_the_trial_list_deterministically(tmp_path):
     cfg = common.compose_study_config(
         patterns=["attention swiglu", "mlstm"],
@@ -142,15 +136,18 @@ def test_inprocess_baseline_trains_the_trial_list_deterministically(tmp_path):
         train={"max_steps": 2, "eval_every": 2, "batch_size": 4},
     )
     first = common.run_inprocess(cfg, n_jobs=1, threads=1)
-    again = common.run_inprocess(cfg, n_jobs=2, threads=1)
     assert first["complete"] == first["trials"] == 2
     assert [r["pattern"] for r in first["per_trial"]] == ["attention swiglu", "mlstm"]
     assert first["tokens"] == 2 * 2 * 4 * 16  # trials x steps x batch x seq_len
     assert first["trials_per_hour"] > 0 and first["tokens_per_s"] > 0
-    # same seeds, same trials: the threaded run trains the same models to the same accuracy
-    assert [r["val_accuracy"] for r in again["per_trial"]] == pytest.approx(
-        [r["val_accuracy"] for r in first["per_trial"]]
-    )
+    # same seeds, same trials: the threaded run trains the same models to the same accuracy.
+    # Threads race, so try a few times (a thread resolving its plan while the other seeded and
+    # initialised once moved the shared global RNG in about one run in three).
+    for _ in range(3):
+        again = common.run_inprocess(cfg, n_jobs=2, threads=1)
+        assert [r["val_accuracy"] for r in again["per_trial"]] == pytest.approx(
+            [r["val_accuracy"] for r in first["per_trial"]]
+        )
 
 
 @pytest.mark.parametrize(

@@ -66,3 +66,14 @@ def test_config_budget_sets_d_model_and_is_recorded():
 def test_config_budget_errors_are_config_errors():
     with pytest.raises(ConfigError, match="exactly one"):
         _resolve("model.budget.params=1000", "model.budget.state=1000")
+
+
+def test_resolving_a_plan_leaves_the_global_rng_where_it_was():
+    # resolve() builds one probe block of each type; that initialisation must not move torch's
+    # global RNG, or a seed set before resolving would give other weights than one set after
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    expected = torch.rand(8)
+    torch.manual_seed(seed)
+    _resolve("pattern=xlstm_7_1", "model.d_model=32", "task.seq_len=64")
+    assert torch.equal(torch.rand(8), expected)

@@ -190,8 +190,10 @@ def make_objective(cfg: DictConfig, data: dict, build_lock: threading.Lock | Non
 
     def objective(trial: optuna.Trial) -> float:
         spec = trial.suggest_categorical("pattern.spec", choices)
-        plan = plans_for(cfg, task_cfgs, {"model.pattern": parse(spec, check=False)})[0]
-        with lock:  # torch's global RNG: threads must not interleave seeding and init
+        # torch's global RNG is process-wide: resolving a plan builds probe blocks (and restores
+        # the RNG afterwards), so no thread may resolve while another seeds and initialises.
+        with lock:
+            plan = plans_for(cfg, task_cfgs, {"model.pattern": parse(spec, check=False)})[0]
             torch.manual_seed(plan.seed + trial.number)
             model = build_model(plan)
 

@@ -3,7 +3,7 @@ per task vocabulary in shared memory, each trial keeping its own blocks."""
 
 from mad_search.hogwild.pool import WorkerPool, default_workers
 from mad_search.hogwild.table import NonFiniteUpdate, SharedTable, TableEmbedding
-from mad_search.hogwild.worker import TrialJob, table_key
+from mad_search.hogwild.worker import TrialJob, share_task_data, table_key
 
 __all__ = [
     "NonFiniteUpdate",
@@ -12,5 +12,6 @@ __all__ = [
     "TrialJob",
     "WorkerPool",
     "default_workers",
+    "share_task_data",
     "table_key",
 ]

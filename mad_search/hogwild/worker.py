@@ -32,6 +32,7 @@ class TrialJob:
     plans: list  # one mad_search.config.RunPlan per task
     table_keys: list[str]  # key of each task's shared table
     tables: dict = field(default_factory=dict)  # key -> SharedTable (shared memory, not copied)
+    data: list = field(default_factory=list)  # per task: {split: (inputs, targets)}, shared memory
     block_modules: list[str] = field(default_factory=list)
     embedding: str = "shared"  # shared | private
     lr: float = 0.05
@@ -50,14 +51,18 @@ def table_key(task_name: str, settings: dict, d_model: int) -> str:
     return f"{task_name}-{digest.hexdigest()[:8]}-d{d_model}"
 
 
-class _Pruned(Exception):
-    pass
+def share_task_data(data: dict) -> dict:
+    """``{split: (inputs, targets)}`` with every tensor moved to shared memory (in place): the
+    coordinator builds a task's data once and every worker reads that one copy."""
+    for pair in data.values():
+        for t in pair:
+            t.share_memory_()
+    return data
 
 
-def run_trial(job: TrialJob, slot: int, conn, data_cache: dict) -> tuple[str, dict]:
+def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
-    from mad_search import tasks
     from mad_search.model import count_params
     from mad_search.run import build_model
     from mad_search.train import train
@@ -74,14 +79,7 @@ def run_trial(job: TrialJob, slot: int, conn, data_cache: dict) -> tuple[str, di
         "tasks": per_task,
     }
     offset = 0
-    for plan, key in zip(job.plans, job.table_keys):
-        cache_key = (plan.task_name, repr(sorted(plan.task_settings.items())), plan.seed)
-        if cache_key not in data_cache:
-            data_cache.clear()  # keep one task's tensors in memory per worker
-            data_cache[cache_key] = tasks.as_tensors(
-                tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings)
-            )
-        data = data_cache[cache_key]
+    for plan, key, data in zip(job.plans, job.table_keys, job.data):
         torch.manual_seed(plan.seed + job.number)
         model = build_model(plan)
         if job.embedding == "shared":
@@ -155,10 +153,13 @@ def worker_main(slot: int, conn, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C for everyone
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+    # Import everything a trial needs before saying ready (the coordinator is still setting up
+    # meanwhile), so the first trial does not pay for it.
+    import blocks  # noqa: F401
+    import mad_search.run  # noqa: F401
     from mad_search.train import Diverged
 
     conn.send(("ready", slot, os.getpid()))
-    data_cache: dict = {}
     while True:
         try:
             msg = conn.recv()
@@ -169,7 +170,7 @@ def worker_main(slot: int, conn, threads: int) -> None:
         job: TrialJob = msg[1]
         t0 = time.perf_counter()
         try:
-            status, result = run_trial(job, slot, conn, data_cache)
+            status, result = run_trial(job, slot, conn)
             result["wall_seconds"] = time.perf_counter() - t0
             conn.send((status, job.number, result))
         except (Diverged, NonFiniteUpdate) as exc:

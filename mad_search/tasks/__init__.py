@@ -21,17 +21,18 @@ format and any deliberate difference from mad-lab or zoology. The validation spl
 the test split but separately, for model selection; the test split is only reported.
 
 ``datasets`` never reaches the network: this package sets HF_DATASETS_OFFLINE and HF_HUB_OFFLINE
-before importing it.
+before importing it. It is imported on first use (building or loading a task), not with this
+package: a Hogwild worker, which gets its task data from the coordinator, never imports it.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -49,9 +50,20 @@ from mad_search.tasks.metrics import AccuracyMeter, accuracy  # noqa: E402
 from mad_search.tasks.splits import to_table  # noqa: E402
 from mad_search.tasks.task import IGNORE_INDEX, Task, TaskError, TaskInfo, fail  # noqa: E402
 
-# In case ``datasets`` was imported before this package: its offline switches are read at import.
-datasets.config.HF_HUB_OFFLINE = True
-datasets.config.HF_DATASETS_OFFLINE = True
+if TYPE_CHECKING:
+    import datasets
+
+
+def load_datasets():
+    """The ``datasets`` module, offline (imported here on first use)."""
+    import datasets
+
+    # In case ``datasets`` was imported before this package: its offline switches are read at
+    # import.
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.config.HF_DATASETS_OFFLINE = True
+    return datasets
+
 
 __all__ = [
     "IGNORE_INDEX", "AccuracyMeter", "TaskError", "TaskInfo", "accuracy", "as_tensors", "build",
@@ -123,6 +135,8 @@ def build(name: str, /, seed: int = 0, cache: bool = True,
     task = _task(name)
     resolved = validate(name, **settings)
     seed = _check_seed(seed)
+
+    datasets = load_datasets()
 
     def make() -> datasets.DatasetDict:
         arrays = task.splits(resolved, seed)

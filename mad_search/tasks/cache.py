@@ -19,9 +19,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 GENERATOR_VERSION = 1
 
@@ -42,6 +43,9 @@ def cache_key(name: str, settings: dict, seed: int, identity: Any = None) -> str
 @contextmanager
 def quiet_datasets() -> Iterator[None]:
     """Hide ``datasets``' progress bars for the duration (restoring the caller's choice)."""
+    from mad_search.tasks import load_datasets
+
+    datasets = load_datasets()
     was_disabled = datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
     try:
@@ -54,6 +58,9 @@ def quiet_datasets() -> Iterator[None]:
 def load_or_build(name: str, key: str,
                   make: Callable[[], datasets.DatasetDict]) -> datasets.DatasetDict:
     """The cached entry for ``key`` if there is a readable one, else ``make()``, then cached."""
+    from mad_search.tasks import load_datasets
+
+    datasets = load_datasets()
     root = cache_dir()
     entry = root / f"{name}-{key}"
     if entry.is_dir():

@@ -13,12 +13,14 @@ task has too few distinct sequences for that, :class:`TaskError` says so.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
 from mad_search.tasks.task import Arrays, fail
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # A sampler draws n examples: sample(settings, n, training, rng, shared) -> (inputs, targets).
 Sampler = Callable[[dict, int, bool, np.random.Generator, Any], Arrays]
@@ -85,6 +87,8 @@ def _draw_disjoint(task: str, split: str, n: int, rng: np.random.Generator,
 
 def to_table(inputs: np.ndarray, targets: np.ndarray) -> pa.Table:
     """Two fixed-length int32 list columns, built from flat buffers (no Python lists)."""
+    import pyarrow as pa
+
     n, length = inputs.shape
 
     def column(a: np.ndarray) -> pa.Array:

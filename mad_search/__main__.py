@@ -2,8 +2,8 @@
 
 With a sweep (``+sweep=layer_patterns``) it runs an Optuna study whose trials train concurrently
 as Hogwild workers. Without one it trains one layer sequence on one task and writes
-``results.json`` into the
-run directory. User errors print one line (``error: ...``) and exit with status 2.
+``results.json`` into the run directory. User errors print one line (``error: ...``) and exit
+with status 2.
 """
 
 from __future__ import annotations
@@ -12,24 +12,39 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from mad_search.config import USER_ERRORS, resolve
-    from mad_search.run import run_single
-
     out_dir = HydraConfig.get().runtime.output_dir
+    sweep = cfg.get("search") is not None  # +sweep=<name>
+    pool = None
+    if sweep:
+        # Start the workers first: they import torch and the trial code while this process does
+        # its own imports and checks the sweep (run_study replaces the pool if the checked
+        # settings differ, and stops it on any error).
+        from mad_search.hogwild.pool import start_early
+
+        hog = cfg.get("hogwild")
+        pool = start_early(OmegaConf.to_container(hog) if isinstance(hog, DictConfig) else None)
+    from mad_search.config import USER_ERRORS, resolve
+    from mad_search.hogwild.pool import WorkerStartError
+
     try:
-        if cfg.get("search") is not None:  # a sweep: +sweep=<name>
+        if sweep:
             from mad_search.study import run_study
 
-            return run_study(cfg, out_dir)
+            return run_study(cfg, out_dir, pool=pool)
+        from mad_search.run import run_single
+
         return run_single(resolve(cfg), out_dir)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except WorkerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -34,7 +34,7 @@ from mad_search.hogwild import (
     SharedTable,
     TrialJob,
     WorkerPool,
-    default_workers,
+    pool_shape,
     share_task_data,
     table_key,
 )
@@ -252,16 +252,10 @@ def validate_sweep(
 
         if not torch.cuda.is_available():
             raise ConfigError("hogwild.device=cuda but no CUDA device is available; use cpu")
-    workers = hog.get("workers", "auto")
-    workers = default_workers() if workers in ("auto", None) else workers
-    if not isinstance(workers, int) or workers <= 0:
-        raise ConfigError(f"hogwild.workers must be a positive integer or auto, got {workers!r}")
-    threads = hog.get("threads_per_worker", "auto")
-    threads = max(1, default_workers() // workers) if threads in ("auto", None) else threads
-    if not isinstance(threads, int) or threads <= 0:
-        raise ConfigError(
-            f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}"
-        )
+    try:
+        workers, threads = pool_shape(hog)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if hog.get("rule", "adagrad") not in ("sgd", "adagrad"):
         raise ConfigError(f"hogwild.rule must be sgd or adagrad, got {hog.get('rule')!r}")
     lr = hog.get("lr", 0.05)
@@ -394,17 +388,30 @@ def _flat_attrs(result: dict) -> dict:
     return out
 
 
-def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
-    """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary."""
-    pools: list[WorkerPool] = []
+def run_study(
+    cfg: DictConfig, out_dir: str | os.PathLike, pool: WorkerPool | None = None
+) -> dict:
+    """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary.
+
+    ``pool``: workers already started (``hogwild.pool.start_early``, as ``python -m mad_search``
+    does before its own imports); used if its shape is the validated one, else replaced.
+    """
+    pools: list[WorkerPool] = [pool] if pool is not None else []
+
+    def settings_ok(workers: int, threads: int) -> None:
+        if pools and (pools[0].workers, pools[0].threads) != (workers, threads):
+            pools.pop().kill_all()
+        if not pools:
+            pools.append(WorkerPool(workers, threads))
+
     try:
         # The workers start (and import torch and the trial code) while the coordinator resolves
         # every pattern, opens the study and builds the task data: a shorter wait for trial 1.
-        sweep = validate_sweep(cfg, lambda w, t: pools.append(WorkerPool(w, t)))
+        sweep = validate_sweep(cfg, settings_ok)
         return _run_study(cfg, sweep, pools[0], out_dir)
     finally:
-        for pool in pools:
-            pool.kill_all()  # already stopped unless something went wrong
+        for p in pools:
+            p.kill_all()  # already stopped unless something went wrong
 
 
 def _run_study(cfg: DictConfig, sweep: SweepPlan, pool: WorkerPool, out_dir) -> dict:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 from mad_search.config import ConfigError
+from mad_search.hogwild import WorkerPool, WorkerStartError, share_task_data, start_early
 from mad_search.study import run_study, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,18 +111,52 @@ def test_two_worker_study_records_everything(tmp_path):
         assert (run / f).stat().st_size > 0, f
     note = json.dumps(study._storage.get_study_system_attrs(study._study_id))
     assert "leaderboard" in note and "(attention swiglu)*2" in note
+    with sqlite3.connect(tmp_path / "study.db") as db:  # dashboard reads while we write
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_task_data_is_shared_once_and_workers_never_import_datasets():
+    data = {"train": (torch.randint(0, 9, (4, 8)), torch.randint(0, 9, (4, 8)))}
+    assert all(t.is_shared() for t in share_task_data(data)["train"])
+    code = (
+        "import sys; import mad_search.hogwild.pool; assert 'torch' not in sys.modules; "
+        "import mad_search.hogwild.worker, mad_search.run, mad_search.train, blocks; "
+        "print(sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_that_cannot_start_stops_the_pool_instead_of_looping():
+    pool = WorkerPool(1, 0)  # torch.set_num_threads(0) raises in the worker before "ready"
+    try:
+        with pytest.raises(WorkerStartError, match="died 3 times before it was ready"):
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                for slot, msg in pool.wait(1.0):
+                    assert msg is None, msg
+                    pool.restart(slot)
+    finally:
+        pool.kill_all()
 
 
 def test_rerun_resumes_and_loses_nothing(tmp_path):
     cfg = _cfg(tmp_path, "search.params={}", n_trials=2)
-    run_study(cfg, tmp_path / "a")
+    early = start_early({"workers": 2, "threads_per_worker": 1})  # what the CLI does first
+    run_study(cfg, tmp_path / "a", pool=early)
+    pids = {t.user_attrs["pid"] for t in _study(tmp_path).get_trials() if t.state.is_finished()}
+    assert pids <= {slot.pid for slot in early.slots}  # the early workers ran the trials
+    assert not any(slot.process.is_alive() for slot in early.slots)
     first = {
         t.number: t.user_attrs.get("pattern")
         for t in _study(tmp_path).get_trials()
         if t.state.is_finished()
     }
     assert len(first) == 2  # the third reference waits in the study for the next run
-    run_study(cfg, tmp_path / "b")
+    wrong = start_early({"workers": 1, "threads_per_worker": 2})  # not the sweep's shape
+    run_study(cfg, tmp_path / "b", pool=wrong)
+    assert not wrong.slots[0].process.is_alive()
     trials = _study(tmp_path).get_trials()
     assert len(trials) == 4
     assert {t.number: t.user_attrs.get("pattern") for t in trials[:2]} == first

@@ -74,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
-CHILD = "from mad_search.bench.vs_independent import child_main; child_main()"
+CHILD = "from mad_search.bench._child import main; main()"
 
 
 def run(**options: Any) -> dict:
@@ -394,33 +394,6 @@ def open_storage(url: str):
 
         return JournalStorage(JournalFileBackend(url[len("journal:") :]))
     return optuna.storages.RDBStorage(url)
-
-
-def child_main() -> None:
-    """Entry point of the benchmark's own processes: ``pool SPEC`` or ``independent SPEC``."""
-    import optuna
-    from omegaconf import OmegaConf
-
-    role, spec_path = sys.argv[1], sys.argv[2]
-    spec = json.loads(Path(spec_path).read_text())
-    cfg = OmegaConf.create(spec["cfg"])
-    if role == "pool":
-        from mad_search.study import run_study
-
-        run_study(cfg, spec["out_dir"])
-        return
-    import torch
-
-    torch.set_num_threads(int(spec["threads"]))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    data = common.load_data(cfg)
-    study = optuna.load_study(
-        study_name=cfg.study.name,
-        storage=open_storage(spec["storage"]),
-        sampler=optuna.samplers.RandomSampler(seed=int(cfg.seed)),
-        pruner=optuna.pruners.NopPruner(),
-    )
-    study.optimize(common.make_objective(cfg, data), n_trials=int(spec["n_trials"]))
 
 
 def table(result: dict) -> str:

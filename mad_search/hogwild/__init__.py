@@ -1,17 +1,30 @@
 """Hogwild! training (Niu et al. 2011): spawned workers share one sparsely updated embedding table
-per task vocabulary in shared memory, each trial keeping its own blocks."""
+per task vocabulary in shared memory, each trial keeping its own blocks.
 
-from mad_search.hogwild.pool import WorkerPool, default_workers
-from mad_search.hogwild.table import NonFiniteUpdate, SharedTable, TableEmbedding
-from mad_search.hogwild.worker import TrialJob, share_task_data, table_key
+Names are imported on first use, so that ``mad_search.hogwild.pool`` can start workers before the
+coordinator has imported torch.
+"""
 
-__all__ = [
-    "NonFiniteUpdate",
-    "SharedTable",
-    "TableEmbedding",
-    "TrialJob",
-    "WorkerPool",
-    "default_workers",
-    "share_task_data",
-    "table_key",
-]
+from importlib import import_module
+
+_NAMES = {
+    "NonFiniteUpdate": "table",
+    "SharedTable": "table",
+    "TableEmbedding": "table",
+    "TrialJob": "worker",
+    "share_task_data": "worker",
+    "table_key": "worker",
+    "WorkerPool": "pool",
+    "WorkerStartError": "pool",
+    "default_workers": "pool",
+    "pool_shape": "pool",
+    "start_early": "pool",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(import_module(f"mad_search.hogwild.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

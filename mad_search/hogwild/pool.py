@@ -7,13 +7,24 @@ replaces it.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Any
 
-import torch.multiprocessing as tmp
+from mad_search.hogwild._entry import worker_entry
 
-from mad_search.hogwild.worker import TrialJob, worker_main
+if TYPE_CHECKING:
+    from mad_search.hogwild.worker import TrialJob
+
+# A worker that dies before it ever says ready, this many times in a row on one slot, stops the
+# study (an import error or a broken environment would otherwise restart it forever).
+MAX_FAILED_STARTS = 3
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process cannot start (it keeps dying before it is ready)."""
 
 
 @dataclass
@@ -24,17 +35,22 @@ class Slot:
     job: TrialJob | None = None
     pid: int | None = None
     ready: bool = False
+    failed_starts: int = 0  # consecutive deaths before "ready"
     started: float = 0.0
     info: dict = field(default_factory=dict)
 
 
 class WorkerPool:
-    """``workers`` spawned processes, ``threads`` torch threads each. Shared tables travel with
-    each job (torch shares their memory; nothing is copied)."""
+    """``workers`` spawned processes, ``threads`` torch threads each. Shared tables and task data
+    travel with each job (torch shares their memory; nothing is copied).
+
+    Creating a pool does not import torch here: the workers start importing at once, so a
+    coordinator can create its pool first and do its own imports and set-up meanwhile.
+    """
 
     def __init__(self, workers: int, threads: int):
-        self.ctx = tmp.get_context("spawn")
-        self.threads = threads
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers, self.threads = workers, threads
         self.slots = [Slot(i) for i in range(workers)]
         self.restarts = 0
         for slot in self.slots:
@@ -43,7 +59,7 @@ class WorkerPool:
     def _start(self, slot: Slot) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
         proc = self.ctx.Process(
-            target=worker_main,
+            target=worker_entry,
             name=f"mad-search-worker-{slot.index}",
             args=(slot.index, child, self.threads),
             daemon=True,
@@ -59,7 +75,15 @@ class WorkerPool:
         )
 
     def restart(self, slot: Slot) -> None:
-        """Replace a dead worker (its trial has already been settled by the caller)."""
+        """Replace a dead worker (its trial has already been settled by the caller); raises
+        :class:`WorkerStartError` when the slot's worker keeps dying before it is ready."""
+        slot.failed_starts = 0 if slot.ready else slot.failed_starts + 1
+        if slot.failed_starts >= MAX_FAILED_STARTS:
+            raise WorkerStartError(
+                f"worker {slot.index} died {slot.failed_starts} times before it was ready (last "
+                f"exit code {slot.process.exitcode}); run `python -c \"import "
+                f"mad_search.hogwild.worker\"` in this environment to see why"
+            )
         try:
             slot.conn.close()
         except OSError:
@@ -75,6 +99,8 @@ class WorkerPool:
         return [s for s in self.slots if s.job is not None]
 
     def submit(self, slot: Slot, job: TrialJob) -> None:
+        import torch.multiprocessing  # noqa: F401  (torch's pickling of shared-memory tensors)
+
         slot.job = job
         slot.conn.send(("job", job))
 
@@ -120,6 +146,32 @@ class WorkerPool:
                 slot.process.kill()
         for slot in self.slots:
             slot.process.join(timeout=5)
+
+
+def pool_shape(hogwild: dict[str, Any]) -> tuple[int, int]:
+    """(workers, threads per worker) from ``hogwild`` settings; ``auto`` (or unset) means one
+    worker per core and cores // workers threads each. Raises ValueError (one line)."""
+    workers = hogwild.get("workers", "auto")
+    workers = default_workers() if workers in ("auto", None) else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
+        raise ValueError(f"hogwild.workers must be a positive integer or auto, got {workers!r}")
+    threads = hogwild.get("threads_per_worker", "auto")
+    threads = max(1, default_workers() // workers) if threads in ("auto", None) else threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0:
+        raise ValueError(
+            f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}"
+        )
+    return workers, threads
+
+
+def start_early(hogwild: dict[str, Any] | None) -> WorkerPool | None:
+    """A pool started from raw ``hogwild`` settings before anything else is checked or imported
+    (None if the settings are invalid: the full check reports them); ``run_study(pool=...)``
+    uses it if its shape is the validated one, else replaces it."""
+    try:
+        return WorkerPool(*pool_shape(dict(hogwild or {})))
+    except ValueError:
+        return None
 
 
 def default_workers() -> int:

@@ -164,11 +164,12 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
 def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
     """Write-ahead logging for a SQLite study file, synced at checkpoints rather than at every
-    commit. The coordinator writes a few dozen user attributes per trial, each its own Optuna
-    commit; with SQLite's default rollback journal each one waits for an fsync (about 5 ms
-    here, 30 ms per trial during which the freed worker idles; 1.5 ms with WAL). WAL also lets
-    optuna-dashboard read the file while the coordinator writes. A crash can lose the last
-    commits but never corrupts the file (SQLite's documented guarantee for WAL + NORMAL)."""
+    commit. The coordinator writes about 30 user attributes per trial, each its own Optuna
+    commit; with SQLite's default rollback journal each one waits for an fsync (measured here:
+    5.3 ms each, 0.16 s per trial during which a freed worker waits for its next trial; 1.5 ms
+    each with WAL). WAL also lets optuna-dashboard read the file while the coordinator writes. A
+    crash can lose the last commits but never corrupts the file (SQLite's guarantee for WAL +
+    synchronous=NORMAL)."""
     from sqlalchemy import event
 
     def on_connect(dbapi_connection, _record) -> None:

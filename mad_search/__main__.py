@@ -12,30 +12,20 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    out_dir = HydraConfig.get().runtime.output_dir
-    sweep = cfg.get("search") is not None  # +sweep=<name>
-    pool = None
-    if sweep:
-        # Start the workers first: they import torch and the trial code while this process does
-        # its own imports and checks the sweep (run_study replaces the pool if the checked
-        # settings differ, and stops it on any error).
-        from mad_search.hogwild.pool import start_early
-
-        hog = cfg.get("hogwild")
-        pool = start_early(OmegaConf.to_container(hog) if isinstance(hog, DictConfig) else None)
     from mad_search.config import USER_ERRORS, resolve
     from mad_search.hogwild.pool import WorkerStartError
 
+    out_dir = HydraConfig.get().runtime.output_dir
     try:
-        if sweep:
+        if cfg.get("search") is not None:  # a sweep: +sweep=<name>
             from mad_search.study import run_study
 
-            return run_study(cfg, out_dir, pool=pool)
+            return run_study(cfg, out_dir)
         from mad_search.run import run_single
 
         return run_single(resolve(cfg), out_dir)

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,15 +202,8 @@ def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any])
     return out
 
 
-def validate_sweep(
-    cfg: DictConfig, settings_ok: Callable[[int, int], None] | None = None
-) -> SweepPlan:
-    """Check the whole sweep; raises one of ``USER_ERRORS``.
-
-    ``settings_ok(workers, threads)`` is called once the cheap checks (study, Hogwild and search
-    space settings) have passed and before the slow ones (every pattern's plan resolved and its
-    blocks built): ``run_study`` starts the workers there, so they import while it validates.
-    """
+def validate_sweep(cfg: DictConfig) -> SweepPlan:
+    """Check the whole sweep before any worker starts; raises one of ``USER_ERRORS``."""
     study_cfg = dict(_container(cfg.get("study")) or {})
     hog = dict(_container(cfg.get("hogwild")) or {})
     for key in sorted(set(study_cfg) - STUDY_KEYS):
@@ -262,8 +254,6 @@ def validate_sweep(
     lr = hog.get("lr", 0.05)
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"hogwild.lr must be positive, got {lr!r}")
-    if settings_ok is not None:
-        settings_ok(workers, threads)
 
     params = (search or {}).get("params") or {}
     d_dist = params.get("model.d_model")
@@ -389,30 +379,16 @@ def _flat_attrs(result: dict) -> dict:
     return out
 
 
-def run_study(
-    cfg: DictConfig, out_dir: str | os.PathLike, pool: WorkerPool | None = None
-) -> dict:
-    """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary.
-
-    ``pool``: workers already started (``hogwild.pool.start_early``, as ``python -m mad_search``
-    does before its own imports); used if its shape is the validated one, else replaced.
-    """
-    pools: list[WorkerPool] = [pool] if pool is not None else []
-
-    def settings_ok(workers: int, threads: int) -> None:
-        if pools and (pools[0].workers, pools[0].threads) != (workers, threads):
-            pools.pop().kill_all()
-        if not pools:
-            pools.append(WorkerPool(workers, threads))
-
+def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
+    """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary."""
+    sweep = validate_sweep(cfg)  # every config error before any worker starts
+    # The workers import torch and the trial code while the coordinator builds the task data,
+    # opens the study and creates the shared tables.
+    pool = WorkerPool(sweep.workers, sweep.threads)
     try:
-        # The workers start (and import torch and the trial code) while the coordinator resolves
-        # every pattern, opens the study and builds the task data: a shorter wait for trial 1.
-        sweep = validate_sweep(cfg, settings_ok)
-        return _run_study(cfg, sweep, pools[0], out_dir)
+        return _run_study(cfg, sweep, pool, out_dir)
     finally:
-        for p in pools:
-            p.kill_all()  # already stopped unless something went wrong
+        pool.kill_all()  # already stopped unless something went wrong
 
 
 def _run_study(cfg: DictConfig, sweep: SweepPlan, pool: WorkerPool, out_dir) -> dict:

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 from mad_search.config import ConfigError
-from mad_search.hogwild import WorkerPool, WorkerStartError, share_task_data, start_early
+from mad_search.hogwild import WorkerPool, WorkerStartError, share_task_data
 from mad_search.study import run_study, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,20 +143,14 @@ def test_a_worker_that_cannot_start_stops_the_pool_instead_of_looping():
 
 def test_rerun_resumes_and_loses_nothing(tmp_path):
     cfg = _cfg(tmp_path, "search.params={}", n_trials=2)
-    early = start_early({"workers": 2, "threads_per_worker": 1})  # what the CLI does first
-    run_study(cfg, tmp_path / "a", pool=early)
-    pids = {t.user_attrs["pid"] for t in _study(tmp_path).get_trials() if t.state.is_finished()}
-    assert pids <= {slot.pid for slot in early.slots}  # the early workers ran the trials
-    assert not any(slot.process.is_alive() for slot in early.slots)
+    run_study(cfg, tmp_path / "a")
     first = {
         t.number: t.user_attrs.get("pattern")
         for t in _study(tmp_path).get_trials()
         if t.state.is_finished()
     }
     assert len(first) == 2  # the third reference waits in the study for the next run
-    wrong = start_early({"workers": 1, "threads_per_worker": 2})  # not the sweep's shape
-    run_study(cfg, tmp_path / "b", pool=wrong)
-    assert not wrong.slots[0].process.is_alive()
+    run_study(cfg, tmp_path / "b")
     trials = _study(tmp_path).get_trials()
     assert len(trials) == 4
     assert {t.number: t.user_attrs.get("pattern") for t in trials[:2]} == first

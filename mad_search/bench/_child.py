@@ -1,8 +1,8 @@
 """Entry point of ``bench vs_independent``'s own processes: ``pool SPEC`` or ``independent SPEC``
 (SPEC: a JSON file with the study config and the role's settings).
 
-``pool`` does what ``python -m mad_search +sweep=...`` does: start the workers before its own
-imports, then run the study. ``independent`` is the script a user would write for the standard
+``pool`` does what ``python -m mad_search +sweep=...`` does: run the study (coordinator +
+workers). ``independent`` is the script a user would write for the standard
 way to parallelise Optuna: load the study from the shared storage and ``study.optimize`` the
 in-process objective.
 """
@@ -18,14 +18,11 @@ def main() -> None:
     role, spec_path = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_path).read_text())
     if role == "pool":
-        from mad_search.hogwild.pool import start_early
-
-        pool = start_early(spec["cfg"].get("hogwild"))
         from omegaconf import OmegaConf
 
         from mad_search.study import run_study
 
-        run_study(OmegaConf.create(spec["cfg"]), spec["out_dir"], pool=pool)
+        run_study(OmegaConf.create(spec["cfg"]), spec["out_dir"])
         return
     import optuna
     import torch

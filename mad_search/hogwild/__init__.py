@@ -1,8 +1,8 @@
 """Hogwild! training (Niu et al. 2011): spawned workers share one sparsely updated embedding table
 per task vocabulary in shared memory, each trial keeping its own blocks.
 
-Names are imported on first use, so that ``mad_search.hogwild.pool`` can start workers before the
-coordinator has imported torch.
+Names are imported on first use: ``mad_search.hogwild.pool`` starts workers without importing
+torch in the starting process.
 """
 
 from importlib import import_module
@@ -18,7 +18,6 @@ _NAMES = {
     "WorkerStartError": "pool",
     "default_workers": "pool",
     "pool_shape": "pool",
-    "start_early": "pool",
 }
 
 __all__ = sorted(_NAMES)

@@ -44,8 +44,8 @@ class WorkerPool:
     """``workers`` spawned processes, ``threads`` torch threads each. Shared tables and task data
     travel with each job (torch shares their memory; nothing is copied).
 
-    Creating a pool does not import torch here: the workers start importing at once, so a
-    coordinator can create its pool first and do its own imports and set-up meanwhile.
+    Creating a pool returns at once (it does not import torch here): the workers import while
+    the coordinator goes on setting up.
     """
 
     def __init__(self, workers: int, threads: int):
@@ -162,16 +162,6 @@ def pool_shape(hogwild: dict[str, Any]) -> tuple[int, int]:
             f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}"
         )
     return workers, threads
-
-
-def start_early(hogwild: dict[str, Any] | None) -> WorkerPool | None:
-    """A pool started from raw ``hogwild`` settings before anything else is checked or imported
-    (None if the settings are invalid: the full check reports them); ``run_study(pool=...)``
-    uses it if its shape is the validated one, else replaces it."""
-    try:
-        return WorkerPool(*pool_shape(dict(hogwild or {})))
-    except ValueError:
-        return None
 
 
 def default_workers() -> int:

@@ -15,23 +15,22 @@ from pathlib import Path
 
 
 def main() -> None:
+    from omegaconf import OmegaConf
+
     role, spec_path = sys.argv[1], sys.argv[2]
     spec = json.loads(Path(spec_path).read_text())
+    cfg = OmegaConf.create(spec["cfg"])
     if role == "pool":
-        from omegaconf import OmegaConf
-
         from mad_search.study import run_study
 
-        run_study(OmegaConf.create(spec["cfg"]), spec["out_dir"])
+        run_study(cfg, spec["out_dir"])
         return
     import optuna
     import torch
-    from omegaconf import OmegaConf
 
     from mad_search.bench import _common as common
     from mad_search.bench.vs_independent import open_storage
 
-    cfg = OmegaConf.create(spec["cfg"])
     torch.set_num_threads(int(spec["threads"]))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     data = common.load_data(cfg)

@@ -207,6 +207,80 @@ def test_scaling_smoke_writes_every_key(tmp_path):
     assert [r["pattern"] for r in size["pool"]["2"]["per_trial"]] == ["attention swiglu", "mlstm"]
 
 
+def test_vs_independent_alternates_order_and_sums_rounds(monkeypatch, tmp_path):
+    """repeats=N runs both setups N times per W in ABBA order; the ratio is over summed times."""
+    from mad_search.bench import vs_independent as vi
+
+    calls, rng = [], random.Random()
+
+    def fake(setup):
+        def run(tmp, tag, *args):
+            wall, complete = rng.uniform(10, 100), rng.randint(1, 8)
+            calls.append((setup, tag))
+            return {
+                "wall_s": wall,
+                "span_s": wall - 1,
+                "until_exit_s": wall + 1,
+                "trials": complete,
+                "complete": complete,
+                "trials_per_hour": 3600.0 * complete / wall,
+                "tokens": 100 * complete,
+                "tokens_per_s": 100 * complete / wall,
+                "mean_trial_tokens_per_s": rng.uniform(1, 2),
+                "mean_accuracy": rng.random(),
+                "per_trial": [{"tag": tag}],
+                "memory": {"peak_pss_mb": rng.uniform(1, 9)},
+                "cpu": {
+                    "elapsed_s": wall,
+                    "ours_cores": 1.0,
+                    "others_cores": 0.0,
+                    "machine_busy_cores": 1.0,
+                },
+            }
+
+        return run
+
+    monkeypatch.setattr(vi, "_run_pool", fake("pool"))
+    monkeypatch.setattr(vi, "_run_independent", fake("independent"))
+    opts = {"workers": [1, 2], "threads_per_worker": 0}
+    out = vi._phase(tmp_path, "t", None, ["mlstm"], opts, cores=2, repeats=3)
+    order = [setup for setup, _ in calls]
+    assert order == ["pool", "independent", "independent", "pool", "pool", "independent"] * 2
+    assert len({tag for _, tag in calls}) == len(calls)  # every run its own study
+    for k, w in enumerate(("1", "2")):
+        res = out[w]
+        assert [r["order"] for r in res["rounds"]] == [
+            ["pool", "independent"],
+            ["independent", "pool"],
+            ["pool", "independent"],
+        ]
+        for setup in ("pool", "independent"):
+            runs = res[setup]["runs"]
+            first_tag = next(tag for st, tag in calls[6 * k : 6 * k + 6] if st == setup)
+            assert len(runs) == 3 and res[setup]["per_trial"] == [{"tag": first_tag}]
+            wall = sum(r["wall_s"] for r in runs)
+            assert res[setup]["wall_s"] == pytest.approx(wall)
+            assert res[setup]["trials_per_hour"] == pytest.approx(
+                3600.0 * sum(r["complete"] for r in runs) / wall
+            )
+            assert res[setup]["memory"]["peak_pss_mb"] == max(
+                r["memory"]["peak_pss_mb"] for r in runs
+            )
+        assert res["throughput_ratio"] == pytest.approx(
+            res["pool"]["trials_per_hour"] / res["independent"]["trials_per_hour"]
+        )
+        for rnd, p, i in zip(res["rounds"], res["pool"]["runs"], res["independent"]["runs"]):
+            assert rnd["throughput_ratio"] == pytest.approx(
+                p["trials_per_hour"] / i["trials_per_hour"]
+            )
+    # one round: the run's own record, unchanged
+    calls.clear()
+    one = vi._phase(
+        tmp_path, "u", None, ["mlstm"], {"workers": [2], "threads_per_worker": 1}, cores=2
+    )
+    assert "runs" not in one["2"]["pool"] and len(one["2"]["rounds"]) == 1
+
+
 @pytest.mark.slow
 def test_vs_independent_smoke_writes_every_key(tmp_path):
     result = _run(
@@ -224,6 +298,7 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
         "throughput_steps=2",
         "throughput_patterns=[mlstm]",
         f"throughput_task_settings={TINY_TASK}",
+        "repeats=2",
     )
     for key in (
         "throughput_ratio",
@@ -248,8 +323,11 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
     for w in ("1", "2"):
         phase = result["throughput_by_workers"][w]
         assert result["throughput_ratio_by_workers"][w] == phase["throughput_ratio"]
+        assert [r["order"][0] for r in phase["rounds"]] == ["pool", "independent"]
         for setup in ("pool", "independent"):
-            assert phase[setup]["complete"] == 2 and phase[setup]["tokens"] == 2 * 2 * 32 * 32
+            # two rounds, summed: 2 trials each
+            assert phase[setup]["complete"] == 4 and phase[setup]["tokens"] == 2 * 2 * 2 * 32 * 32
+            assert [r["complete"] for r in phase[setup]["runs"]] == [2, 2]
     assert result["throughput_ratio"] == result["throughput_by_workers"]["2"]["throughput_ratio"]
 
 

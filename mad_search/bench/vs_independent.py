@@ -1,7 +1,7 @@
 """The pool against the standard way to parallelise Optuna: independent processes, one storage.
 
     python -m mad_search.bench vs_independent [workers=[1,2,4]] [trials=8] [throughput=true]
-        [throughput_steps=0] [d_model=512] [vocab_size=50000] [max_steps=6] [out=PATH]
+        [throughput_steps=0] [repeats=2] [d_model=512] [vocab_size=50000] [max_steps=6] [out=PATH]
 
 Two phases, each running the same fixed trials (patterns repeated up to ``trials``, enqueued in
 order, trial seed ``seed + trial number``) two ways at each W in ``workers``:
@@ -20,6 +20,11 @@ The two ways:
   one shared study storage (a journal file by default, Optuna's advice for several processes on
   one machine; ``storage=sqlite`` for a SQLite file), the k adding up to ``trials``; each trains
   its trials in-process with its own dense ``nn.Embedding`` and AdamW.
+
+Phase 1 runs each setup ``repeats`` times per W, in alternating order (pool then independent,
+then independent then pool, ...): on a shared machine whose speed drifts by 10-20% within minutes
+(seen here), one pair of runs can land either way; alternating cancels a steady drift, and the
+times are summed before the ratio is taken (each round's own ratio is kept under ``rounds``).
 
 Both get ``threads_per_worker`` torch threads per process (0: cores // W, the pool's own rule).
 Each setup is started in fresh processes; its time runs from the launch to the last trial told
@@ -57,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "throughput_patterns": PATTERNS,
     "throughput_steps": 0,  # steps per trial; 0: the default study's (train.max_steps)
     "throughput_task_settings": {"num_test_examples": 256},  # task.<key> on the default study's
+    "repeats": 2,  # phase 1 runs per setup and W, in alternating order (ABBA: drift cancels)
     # phase 2 (memory): a big vocabulary
     "patterns": ["attention swiglu", "mlstm swiglu", "swiglu attention", "mlstm"],
     "task": "text",
@@ -108,7 +114,13 @@ def run(**options: Any) -> dict:
 
             common.load_data(study_config("probe-study", 1, 1))  # data cache, before timing
             throughput_by_workers = _phase(
-                tmp, "throughput", study_config, throughput_patterns, opts, cores
+                tmp,
+                "throughput",
+                study_config,
+                throughput_patterns,
+                opts,
+                cores,
+                repeats=opts["repeats"],
             )
 
         def text_config(tag, workers, threads, storage=None):
@@ -195,24 +207,97 @@ def run(**options: Any) -> dict:
     return result
 
 
-def _phase(tmp: Path, name: str, make_cfg, patterns: list[str], opts: dict, cores: int):
-    """Both setups at every W; per W the two records and their throughput ratio."""
+def _phase(
+    tmp: Path, name: str, make_cfg, patterns: list[str], opts: dict, cores: int, repeats: int = 1
+):
+    """Both setups at every W; per W the two records and their throughput ratio.
+
+    With ``repeats`` > 1 each W runs both setups ``repeats`` times in alternating order (pool
+    first, then independent first, ...: ABBA), so that a machine whose speed drifts during the
+    benchmark favours neither; the records are then the runs combined (:func:`_combine`) and
+    ``rounds`` keeps each round's own ratio.
+    """
     out: dict[str, dict] = {}
     for w in opts["workers"]:
         threads = opts["threads_per_worker"] or max(1, cores // w)
         what = f"vs_independent {name}: {w} worker(s) x {threads} thread(s)"
-        common.note(f"{what}: pool ...")
-        pool = _run_pool(tmp, f"{name}-pool{w}", make_cfg, w, threads, opts)
-        common.note(f"{what}: {w} independent process(es) ...")
-        indep = _run_independent(
-            tmp, f"{name}-independent{w}", make_cfg, patterns, w, threads, opts
-        )
+        runs: dict[str, list[dict]] = {"pool": [], "independent": []}
+        rounds = []
+        for r in range(repeats):
+            order = ("pool", "independent") if r % 2 == 0 else ("independent", "pool")
+            suffix = f"-r{r}" if r else ""
+            for setup in order:
+                rnd = f" (round {r + 1}/{repeats})" if repeats > 1 else ""
+                if setup == "pool":
+                    common.note(f"{what}: pool{rnd} ...")
+                    rec = _run_pool(tmp, f"{name}-pool{w}{suffix}", make_cfg, w, threads, opts)
+                else:
+                    common.note(f"{what}: {w} independent process(es){rnd} ...")
+                    rec = _run_independent(
+                        tmp,
+                        f"{name}-independent{w}{suffix}",
+                        make_cfg,
+                        patterns,
+                        w,
+                        threads,
+                        opts,
+                    )
+                runs[setup].append(rec)
+            rounds.append(
+                {
+                    "order": list(order),
+                    "pool_wall_s": runs["pool"][-1]["wall_s"],
+                    "independent_wall_s": runs["independent"][-1]["wall_s"],
+                    "throughput_ratio": common.ratio(
+                        runs["pool"][-1]["trials_per_hour"],
+                        runs["independent"][-1]["trials_per_hour"],
+                    ),
+                }
+            )
+        pool, indep = (_combine(runs[s]) for s in ("pool", "independent"))
         out[str(w)] = {
             "threads_per_process": threads,
             "pool": pool,
             "independent": indep,
             "throughput_ratio": common.ratio(pool["trials_per_hour"], indep["trials_per_hour"]),
+            "rounds": rounds,
         }
+    return out
+
+
+def _combine(runs: list[dict]) -> dict:
+    """Several runs of one setup as one record: times, trials and tokens summed (so
+    ``trials_per_hour`` is over all of them), accuracies averaged, the highest memory peak;
+    ``per_trial`` is the first run's and ``runs`` holds every run's record."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    total = {k: sum(r[k] for r in runs) for k in ("wall_s", "trials", "complete", "tokens")}
+    wall = total["wall_s"]
+
+    def mean(key: str):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    out = dict(first)
+    out.update(
+        total,
+        span_s=sum(r["span_s"] or 0.0 for r in runs),
+        until_exit_s=sum(r["until_exit_s"] for r in runs),
+        trials_per_hour=3600.0 * total["complete"] / wall if wall > 0 else None,
+        tokens_per_s=total["tokens"] / wall if wall > 0 else None,
+        mean_trial_tokens_per_s=mean("mean_trial_tokens_per_s"),
+        mean_accuracy=mean("mean_accuracy"),
+        memory=max((r["memory"] for r in runs), key=lambda m: m["peak_pss_mb"] or 0.0),
+        cpu={
+            key: sum(r["cpu"][key] * r["cpu"]["elapsed_s"] for r in runs)
+            / sum(r["cpu"]["elapsed_s"] for r in runs)
+            for key in ("ours_cores", "machine_busy_cores", "others_cores")
+            if all(r["cpu"].get(key) is not None for r in runs)
+        }
+        | {"elapsed_s": sum(r["cpu"]["elapsed_s"] for r in runs)},
+        runs=[{k: v for k, v in r.items() if k != "per_trial"} for r in runs],
+    )
     return out
 
 
@@ -473,12 +558,23 @@ def _rows(by_workers: dict) -> list[str]:
                     f"{common.fmt(rec['cpu']['others_cores'], '.1f')}",
                 )
             )
+        if len(res.get("rounds") or []) > 1:
+            lines.append(
+                f"    W={w}, {len(res['rounds'])} rounds (times summed above): "
+                + "; ".join(
+                    f"{'pool first' if rnd['order'][0] == 'pool' else 'independent first'} "
+                    f"{common.fmt(rnd['pool_wall_s'], '.1f')} s vs "
+                    f"{common.fmt(rnd['independent_wall_s'], '.1f')} s = "
+                    f"{common.fmt(rnd['throughput_ratio'])}x"
+                    for rnd in res["rounds"]
+                )
+            )
     return lines
 
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("trials", "max_steps", "d_model", "vocab_size", "seq_len", "batch_size"):
+    for key in ("trials", "repeats", "max_steps", "d_model", "vocab_size", "seq_len", "batch_size"):
         if opts[key] < 1:
             raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
     if opts["threads_per_worker"] < 0:

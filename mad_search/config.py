@@ -8,7 +8,6 @@ problem and what would be valid. ``python -m mad_search`` prints that line and e
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ import blocks
 from mad_search import spec as spec_mod
 from mad_search import tasks
 from mad_search.budget import BudgetError, width_for_budget
+from mad_search.plan import RunPlan
 from mad_search.train import TrainConfig
 
 
@@ -31,23 +31,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     blocks.BlockError,
     tasks.TaskError,
 )
-
-
-@dataclass
-class RunPlan:
-    layers: list[str]
-    pattern: str  # compact spec string of ``layers``
-    d_model: int
-    task_name: str
-    task_settings: dict
-    task_info: Any  # tasks.TaskInfo
-    train: TrainConfig
-    block_options: dict
-    sparse_embedding: bool
-    seed: int
-    device: str
-    threads: int | None
-    budget: dict | None = None  # what model.budget chose: d_model, params, state, reached
 
 
 def _container(node: Any) -> Any:
@@ -105,8 +88,17 @@ def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int, d
     # that resolve plans while another seeds and builds must still hold a common lock.)
     with torch.random.fork_rng(devices=[]):
         for name in sorted(set(layers)):
-            blocks.build(name, d_model, max_len, **(block_options.get(name) or {}))
+            options = block_options.get(name) or {}
+            key = (name, blocks.get(name), d_model, max_len, repr(sorted(options.items())))
+            if key not in _PROBED:  # a sweep resolves the same few blocks many times
+                blocks.build(name, d_model, max_len, **options)
+                _PROBED.add(key)
     return layers, block_options, d_model, budget_result
+
+
+# Block configurations already built once successfully by resolve_model (type, its registered
+# class, width, length, options); a failing one is never added, so it fails every time.
+_PROBED: set[tuple] = set()
 
 
 def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
@@ -126,15 +118,17 @@ def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
     return cfg
 
 
-def resolve(cfg: DictConfig) -> RunPlan:
-    """Validate a composed config into a :class:`RunPlan`; raises one of ``USER_ERRORS``."""
+def resolve(cfg: DictConfig | dict) -> RunPlan:
+    """Validate a composed config (or the same tree as plain containers) into a
+    :class:`RunPlan`; raises one of ``USER_ERRORS``."""
     task_cfg = dict(_container(cfg.get("task")) or {})
     task_name = task_cfg.pop("name", None)
     if task_name is None:
         raise ConfigError(f"task is not set; pick task=<name>, one of {', '.join(tasks.names())}")
     settings = tasks.validate(task_name, **task_cfg)
     info = tasks.info(task_name, **settings)
-    layers, block_options, d_model, budget = resolve_model(cfg.get("model"), info.seq_len)
+    model_cfg = _container(cfg.get("model")) or {}
+    layers, block_options, d_model, budget = resolve_model(model_cfg, info.seq_len)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
@@ -153,7 +147,7 @@ def resolve(cfg: DictConfig) -> RunPlan:
         task_info=info,
         train=resolve_train(cfg.get("train"), seed),
         block_options=block_options,
-        sparse_embedding=bool(cfg.model.get("sparse_embedding", False)),
+        sparse_embedding=bool(model_cfg.get("sparse_embedding", False)),
         seed=seed,
         device=device,
         threads=threads,

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from mad_search import tasks
-from mad_search.config import RunPlan
 from mad_search.model import EncoderDecoder, SequenceModel, count_params
+from mad_search.plan import RunPlan
 from mad_search.train import train
 
 

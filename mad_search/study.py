@@ -65,6 +65,7 @@ class SweepPlan:
     storage_url: str
     d_models: list[int]
     probe_plans: list[RunPlan] = field(default_factory=list)
+    storage: Any = None  # the storage opened while checking (None: a SQLite file, opened later)
 
 
 def mask_url(url: str) -> str:
@@ -144,10 +145,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             f"study.storage must be a database URL like sqlite:///outputs/mad_search.db "
             f"or postgresql://user:pass@host/db, got {mask_url(str(url))!r}"
         )
-    if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///") :]
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    _check_sqlite_path(url)
     try:
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
@@ -159,6 +157,37 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         _sqlite_wal(storage)
     return storage
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URL (None for other URLs and in-memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def _check_sqlite_path(url: str) -> None:
+    """Create a SQLite file's folder and check the file can be written, without opening it
+    (``sqlalchemy`` is not imported); ConfigError (one line) otherwise."""
+    path = _sqlite_file(url)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"cannot open study storage {mask_url(url)}: a file is in the way of the folder "
+            f"{path.parent}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot open study storage {mask_url(url)}: {exc.strerror}: {exc.filename}"
+        ) from None
+    target = path if path.exists() else path.parent
+    if path.is_dir() or not os.access(target, os.R_OK | os.W_OK):
+        why = "is a directory" if path.is_dir() else "is not writable"
+        raise ConfigError(f"cannot open study storage {mask_url(url)}: {target} {why}")
 
 
 def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
@@ -189,13 +218,49 @@ def _apply(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
     return out
 
 
+def _has_interpolation(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(_has_interpolation(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_interpolation(v) for v in node)
+    return isinstance(node, str) and "${" in node
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for key ``a.b.c`` (what ``OmegaConf.update(merge=False)`` does
+    on a config), creating missing levels."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"cannot set {key}: {'.'.join(parents[: i + 1])} is {child!r}, not a mapping"
+            )
+        node = child
+    node[leaf] = value
+
+
 def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any]) -> list[RunPlan]:
-    """One validated run plan per task for a trial's overrides."""
-    trial_cfg = _apply(cfg, overrides)
+    """One validated run plan per task for a trial's overrides.
+
+    The coordinator calls this for every probe at start-up and for every trial, so it works on
+    plain containers (a deep copy of an OmegaConf tree costs about ten times more); a config
+    with interpolations takes the OmegaConf path, so they see the overridden values."""
+    base = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    if _has_interpolation(base):
+        trial_cfg: Any = _apply(cfg, overrides)
+    else:
+        trial_cfg = copy.deepcopy(base)
+        for key, value in overrides.items():
+            _set_dotted(trial_cfg, key, copy.deepcopy(_container(value)))
     out = []
     for task_cfg in task_cfgs:
-        c = copy.deepcopy(trial_cfg)
-        c.task = OmegaConf.create(task_cfg)
+        if isinstance(trial_cfg, dict):
+            c: Any = {**trial_cfg, "task": copy.deepcopy(task_cfg)}
+        else:
+            c = copy.deepcopy(trial_cfg)
+            c.task = OmegaConf.create(task_cfg)
         plan = resolve(c)
         plan.train.progress = False
         out.append(plan)
@@ -278,7 +343,14 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
             if layers is not None:
                 overrides["model.pattern"] = layers
             probe_plans += plans_for(cfg, task_cfgs, overrides)
-    make_storage(study_cfg.get("storage"))
+    url = study_cfg.get("storage")
+    if isinstance(url, str) and _sqlite_file(url) is not None:
+        # A local file: checked here without opening it; opening it (and importing the database
+        # layer, half a second) waits until the workers are starting.
+        _check_sqlite_path(url)
+        storage = None
+    else:  # a server (or anything else): connect now, so an unreachable one fails here
+        storage = make_storage(url)
     return SweepPlan(
         cfg=cfg,
         space=search,
@@ -290,6 +362,7 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
         storage_url=study_cfg["storage"],
         d_models=d_models,
         probe_plans=probe_plans,
+        storage=storage,
     )
 
 
@@ -402,7 +475,7 @@ def _run_study(cfg: DictConfig, sweep: SweepPlan, pool: WorkerPool, out_dir) -> 
     task_data: dict[tuple, dict] = {}
     for plan in sweep.probe_plans:
         _task_data(task_data, plan)
-    storage = make_storage(sweep.storage_url)
+    storage = sweep.storage or make_storage(sweep.storage_url)
     study = optuna.create_study(
         study_name=sweep.study["name"],
         storage=storage,
@@ -441,6 +514,7 @@ def _run_study(cfg: DictConfig, sweep: SweepPlan, pool: WorkerPool, out_dir) -> 
     # "mark running trials failed" writes below then fail with "database is locked". A second
     # Ctrl-C gets Python's default behaviour back.
     stop = _InterruptFlag()
+    finished: list[tuple] = []  # trials whose worker is free again, results not yet recorded
     try:
         while not stop.raised:
             timed_out = timeout is not None and time.time() - t_start > timeout
@@ -492,15 +566,26 @@ def _run_study(cfg: DictConfig, sweep: SweepPlan, pool: WorkerPool, out_dir) -> 
                     f"trial {trial.number} -> worker {slot.index}: {plan.pattern} "
                     f"(d_model {plan.d_model})"
                 )
+            # Results are written after the freed workers have their next trial: a worker never
+            # waits for the storage (about 30 writes per trial).
+            while finished:
+                _record(study, progress, *finished.pop(0))
             if not running and (started >= n_trials or timed_out):
                 break
             for slot, msg in pool.wait(0.5):
-                _handle(study, pool, slot, msg, running, progress)
+                done = _handle(study, pool, slot, msg, running, progress)
+                if done is not None:
+                    finished.append(done)
             progress.status()
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the flag was installed
         interrupted = True
     finally:
         stop.restore()
+    try:
+        while finished:  # stopped by Ctrl-C before these were written
+            _record(study, progress, *finished.pop(0))
+    except Exception as exc:  # storage left unusable by a hard (second) Ctrl-C
+        print(f"could not record finished trials: {exc}", file=sys.stderr)
     interrupted = interrupted or stop.raised
     if interrupted:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -566,7 +651,10 @@ def _new_table(plan: RunPlan, sweep: SweepPlan) -> SharedTable:
     )
 
 
-def _handle(study, pool, slot, msg, running, progress) -> None:
+def _handle(study, pool, slot, msg, running, progress) -> tuple | None:
+    """Act on one worker message. A trial's end frees its worker at once and returns
+    ``(trial, kind, msg)`` for :func:`_record`, which the caller runs once the free workers have
+    been given new trials."""
     from optuna.trial import TrialState
 
     if msg is None:  # the worker died
@@ -583,14 +671,14 @@ def _handle(study, pool, slot, msg, running, progress) -> None:
         progress.workers.pop(slot.index, None)
         progress.event(f"worker {slot.index} (pid {slot.pid}) died ({why}); starting a new one")
         pool.restart(slot)
-        return
+        return None
     kind = msg[0]
     if kind == "ready":
         slot.ready = True
-        return
+        return None
     number = msg[1]
     if number not in running:
-        return
+        return None
     trial, _ = running[number]
     if kind == "report":
         _, _, step, value = msg
@@ -599,10 +687,18 @@ def _handle(study, pool, slot, msg, running, progress) -> None:
         slot.conn.send("prune" if prune else "continue")
         pattern = trial.user_attrs.get("pattern", "")
         progress.workers[slot.index] = f"#{number} {pattern} step {step} val {value:.3f}"
-        return
+        return None
     running.pop(number)
     slot.job = None
     progress.workers.pop(slot.index, None)
+    return trial, kind, msg
+
+
+def _record(study, progress, trial, kind, msg) -> None:
+    """Write a finished trial's result: user attributes, then ``tell``."""
+    from optuna.trial import TrialState
+
+    number = trial.number
     result = msg[-1] if isinstance(msg[-1], dict) else {}
     for key, value in _flat_attrs(result).items():
         if isinstance(value, float) and not math.isfinite(value):

@@ -100,6 +100,13 @@ def test_two_worker_study_records_everything(tmp_path):
     (table,) = summary["tables"].values()
     assert table["finite"] and min(table["writes_per_worker"]) > 0
     assert {t.user_attrs["worker"] for t in complete} == {0, 1}
+    # a freed worker got its next trial before the finished one was written and told
+    for w in (0, 1):
+        mine = sorted(
+            (t for t in trials if t.user_attrs.get("worker") == w), key=lambda t: t.number
+        )
+        for prev, nxt in zip(mine, mine[1:]):
+            assert nxt.datetime_start <= prev.datetime_complete, (prev.number, nxt.number)
     run = tmp_path / "run"
     for f in (
         "results.csv",
@@ -232,6 +239,21 @@ def test_bad_sweep_config_fails_before_any_worker(tmp_path, override, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_sqlite_storage_is_checked_without_opening_it(tmp_path):
+    sweep = validate_sweep(_cfg(tmp_path / "new" / "dir"))
+    assert sweep.storage is None  # opened once the workers are starting
+    assert (tmp_path / "new" / "dir").is_dir() and not (
+        tmp_path / "new" / "dir" / "study.db"
+    ).exists()
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir" / "study.db").mkdir(parents=True)
+    for sub, fragment in (("afile", "a file is in the way"), ("adir", "is a directory")):
+        with pytest.raises(ConfigError) as err:
+            validate_sweep(_cfg(tmp_path / sub))
+        assert str(err.value).startswith("cannot open study storage sqlite:///"), err.value
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def _default_sigint() -> None:
     # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT, so
     # a suite run in the background would hand that to the CLI; give it a terminal's default.
@@ -287,9 +309,7 @@ def test_sigkilled_worker_is_survived(tmp_path):
     proc = _run_cli(tmp_path, "study.n_trials=4", "search.params={}", "train.max_steps=60")
     _wait_for_running_trial(tmp_path, proc)
     workers = [
-        p
-        for p in _children(proc.pid)
-        if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+        p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
     ]
     assert workers, "no worker processes found"
     os.kill(workers[0], signal.SIGKILL)

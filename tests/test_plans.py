@@ -1,0 +1,109 @@
+"""The coordinator's trial plans: the fast path on plain containers gives the same plans as the
+OmegaConf reference (deep copy, ``OmegaConf.update``, resolve), on random suggestions."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf, open_dict
+
+import blocks
+from mad_search import config as config_mod
+from mad_search import space as space_mod
+from mad_search.config import ConfigError, resolve
+from mad_search.study import _task_cfgs, plans_for
+
+
+def _compose(*overrides):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose("config", overrides=["+sweep=layer_patterns", *overrides])
+
+
+def _reference(cfg, task_cfgs, overrides):
+    """The slow, obviously faithful way: OmegaConf all along."""
+    trial_cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(trial_cfg, False)
+    for key, value in overrides.items():
+        OmegaConf.update(trial_cfg, key, value, merge=False)
+    out = []
+    for task_cfg in task_cfgs:
+        c = copy.deepcopy(trial_cfg)
+        c.task = OmegaConf.create(task_cfg)
+        plan = resolve(c)
+        plan.train.progress = False
+        out.append(plan)
+    return out
+
+
+@pytest.mark.parametrize("sweep_tasks", [None, ["in_context_recall", "selective_copying"]])
+def test_fast_plans_equal_the_omegaconf_reference_on_random_suggestions(sweep_tasks):
+    cfg = _compose("model.d_model=16")
+    with open_dict(cfg):
+        cfg.search.params["model.d_model"] = {"type": "categorical", "choices": [16, 32]}
+        cfg.search.params["train.batch_size"] = {"type": "int", "low": 4, "high": 64}
+        if sweep_tasks:
+            cfg.study.tasks = sweep_tasks
+    study_cfg = OmegaConf.to_container(cfg.study, resolve=True)
+    task_cfgs = _task_cfgs(cfg, study_cfg)
+    space = OmegaConf.to_container(cfg.search, resolve=True)
+    before = OmegaConf.to_container(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=random.randrange(2**31)))
+    for _ in range(6):
+        trial = study.ask()
+        overrides = space_mod.suggest(trial, space)
+        fast = plans_for(cfg, task_cfgs, overrides)
+        assert fast == _reference(cfg, task_cfgs, overrides)
+        assert len(fast) == len(task_cfgs)
+        assert fast[0].d_model == overrides["model.d_model"]
+        assert fast[0].train.batch_size == overrides["train.batch_size"]
+        study.tell(trial, 0.0)
+    assert OmegaConf.to_container(cfg) == before  # the caller's config is left as it was
+
+
+def test_interpolations_see_the_overridden_values():
+    cfg = _compose("model.d_model=16")
+    with open_dict(cfg):
+        cfg.train.eval_every = "${train.max_steps}"
+    task_cfgs = [OmegaConf.to_container(cfg.task, resolve=True)]
+    steps = random.randint(2, 50)
+    overrides = {"model.pattern": ["mlstm"], "train.max_steps": steps}
+    (plan,) = plans_for(cfg, task_cfgs, overrides)
+    assert plan.train.max_steps == steps and plan.train.eval_every == steps
+    assert [plan] == _reference(cfg, task_cfgs, overrides)
+
+
+def test_setting_below_a_non_mapping_is_one_clear_line():
+    cfg = _compose("model.d_model=16")
+    task_cfgs = [OmegaConf.to_container(cfg.task, resolve=True)]
+    with pytest.raises(ConfigError) as err:
+        plans_for(cfg, task_cfgs, {"model.d_model.width": 3})
+    assert "model.d_model is 16, not a mapping" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_each_block_configuration_is_probed_once_and_a_bad_one_always_fails(monkeypatch):
+    calls = []
+    real_build = blocks.build
+
+    def counting_build(name, d_model, max_len, **options):
+        calls.append((name, d_model, max_len, tuple(sorted(options.items()))))
+        return real_build(name, d_model, max_len, **options)
+
+    monkeypatch.setattr(config_mod, "_PROBED", set())
+    monkeypatch.setattr(config_mod.blocks, "build", counting_build)
+    d_model = random.choice([16, 32, 48])
+    model = {"d_model": d_model, "pattern": "mlstm slstm mlstm", "blocks": {}}
+    for _ in range(3):
+        config_mod.resolve_model(model, 32)
+    assert sorted(calls) == [("mlstm", d_model, 32, ()), ("slstm", d_model, 32, ())]
+    calls.clear()
+    config_mod.resolve_model({**model, "blocks": {"mlstm": {"num_heads": 2}}}, 32)
+    assert calls == [("mlstm", d_model, 32, (("num_heads", 2),))]  # new options: built again
+    bad = {**model, "blocks": {"mlstm": {"no_such_option": 1}}}
+    for _ in range(2):
+        with pytest.raises(blocks.BlockError, match="no_such_option"):
+            config_mod.resolve_model(bad, 32)

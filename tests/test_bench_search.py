@@ -219,7 +219,8 @@ def test_vs_independent_alternates_order_and_sums_rounds(monkeypatch, tmp_path):
             calls.append((setup, tag))
             return {
                 "wall_s": wall,
-                "span_s": wall - 1,
+                "span_s": wall - rng.uniform(1, 5),
+                "start_s": rng.uniform(1, 5),
                 "until_exit_s": wall + 1,
                 "trials": complete,
                 "complete": complete,
@@ -268,6 +269,11 @@ def test_vs_independent_alternates_order_and_sums_rounds(monkeypatch, tmp_path):
             )
         assert res["throughput_ratio"] == pytest.approx(
             res["pool"]["trials_per_hour"] / res["independent"]["trials_per_hour"]
+        )
+        spans = {s: sum(r["span_s"] for r in res[s]["runs"]) for s in ("pool", "independent")}
+        done = {s: sum(r["complete"] for r in res[s]["runs"]) for s in ("pool", "independent")}
+        assert res["trial_phase_ratio"] == pytest.approx(
+            (done["pool"] / spans["pool"]) / (done["independent"] / spans["independent"])
         )
         for rnd, p, i in zip(res["rounds"], res["pool"]["runs"], res["independent"]["runs"]):
             assert rnd["throughput_ratio"] == pytest.approx(
@@ -329,6 +335,11 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
             assert phase[setup]["complete"] == 4 and phase[setup]["tokens"] == 2 * 2 * 2 * 32 * 32
             assert [r["complete"] for r in phase[setup]["runs"]] == [2, 2]
     assert result["throughput_ratio"] == result["throughput_by_workers"]["2"]["throughput_ratio"]
+    for w in ("1", "2"):
+        assert _is_number(result["trial_phase_ratio_by_workers"][w])
+        for setup in ("pool", "independent"):
+            rec = result["throughput_by_workers"][w][setup]
+            assert 0 < rec["start_s"] < rec["wall_s"]
 
 
 @pytest.mark.slow

@@ -247,11 +247,13 @@ def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any])
     The coordinator calls this for every probe at start-up and for every trial, so it works on
     plain containers (a deep copy of an OmegaConf tree costs about ten times more); a config
     with interpolations takes the OmegaConf path, so they see the overridden values."""
-    base = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    # to_container builds a fresh tree, ours to change; a plain dict is the caller's: copy it.
+    is_config = OmegaConf.is_config(cfg)
+    base = OmegaConf.to_container(cfg, resolve=False) if is_config else copy.deepcopy(cfg)
     if _has_interpolation(base):
         trial_cfg: Any = _apply(cfg, overrides)
     else:
-        trial_cfg = copy.deepcopy(base)
+        trial_cfg = base
         for key, value in overrides.items():
             _set_dotted(trial_cfg, key, copy.deepcopy(_container(value)))
     out = []

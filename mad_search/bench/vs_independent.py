@@ -468,14 +468,9 @@ def _run_independent(
 def _finish(
     study, t0: float, exited: float, cfg, memory: dict, usage: dict, processes: str
 ) -> dict:
-    ends = [
-        t.datetime_complete.timestamp()
-        for t in study.get_trials(deepcopy=False)
-        if t.datetime_complete
-    ]
-    starts = [
-        t.datetime_start.timestamp() for t in study.get_trials(deepcopy=False) if t.datetime_start
-    ]
+    trials = study.get_trials(deepcopy=False)
+    ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
+    starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
     wall = (max(ends) - t0) if ends else exited
     rec = common.record(study, wall, common.tokens_per_step(cfg))
     rec.update(

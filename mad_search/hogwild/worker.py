@@ -29,7 +29,7 @@ class TrialJob:
     """Everything a worker needs to run one trial (picklable)."""
 
     number: int
-    plans: list  # one mad_search.config.RunPlan per task
+    plans: list  # one mad_search.plan.RunPlan per task
     table_keys: list[str]  # key of each task's shared table
     tables: dict = field(default_factory=dict)  # key -> SharedTable (shared memory, not copied)
     data: list = field(default_factory=list)  # per task: {split: (inputs, targets)}, shared memory

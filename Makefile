@@ -11,11 +11,14 @@ TORCH := torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+# Last, the official xLSTM package (tests compare our blocks with it; the blocks benchmark times
+# it) WITHOUT its dependencies: they would pull a CUDA torch; see requirements/bench.txt.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) requirements/bench.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" -c $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -e ".[dev]" -c $(CONSTRAINTS)
+	$(PY) -m pip install --quiet --no-deps -r requirements/bench.txt -c $(CONSTRAINTS)
 	touch $@
 
 test: setup

@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mad_search.errors import UserError
+
+
+class BlockError(UserError):
+    """A block name, option or registration that cannot be honoured (a user error)."""
+
 
 class Block(nn.Module):
     """Pre-norm residual block: ``x + mix(LayerNorm(x))``.

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from blocks.registry import BlockError
+from blocks.base import BlockError
 
 SKIP_ENV = "MAD_SEARCH_SKIP_CONTRACT"
 PROBE_BATCH = 2

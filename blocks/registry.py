@@ -1,29 +1,34 @@
 """The block registry: one name -> one block class (or factory).
 
 Built-in blocks register themselves when ``blocks`` is imported. Third-party blocks are found
-through the ``mad_search.blocks`` entry-point group (each entry point names a module to import,
-whose import registers its blocks) or through module paths named in the config
-(``blocks.load_module("my_pkg.my_block")``). Neither needs an edit in this repository.
+through the ``mad_search.blocks`` entry-point group or through module paths named in the config
+(``blocks.load_module("my_pkg.my_block")``). Neither needs an edit in this repository. An entry
+point names either
+
+- a module (``my_ema = "my_pkg.ema"``), whose import runs its ``@register`` decorators
+  (the entry point's name is then only a label), or
+- a class or factory (``my_mixer = "my_pkg.blocks:MyMixer"``, the form pytest-style plug-in hosts
+  use), registered under the entry point's own name; one that its ``@register`` decorator already
+  registered under that name is left as it is.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
 
+from blocks.base import BlockError
+
 ENTRY_POINT_GROUP = "mad_search.blocks"
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _MLX_REGISTRY: dict[str, Callable[..., Any]] = {}
 _entry_points_loaded = False
-
-
-class BlockError(ValueError):
-    """A block name, option or registration that cannot be honoured (a user error)."""
 
 
 def register(name: str, *, backend: str = "torch") -> Callable:
@@ -55,19 +60,30 @@ def _qualified(obj: Any) -> str:
 
 
 def load_entry_points() -> None:
-    """Import every module advertised in the ``mad_search.blocks`` entry-point group (once)."""
+    """Load every entry point of the ``mad_search.blocks`` group (once per process): a module is
+    imported (its decorators register its blocks); a class or factory is registered under the
+    entry point's name, unless it already holds that name."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP}"
         try:
-            ep.load()
+            obj = ep.load()
         except Exception as exc:  # a broken plugin must not break the built-in blocks
-            raise BlockError(
-                f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP} failed to "
-                f"import: {exc}"
-            ) from exc
+            raise BlockError(f"{where} failed to import: {' '.join(str(exc).split())}") from exc
+        if inspect.ismodule(obj):
+            continue  # importing it registered its blocks
+        if not callable(obj):
+            raise BlockError(f"{where} names a {type(obj).__name__}; expected a module, or a "
+                             "block class or factory")
+        if _REGISTRY.get(ep.name) is obj:
+            continue  # its @register decorator already registered it under this name
+        try:
+            register(ep.name)(obj)
+        except BlockError as exc:  # a name another class holds: say which entry point
+            raise BlockError(f"{where}: {exc}") from exc
 
 
 def load_module(path: str) -> None:

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    from mad_search.config import USER_ERRORS, resolve
+    from mad_search.config import resolve
+    from mad_search.errors import UserError
     from mad_search.hogwild.pool import WorkerStartError
 
     out_dir = HydraConfig.get().runtime.output_dir
@@ -29,7 +30,7 @@ def main(cfg: DictConfig) -> dict | None:
         from mad_search.run import run_single
 
         return run_single(resolve(cfg), out_dir)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except WorkerStartError as exc:

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mad_search.errors import UserError
 
-class BudgetError(ValueError):
+
+class BudgetError(UserError):
     """A budget that cannot be met (one-line message)."""
 
 

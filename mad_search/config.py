@@ -17,23 +17,13 @@ import blocks
 from mad_search import spec as spec_mod
 from mad_search import tasks
 from mad_search.budget import BudgetError, width_for_budget
+from mad_search.errors import ConfigError
 from mad_search.plan import RunPlan
 from mad_search.train import TrainConfig
 
 
-class ConfigError(ValueError):
-    """A configuration the user must fix; the message is one line."""
-
-
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    spec_mod.SpecError,
-    blocks.BlockError,
-    tasks.TaskError,
-)
-
-
-def _container(node: Any) -> Any:
+def to_plain(node: Any) -> Any:
+    """A config node as plain containers (interpolations resolved); other values as they are."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
@@ -46,7 +36,7 @@ def _positive_int(value: Any, key: str) -> int:
 def resolve_model(model_cfg: Any, max_len: int) -> tuple[list[str], dict, int, dict | None]:
     """Import user block modules, parse the pattern, apply a budget, check block options by
     building each block type once."""
-    model_cfg = _container(model_cfg) or {}
+    model_cfg = to_plain(model_cfg) or {}
     for module in model_cfg.get("block_modules") or []:
         blocks.load_module(module)
     d_model = _positive_int(model_cfg.get("d_model"), "model.d_model")
@@ -102,7 +92,7 @@ _PROBED: set[tuple] = set()
 
 
 def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
-    train_cfg = dict(_container(train_cfg) or {})
+    train_cfg = dict(to_plain(train_cfg) or {})
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(train_cfg) - fields)
     if unknown:
@@ -120,14 +110,14 @@ def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
 
 def resolve(cfg: DictConfig | dict) -> RunPlan:
     """Validate a composed config (or the same tree as plain containers) into a
-    :class:`RunPlan`; raises one of ``USER_ERRORS``."""
-    task_cfg = dict(_container(cfg.get("task")) or {})
+    :class:`RunPlan`; raises a :class:`~mad_search.errors.UserError`."""
+    task_cfg = dict(to_plain(cfg.get("task")) or {})
     task_name = task_cfg.pop("name", None)
     if task_name is None:
         raise ConfigError(f"task is not set; pick task=<name>, one of {', '.join(tasks.names())}")
     settings = tasks.validate(task_name, **task_cfg)
     info = tasks.info(task_name, **settings)
-    model_cfg = _container(cfg.get("model")) or {}
+    model_cfg = to_plain(cfg.get("model")) or {}
     layers, block_options, d_model, budget = resolve_model(model_cfg, info.seq_len)
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int):

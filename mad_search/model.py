@@ -11,12 +11,16 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 import blocks
 from blocks.init import small_init_
+
+if TYPE_CHECKING:
+    from mad_search.plan import RunPlan
 
 
 def build_blocks(
@@ -124,3 +128,17 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def build_model(plan: RunPlan) -> SequenceModel:
+    """The model of a run plan (an encoder-decoder for the compression task), initialised from
+    torch's global RNG: seed it first."""
+    cls = EncoderDecoder if plan.task_info.encoder_decoder else SequenceModel
+    return cls(
+        plan.task_info.vocab_size,
+        plan.d_model,
+        plan.layers,
+        plan.task_info.seq_len,
+        block_options=plan.block_options,
+        sparse_embedding=plan.sparse_embedding,
+    )

@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from mad_search.study import mask_url
+from mad_search.storage import mask_url
 
 COLUMNS = [
     "number",
@@ -110,24 +110,75 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / fname, dpi=110)
         plt.close(fig)
         written.append(fname)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.intermediate_values:
-            steps = sorted(t.intermediate_values)
-            ax.plot(
-                steps,
-                [t.intermediate_values[s] for s in steps],
-                alpha=0.6,
-                linestyle="-" if t.state == TrialState.COMPLETE else ":",
-            )
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("learning curves (dotted: pruned)")
-    fig.tight_layout()
-    fig.savefig(out_dir / "learning_curves.png", dpi=110)
-    plt.close(fig)
+    write_learning_curves(study, out_dir / "learning_curves.png")
     written.append("learning_curves.png")
     return written
+
+
+LEGEND_MAX = 20  # curves named in the learning-curves legend (the best by last value)
+
+
+def write_learning_curves(study: optuna.Study, path: Path) -> list[str]:
+    """Validation accuracy against step, one line per complete (solid) or pruned (dotted) trial,
+    each named in the legend by trial number and layer sequence (the ``LEGEND_MAX`` best when
+    there are more). Returns the legend's labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.intermediate_values
+    ]
+    last = {t.number: t.intermediate_values[max(t.intermediate_values)] for t in curves}
+    named = set(sorted(last, key=lambda n: -last[n])[:LEGEND_MAX])
+    colours = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = []
+    for i, t in enumerate(curves):
+        steps = sorted(t.intermediate_values)
+        label = None
+        if t.number in named:
+            label = f"#{t.number} {str(t.user_attrs.get('pattern', '?'))[:32]}"
+            labels.append(label)
+        ax.plot(
+            steps,
+            [t.intermediate_values[s] for s in steps],
+            color=colours(i % 20),
+            alpha=0.8,
+            linestyle="-" if t.state == TrialState.COMPLETE else ":",
+            label=label,
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation accuracy")
+    shown = "" if len(curves) <= LEGEND_MAX else f"; legend: the {LEGEND_MAX} best"
+    ax.set_title(f"learning curves (dotted: pruned{shown})")
+    if labels:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return labels
+
+
+def dashboard_command(url: str) -> str:
+    """The optuna-dashboard command for ``url`` that runs as printed from the directory the
+    user is in: the script beside this interpreter (a virtual environment's ``bin/`` is often
+    not on PATH), a SQLite path made absolute, a password masked."""
+    import shlex
+    import shutil
+    import sys
+
+    from mad_search.storage import sqlite_file
+
+    script = Path(sys.executable).parent / "optuna-dashboard"
+    exe = str(script) if script.exists() else shutil.which("optuna-dashboard") or "optuna-dashboard"
+    path = sqlite_file(url)
+    if path is not None:
+        url = "sqlite:///" + str(path.resolve())
+    return f"{shlex.quote(exe)} {shlex.quote(mask_url(url))}"
 
 
 def save_note(study: optuna.Study, board: str, extra: str = "") -> None:
@@ -152,11 +203,11 @@ def finish(
     plots = write_plots(study, out_dir)
     summary = {
         "study": study.study_name,
-        "storage": mask_url(sweep.storage_url),
+        "storage": sweep.storage.masked,
         "wall_seconds": wall,
-        "workers": sweep.workers,
-        "threads_per_worker": sweep.threads,
-        "embedding": sweep.hogwild.get("embedding", "shared"),
+        "workers": sweep.hogwild.workers,
+        "threads_per_worker": sweep.hogwild.threads_per_worker,
+        "embedding": sweep.hogwild.embedding,
         "worker_restarts": restarts,
         "interrupted": interrupted,
         "tables": {
@@ -176,11 +227,11 @@ def finish(
         summary[f"mean_{key}"] = sum(vals) / len(vals) if vals else None
     (out_dir / "study_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     note = (
-        f"Run directory: `{out_dir}`; {sweep.workers} workers x {sweep.threads} threads, "
+        f"Run directory: `{out_dir}`; {sweep.hogwild.workers} workers x "
+        f"{sweep.hogwild.threads_per_worker} threads, "
         f"{summary['embedding']} embedding; wall {wall:.0f}s."
     )
     save_note(study, board, note)
-    url = sweep.storage_url
     print(f"\nrun directory: {out_dir} (results.csv, {', '.join(plots)}, study_summary.json)")
-    print(f"dashboard: optuna-dashboard {url if '@' not in url else mask_url(url)}")
+    print(f"dashboard: {dashboard_command(sweep.storage.url)}")
     return summary

@@ -10,21 +10,9 @@ from pathlib import Path
 import torch
 
 from mad_search import tasks
-from mad_search.model import EncoderDecoder, SequenceModel, count_params
+from mad_search.model import count_params
 from mad_search.plan import RunPlan
-from mad_search.train import train
-
-
-def build_model(plan: RunPlan) -> SequenceModel:
-    cls = EncoderDecoder if plan.task_info.encoder_decoder else SequenceModel
-    return cls(
-        plan.task_info.vocab_size,
-        plan.d_model,
-        plan.layers,
-        plan.task_info.seq_len,
-        block_options=plan.block_options,
-        sparse_embedding=plan.sparse_embedding,
-    )
+from mad_search.train import train_plan
 
 
 def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
@@ -35,17 +23,11 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
         from mad_search.config import ConfigError
 
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
-    torch.manual_seed(plan.seed)
     t0 = time.perf_counter()
     data = tasks.as_tensors(tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))
     data_seconds = time.perf_counter() - t0
-    model = build_model(plan)
-    print(
-        f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model} | "
-        f"params {count_params(model):,} | "
-        f"state {model.state_size(plan.task_info.seq_len):,} floats"
-    )
-    result = train(model, data, plan.train, plan.task_info.num_classes, device=plan.device)
+    print(f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model}")
+    model, result = train_plan(plan, data)
     out = {
         "task": plan.task_name,
         "task_settings": plan.task_settings,
@@ -63,6 +45,7 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     path = Path(out_dir) / "results.json"
     path.write_text(json.dumps(out, indent=2))
     print(
+        f"params {out['params']:,} | state {out['state_size']:,} floats | "
         f"val_accuracy {out['val_accuracy']:.4f} | test_accuracy {out['test_accuracy']:.4f} | "
         f"steps {out['steps']} | {out['tokens_per_s']:,.0f} tokens/s | results: {path}"
     )

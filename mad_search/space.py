@@ -37,14 +37,15 @@ from typing import Any
 
 import optuna
 
-from mad_search.spec import SpecError, format_layers, parse, xlstm_layers
+from mad_search.errors import UserError
+from mad_search.spec import SpecError, parse, xlstm_layers
 
 PARAM_TYPES = ("float", "int", "categorical")
 KINDS = ("xlstm", "positions", "insert", "choice")
 PLACEMENTS = ("last", "first", "middle")
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search space that cannot be honoured (one-line message)."""
 
 
@@ -316,7 +317,3 @@ def validate(space: Mapping, valid_blocks: list[str]) -> list[list[str]]:
         else:
             raise SpaceError(f"search.reference entries are spec strings or mappings, got {ref!r}")
     return patterns
-
-
-def describe(layers: list[str]) -> str:
-    return format_layers(layers)

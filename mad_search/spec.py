@@ -26,13 +26,15 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from mad_search.errors import UserError
+
 __all__ = ["SpecError", "parse", "format_layers", "xlstm_layers"]
 
 MAX_LAYERS = 1024
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)|(?P<int>\d+)|(?P<op>[()\[\]*:=,]))")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A layer spec that cannot be parsed or names an unknown block (a user error)."""
 
 

@@ -1,27 +1,34 @@
 """Training and evaluation of one model on one task: the path of a training step, top to bottom.
 
-``train(model, data, cfg)`` runs AdamW on the block parameters (and, with a sparse embedding, a
-separate sparse-friendly optimiser on the embedding table), a cosine or constant-plus-back-off
-schedule, gradient clipping, validation every ``eval_every`` steps, early stop at a target
-validation accuracy, and final test metrics at the best validation checkpoint.
+``train_plan(plan, data)`` is the one way a run plan is trained: the single run, every Hogwild
+worker and the benchmarks' in-process baselines call it, passing the embedding (the pool's shared
+table) and the evaluation hook (Optuna's report / prune) as arguments. It seeds, builds the model
+and calls ``train(model, data, cfg)``, which runs AdamW on the block parameters (and, with a
+sparse embedding, a separate sparse-friendly optimiser on the embedding table), a cosine or
+constant-plus-back-off schedule, gradient clipping, validation every ``eval_every`` steps, early
+stop at a target validation accuracy, and final test metrics at the best validation checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mad_search.model import aux_loss
+from mad_search.model import aux_loss, build_model
 from mad_search.tasks.metrics import AccuracyMeter
+from mad_search.tasks.task import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from mad_search.plan import RunPlan
 
 
 @dataclass
@@ -218,6 +225,50 @@ def evaluate(
 
 
 EvalCallback = Callable[[int, dict], bool]
+
+
+class ExternalEmbedding(Protocol):
+    """An embedding whose table the caller owns (the Hogwild pool's shared table): a module for
+    the lookup, plus the step that writes its update (``lr_factor`` is the schedule's factor)."""
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def apply_update(self, lr_factor: float = 1.0) -> None: ...
+
+
+def train_plan(
+    plan: RunPlan,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    embedding: ExternalEmbedding | None = None,
+    on_eval: EvalCallback | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    build_lock: contextlib.AbstractContextManager | None = None,
+) -> tuple[nn.Module, TrainResult]:
+    """Build ``plan``'s model and train it on ``data``; returns the trained model and the result.
+
+    ``seed`` (default ``plan.seed``) seeds torch's global RNG just before the model is built;
+    ``build_lock`` is held while seeding and building, for callers that build models in several
+    threads of one process (the RNG is process-wide). ``embedding`` replaces the model's own
+    embedding and its ``apply_update`` replaces the embedding optimiser's step. ``device``
+    defaults to ``plan.device``.
+    """
+    with build_lock or contextlib.nullcontext():
+        torch.manual_seed(plan.seed if seed is None else seed)
+        model = build_model(plan)
+    if embedding is not None:
+        model.embedding = embedding
+    result = train(
+        model,
+        data,
+        plan.train,
+        plan.task_info.num_classes,
+        on_eval=on_eval,
+        device=plan.device if device is None else device,
+        embedding_step=embedding.apply_update if embedding is not None else None,
+    )
+    return model, result
 
 
 def train(

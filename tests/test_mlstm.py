@@ -390,8 +390,9 @@ def test_block_rejects_bad_options_with_one_line(kw):
 def test_block_matches_the_official_xlstm_block():
     """Same weights, same outputs as NX-AI's mLSTMBlock (where the xlstm package is installed).
 
-    The official norms store their weight as ``1 + w``; ours store the weight itself. The only
-    other difference, the parallel form's stabiliser, acts through eps alone.
+    The official norms store their weight as ``1 + w``; ours store the weight itself (the map is
+    ``_official_xlstm.weight_map``). The only other difference, the parallel form's stabiliser,
+    acts through eps alone.
     """
     pytest.importorskip("xlstm")
     from mad_search.bench import _official_xlstm
@@ -402,26 +403,8 @@ def test_block_matches_the_official_xlstm_block():
     with torch.no_grad():
         for p in official.parameters():  # random weights everywhere, gates included
             p.normal_(0.0, 0.05 if p.dim() > 1 else 0.5)
-        layer, cell = official.xlstm, official.xlstm.mlstm_cell
-        pairs = {
-            ours.proj_up.weight: layer.proj_up.weight,
-            ours.conv1d.weight: layer.conv1d.conv.weight,
-            ours.conv1d.bias: layer.conv1d.conv.bias,
-            ours.q_proj.weight: layer.q_proj.weight,
-            ours.k_proj.weight: layer.k_proj.weight,
-            ours.v_proj.weight: layer.v_proj.weight,
-            ours.igate.weight: cell.igate.weight,
-            ours.igate.bias: cell.igate.bias,
-            ours.fgate.weight: cell.fgate.weight,
-            ours.fgate.bias: cell.fgate.bias,
-            ours.learnable_skip: layer.learnable_skip,
-            ours.proj_down.weight: layer.proj_down.weight,
-            ours.norm.weight: 1.0 + official.xlstm_norm.weight,
-            ours.outnorm_weight: 1.0 + cell.outnorm.weight,
-        }
-        for mine, theirs in pairs.items():
-            mine.copy_(theirs)
-        assert sum(p.numel() for p in pairs) == ours.num_params()
+    _official_xlstm.copy_weights("mlstm", official, ours)  # checks it covers every parameter
+    with torch.no_grad():
         x = torch.randn(2, S, E, dtype=torch.float64)
         branch = official(x) - x  # compare the residual branch, not x itself
         for cell_form in ("parallel", "chunkwise", "recurrent"):

@@ -14,8 +14,10 @@ from omegaconf import OmegaConf, open_dict
 import blocks
 from mad_search import config as config_mod
 from mad_search import space as space_mod
+from mad_search import sweep as sweep_mod
 from mad_search.config import ConfigError, resolve
-from mad_search.study import _task_cfgs, plans_for
+from mad_search.settings import StudySettings
+from mad_search.sweep import plans_for
 
 
 def _compose(*overrides):
@@ -47,8 +49,7 @@ def test_fast_plans_equal_the_omegaconf_reference_on_random_suggestions(sweep_ta
         cfg.search.params["train.batch_size"] = {"type": "int", "low": 4, "high": 64}
         if sweep_tasks:
             cfg.study.tasks = sweep_tasks
-    study_cfg = OmegaConf.to_container(cfg.study, resolve=True)
-    task_cfgs = _task_cfgs(cfg, study_cfg)
+    task_cfgs = sweep_mod.task_cfgs(cfg, StudySettings.from_config(cfg.study))
     space = OmegaConf.to_container(cfg.search, resolve=True)
     before = OmegaConf.to_container(cfg)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=random.randrange(2**31)))

@@ -1,17 +1,19 @@
-"""Third-party block types: found through the ``mad_search.blocks`` entry-point group or a module
-path in the config, checked against the block contract on first build, never needing an edit
-inside ``mad_search/`` or ``blocks/``."""
+"""Third-party block types and tasks: found through the ``mad_search.blocks`` and
+``mad_search.tasks`` entry-point groups (an entry point names a module, or a class / factory
+registered under the entry point's name) or a module path in the config, blocks checked against
+the block contract on first build, never needing an edit inside ``mad_search/`` or ``blocks/``."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import textwrap
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,7 @@ from torch import nn
 
 import blocks
 from blocks import registry
+from mad_search import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mad_search_plugin_example"
@@ -70,6 +73,8 @@ def example_site(tmp_path_factory) -> Path:
     assert pip.returncode == 0, pip.stderr
     (entry_points,) = site.glob("mad_search_example_blocks-*.dist-info/entry_points.txt")
     assert "[mad_search.blocks]" in entry_points.read_text()
+    assert "[mad_search.tasks]" in entry_points.read_text()
+    assert (site / "mad_search_example_blocks" / "conf" / "task" / "token_reversal.yaml").is_file()
     return site
 
 
@@ -117,6 +122,176 @@ def test_entry_point_block_is_found_by_spawned_workers(example_site, tmp_path):
     ema = done["gated_ema"].user_attrs
     # the worker built it (no block_modules: only the entry point could have told it where)
     assert ema["worker"] in (0, 1) and ema["state_size"] == 32  # d_model floats of running mean
+
+
+EXAMPLE_CHECK = """
+import json, sys
+import torch
+import blocks
+from mad_search import tasks
+
+seed = int(sys.argv[1])
+torch.manual_seed(seed)
+out = {"blocks": [n for n in blocks.names() if n in ("gated_ema", "cummean")],
+       "tasks": tasks.names()}
+x = torch.randn(2, 9, 32)
+for name in ("gated_ema", "cummean"):
+    blk = blocks.build(name, 32, 64)  # the contract check runs on this first build
+    assert blk(x).shape == x.shape
+cm = blocks.build("cummean", 32, 64)
+u = cm.norm(x)
+mean = torch.stack([u[:, : t + 1].mean(1) for t in range(9)], 1)
+torch.testing.assert_close(cm(x), x + cm.out_proj(mean), rtol=1e-5, atol=1e-5)
+out["cummean_class"] = type(cm).__module__ + "." + type(cm).__qualname__
+out["splits"] = {}
+for name in ("token_reversal", "token_sorting"):
+    data = tasks.as_tensors(tasks.build(name, seed=seed, cache=False, seq_len=10,
+                                        num_train_examples=50, num_test_examples=20))
+    out["splits"][name] = {split: [list(x.shape), list(y.shape)]
+                           for split, (x, y) in data.items()}
+    for split, (x, y) in data.items():
+        tokens, answer = x[:, :5], y[:, 5:]
+        want = tokens.flip(1) if name == "token_reversal" else tokens.sort(1).values
+        assert torch.equal(answer, want), (name, split, seed)
+        assert torch.equal(x[:, 6:], answer[:, :-1]) and bool((y[:, :5] == -100).all())
+out["defaults"] = tasks.defaults("token_sorting")
+print(json.dumps(out))
+"""
+
+
+def _python(code, tmp_path, *paths, args=()):
+    env = {k: v for k, v in os.environ.items() if k != "MAD_SEARCH_SKIP_CONTRACT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *map(str, paths)])
+    env["MAD_SEARCH_CACHE"] = str(tmp_path / "cache")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=_elsewhere(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_entry_points_of_both_forms_give_blocks_and_tasks(example_site, tmp_path):
+    seed = random.randrange(10**6)
+    out = _python(EXAMPLE_CHECK, tmp_path, example_site, args=[str(seed)])
+    assert out.returncode == 0, (seed, out.stderr)
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert got["blocks"] == ["cummean", "gated_ema"]  # class form and module form
+    assert got["cummean_class"] == "mad_search_example_blocks.cummean.CumMean"
+    # built-ins in their order, then the plug-in tasks (module form and factory form)
+    assert got["tasks"] == [*tasks.names(), "token_reversal", "token_sorting"]
+    for name, splits in got["splits"].items():
+        sizes = {"train": 50, "validation": 20, "test": 20}
+        assert splits == {s: [[n, 10], [n, 10]] for s, n in sizes.items()}, name
+    assert got["defaults"] == {"vocab_size": 16, "seq_len": 32, "num_train_examples": 4096,
+                               "num_test_examples": 512, "num_valid_examples": None}
+
+
+def test_entry_point_task_trains_in_a_single_run(example_site, tmp_path):
+    """``task=token_reversal`` from another directory: the task comes from its entry point, its
+    YAML from the package's Hydra search-path plug-in, the class-form block from its own."""
+    out = _run(["task=token_reversal", "model.pattern='attention cummean'", *TINY,
+                f"hydra.run.dir={tmp_path}/run"], _elsewhere(tmp_path), tmp_path, example_site)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["task"] == "token_reversal" and res["pattern"] == "attention cummean"
+    assert res["task_settings"]["seq_len"] == 32 and res["task_settings"]["vocab_size"] == 16
+    assert res["steps"] == 4 and 0 <= res["test_accuracy"] <= 1
+
+
+def test_plugin_task_yaml_through_hydra_searchpath(example_site, tmp_path):
+    """Without the search-path plug-in, ``hydra.searchpath=[pkg://<package>.conf]`` finds it."""
+    site = tmp_path / "site"
+    shutil.copytree(example_site, site, ignore=shutil.ignore_patterns("hydra_plugins"))
+    args = ["task=token_sorting", "model.pattern='attention swiglu'", *TINY,
+            f"hydra.run.dir={tmp_path}/run"]
+    missing = _run(args, _elsewhere(tmp_path), tmp_path, site)
+    assert missing.returncode != 0 and "task/token_sorting" in missing.stderr, missing.stderr
+    out = _run([*args, "hydra.searchpath=[pkg://mad_search_example_blocks.conf]"],
+               _elsewhere(tmp_path), tmp_path, site)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["task"] == "token_sorting" and res["steps"] == 4
+
+
+# --- entry points naming a class or factory (unit) --------------------------------------------
+
+class RunningMean(blocks.Block):
+    """x + running mean of LayerNorm(x): advertised by class, never decorated."""
+
+    def mix(self, u):
+        return u.cumsum(1) / torch.arange(1, u.shape[1] + 1, dtype=u.dtype)[:, None]
+
+    def state_size(self, seq_len):
+        return self.d_model
+
+
+def running_mean_factory(d_model, max_len, **options):
+    return RunningMean(d_model, max_len, **options)
+
+
+@pytest.fixture
+def fake_block_entry_points(scratch_registry, monkeypatch):
+    """``fake(("name", "module:attr"), ...)`` makes those the ``mad_search.blocks`` group."""
+
+    def fake(*pairs):
+        eps = [EntryPoint(name, value, blocks.ENTRY_POINT_GROUP) for name, value in pairs]
+        monkeypatch.setattr(registry, "entry_points",
+                            lambda group: eps if group == blocks.ENTRY_POINT_GROUP else [])
+        monkeypatch.setattr(registry, "_entry_points_loaded", False)
+
+    return fake
+
+
+def test_class_and_factory_entry_points_register_under_the_entry_point_name(
+        fake_block_entry_points):
+    fake_block_entry_points(("ep_running_mean", f"{__name__}:RunningMean"),
+                            ("ep_mean_factory", f"{__name__}:running_mean_factory"))
+    names = blocks.names()
+    assert {"ep_running_mean", "ep_mean_factory"} <= set(names)
+    assert blocks.get("ep_running_mean") is RunningMean
+    assert blocks.get("ep_mean_factory") is running_mean_factory
+    x = torch.randn(3, 7, 32)
+    want = x + torch.cumsum(F.layer_norm(x, (32,)), 1) / torch.arange(1, 8)[:, None]
+    for name in ("ep_running_mean", "ep_mean_factory"):
+        blk = blocks.build(name, 32, 64)  # passes the contract check
+        torch.testing.assert_close(blk(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_class_entry_point_already_registered_by_its_decorator_changes_nothing(
+        fake_block_entry_points):
+    blocks.register("ep_running_mean")(RunningMean)
+    before = dict(registry._REGISTRY)
+    fake_block_entry_points(("ep_running_mean", f"{__name__}:RunningMean"))
+    assert blocks.names() == sorted(before)
+    assert registry._REGISTRY == before
+
+
+def test_module_entry_point_name_is_only_a_label(fake_block_entry_points, tmp_path, monkeypatch):
+    (tmp_path / "ep_mean_module.py").write_text(textwrap.dedent(CAUSAL_MEAN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_block_entry_points(("some_label", "ep_mean_module"))
+    try:
+        names = blocks.names()
+        assert "causal_mean" in names and "some_label" not in names
+    finally:
+        sys.modules.pop("ep_mean_module", None)
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("attention", f"{__name__}:UnmaskedAttention",
+     "block name 'attention' is already registered by blocks.attention.AttentionBlock; "
+     f"{__name__}.UnmaskedAttention cannot register it too"),
+    ("ep_bad", f"{__name__}:POSITION_0",
+     "names a str; expected a module, or a block class or factory"),
+    ("ep_bad", "no_such_block_plugin:Thing",
+     "failed to import: No module named 'no_such_block_plugin'"),
+], ids=["name_taken", "not_callable", "import"])
+def test_bad_block_entry_point_is_a_one_line_error(fake_block_entry_points, name, value,
+                                                     expected):
+    fake_block_entry_points((name, value))
+    with pytest.raises(blocks.BlockError) as info:
+        blocks.names()
+    message = str(info.value)
+    assert "\n" not in message and expected in message, message
+    assert message.startswith(f"entry point {name!r} ({value}) in group mad_search.blocks")
+    assert blocks.get("attention").__module__ == "blocks.attention"
 
 
 # --- a module path in the config ------------------------------------------------------------------
@@ -457,3 +632,5 @@ def test_framework_has_no_knowledge_of_the_example_block():
             if path.is_file() and path.suffix in (".py", ".yaml"):
                 text = path.read_text()
                 assert "gated_ema" not in text and "mad_search_example" not in text, path
+                for name in ("cummean", "CumMean", "token_reversal", "token_sorting"):
+                    assert name not in text, (name, path)

@@ -270,3 +270,80 @@ def test_block_recurrent_kernel_starts_at_zero():
 def test_block_rejects_bad_options(options):
     with pytest.raises(BlockError, match="slstm"):
         SLSTMBlock(32, 16, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# against the official xLSTM package (NX-AI's ``xlstm``, where installed: `make setup` installs it)
+
+
+def _official_and_ours(d_model, seq_len, num_heads, conv_kernel, dtype):
+    """The official sLSTMBlock (vanilla backend, CPU) with random weights everywhere, and our
+    block of the same sizes holding the same weights (``_official_xlstm.copy_weights``)."""
+    pytest.importorskip("xlstm")
+    from mad_search.bench import _official_xlstm
+
+    official = _official_xlstm.build(
+        "slstm", d_model, seq_len, num_heads=num_heads, conv_kernel=conv_kernel
+    ).to(dtype)
+    assert official.xlstm.config.backend == "vanilla"
+    ours = SLSTMBlock(d_model, seq_len, num_heads=num_heads, conv_kernel=conv_kernel).to(dtype)
+    with torch.no_grad():
+        for name, p in official.named_parameters():
+            if p.dim() > 1:  # projections, recurrent kernel (non-zero: memory mixing), conv
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+            else:  # wide gate biases: the stabiliser switches between ĩ and log f + m
+                p.normal_(0.0, 2.0 if name.endswith("slstm_cell._bias_") else 0.5)
+    _official_xlstm.copy_weights("slstm", official, ours)
+    return official, ours, _official_xlstm.weight_map("slstm", official, ours)
+
+
+def _outputs_and_grads(block, x, grad_out):
+    x = x.clone().requires_grad_()
+    y = block(x)
+    y.backward(grad_out)
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("d_model,num_heads,conv_kernel", [(64, 4, 4), (48, 2, 0)])
+def test_block_matches_the_official_xlstm_block_float64(d_model, num_heads, conv_kernel):
+    """Same weights, same outputs and same gradients (input and every parameter) as NX-AI's
+    sLSTMBlock, float64: agreement to rounding shows the equations are the same."""
+    S = 29
+    official, ours, pairs = _official_and_ours(d_model, S, num_heads, conv_kernel, torch.float64)
+    x = torch.randn(3, S, d_model, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    y_ref, dx_ref = _outputs_and_grads(official, x, grad_out)
+    y, dx = _outputs_and_grads(ours, x, grad_out)
+    torch.testing.assert_close(y - x, y_ref - x, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-11)
+    for mine, theirs, convert in pairs:
+        # convert is affine, so it maps a gradient as convert(g) - convert(0)
+        expected = convert(theirs.grad) - convert(torch.zeros_like(theirs.grad))
+        torch.testing.assert_close(mine.grad, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_block_matches_the_official_xlstm_block_float32():
+    """The same in float32, the official block's configured dtype, to float32 rounding."""
+    E, S = 64, 40
+    official, ours, _ = _official_and_ours(E, S, 4, 4, torch.float32)
+    x = torch.randn(2, S, E)
+    grad_out = torch.randn_like(x)
+    y_ref, dx_ref = _outputs_and_grads(official, x, grad_out)
+    y, dx = _outputs_and_grads(ours, x, grad_out)
+    assert_close_rel(y - x, y_ref - x, 1e-5)
+    assert_close_rel(dx, dx_ref, 1e-5)
+
+
+def test_official_input_and_forget_gate_modules_are_swapped():
+    """The official sLSTMLayer feeds its module ``fgate`` to the input gate and ``igate`` to the
+    forget gate; the weight map follows the computation, not the names, and the check above can
+    tell the two apart."""
+    official, ours, _ = _official_and_ours(32, 12, 2, 4, torch.float64)
+    x = torch.randn(2, 12, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-10, atol=1e-11)
+        assert torch.equal(ours.w_i, official.xlstm.fgate.weight)
+        assert torch.equal(ours.w_f, official.xlstm.igate.weight)
+        ours.w_i.copy_(official.xlstm.igate.weight)  # the mapping by name
+        ours.w_f.copy_(official.xlstm.fgate.weight)
+        assert not torch.allclose(ours(x), official(x), rtol=1e-3, atol=1e-3)

@@ -7,10 +7,13 @@ Properties that must hold for any seed draw a fresh seed per run (printed on fai
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import random
 import subprocess
 import sys
+import textwrap
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +22,17 @@ import torch
 import yaml
 
 from mad_search import tasks
-from mad_search.tasks import TaskError
+from mad_search.tasks import Task, TaskError, TaskInfo
+from mad_search.tasks import registry as task_registry
+from mad_search.tasks.splits import synthetic_splits
+from mad_search.tasks.task import IGNORE_INDEX, check_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
+BUILT_IN = [
+    "in_context_recall", "fuzzy_in_context_recall", "noisy_in_context_recall",
+    "selective_copying", "compression", "memorization", "mqar", "text",
+]
 
 
 def fresh_seed() -> int:
@@ -63,6 +73,7 @@ def test_names_are_the_eight_tasks():
         "in_context_recall", "fuzzy_in_context_recall", "noisy_in_context_recall",
         "selective_copying", "compression", "memorization", "mqar", "text",
     ]
+    assert IGNORE_INDEX == IGNORE == tasks.IGNORE_INDEX
 
 
 @pytest.mark.parametrize("name", tasks.names())
@@ -716,3 +727,226 @@ def test_accuracy_takes_logits_with_classes_last():
     assert tasks.accuracy(logits, targets, 5, average="micro") == 0.5
     with pytest.raises(ValueError):
         tasks.accuracy(torch.tensor([7]), torch.tensor([1]), 5)
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+
+def counting_task(name: str = "tiny_counting") -> Task:
+    """A small task of our own: after each token, predict how many tokens so far equal it."""
+
+    def sample(settings, n, training, rng, shared=None):
+        x = rng.integers(0, settings["vocab_size"], size=(n, settings["seq_len"]))
+        same = x[:, :, None] == x[:, None, :]  # (n, t, s)
+        y = np.tril(same).sum(-1) - 1  # earlier equal tokens, excluding itself
+        return x, np.minimum(y, settings["vocab_size"] - 1)
+
+    def check(settings):
+        check_sizes(name, settings)
+        return settings
+
+    return Task(
+        name=name,
+        defaults={"vocab_size": 8, "seq_len": 12, "num_train_examples": 40,
+                  "num_test_examples": 10, "num_valid_examples": None},
+        check=check,
+        info=lambda s: TaskInfo(vocab_size=s["vocab_size"], seq_len=s["seq_len"]),
+        splits=lambda s, seed: synthetic_splits(name, s, seed, sample),
+    )
+
+
+def make_counting_task() -> Task:
+    """A factory an entry point can name (object form)."""
+    return counting_task("ep_counting")
+
+
+COUNTING_INSTANCE = counting_task("ep_counting_instance")
+
+TASK_MODULE = f"""
+    from mad_search.tasks import register
+    from {__name__} import counting_task
+
+    @register("module_counting")
+    def module_counting():
+        return counting_task("module_counting")
+"""
+
+
+@pytest.fixture
+def scratch_tasks(monkeypatch):
+    """Tasks registered inside a test disappear after it; entry points are loaded afresh."""
+    saved = dict(task_registry._REGISTRY)
+    monkeypatch.setattr(task_registry, "_entry_points_loaded", False)
+    yield
+    task_registry._REGISTRY.clear()
+    task_registry._REGISTRY.update(saved)
+
+
+def fake_entry_points(monkeypatch, *pairs):
+    eps = [EntryPoint(name, value, tasks.ENTRY_POINT_GROUP) for name, value in pairs]
+    monkeypatch.setattr(task_registry, "entry_points",
+                        lambda group: eps if group == tasks.ENTRY_POINT_GROUP else [])
+
+
+def assert_split_contract(name: str, seed: int, **settings):
+    data = tasks.build(name, seed=seed, cache=False, **settings)
+    assert set(data) == {"train", "validation", "test"}
+    info = tasks.info(name, **settings)
+    for split, (x, y) in tasks.as_tensors(data).items():
+        assert x.shape == y.shape and x.shape[1] == info.seq_len, (split, seed)
+        assert x.shape[0] > 0
+    return arrays(data)
+
+
+def test_registered_factory_task_builds_and_follows_the_contract(scratch_tasks):
+    seed = fresh_seed()
+    factory = tasks.register("tiny_counting")(counting_task)
+    assert factory is counting_task  # the decorator hands the factory back
+    assert tasks.names()[-1] == "tiny_counting"  # no order: after the built-ins
+    assert tasks.defaults("tiny_counting")["num_valid_examples"] is None
+    data = assert_split_contract("tiny_counting", seed)
+    x, y = data["test"]
+    for row, target in zip(x, y):  # each target counts earlier copies of its token
+        assert list(target) == [min(list(row[:t]).count(v), 7) for t, v in enumerate(row)], seed
+
+
+def test_order_places_a_task_among_the_built_ins(scratch_tasks):
+    tasks.register("tiny_counting", order=15)(counting_task)
+    assert tasks.names()[:3] == ["in_context_recall", "tiny_counting", "fuzzy_in_context_recall"]
+    with pytest.raises(TaskError, match="order must be a number"):
+        tasks.register("ep_counting", order="first")(make_counting_task)
+
+
+def test_duplicate_task_name_is_refused_in_one_line_naming_both(scratch_tasks):
+    owner = tasks.get("mqar")
+
+    def mqar():
+        return counting_task("mqar")
+
+    with pytest.raises(TaskError) as err:
+        tasks.register("mqar")(mqar)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "task name 'mqar' is already registered by mad_search.tasks.mqar.mqar" in message
+    assert f"{mqar.__module__}.{mqar.__qualname__}" in message
+    assert tasks.get("mqar") is owner
+
+
+def test_same_factory_registered_again_is_accepted(scratch_tasks):
+    tasks.register("tiny_counting")(counting_task)
+    first = tasks.get("tiny_counting")
+    tasks.register("tiny_counting")(counting_task)  # e.g. a module imported twice
+    assert tasks.get("tiny_counting") is not first  # replaced by the fresh Task
+    assert tasks.names().count("tiny_counting") == 1
+
+
+def test_reloading_a_task_module_replaces_its_task(scratch_tasks, tmp_path, monkeypatch):
+    (tmp_path / "reloaded_task.py").write_text(textwrap.dedent(TASK_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("reloaded_task")
+    first = tasks.get("module_counting")
+    importlib.reload(module)
+    assert tasks.get("module_counting") is not first
+    assert "module_counting" in tasks.names()
+    sys.modules.pop("reloaded_task")
+
+
+def test_a_factory_must_return_a_task_of_its_name(scratch_tasks):
+    with pytest.raises(TaskError, match="returned dict, not a mad_search.tasks.Task"):
+        tasks.register("not_a_task")(lambda: {"name": "not_a_task"})
+    with pytest.raises(TaskError, match="registered as 'other_name' but its Task is named "
+                                        "'tiny_counting'"):
+        tasks.register("other_name")(counting_task)
+    with pytest.raises(TaskError, match="not valid"):
+        tasks.register("bad name")(counting_task)
+    assert "not_a_task" not in tasks.names() and "other_name" not in tasks.names()
+
+
+def test_entry_point_object_forms_register_under_the_entry_point_name(scratch_tasks,
+                                                                      monkeypatch):
+    fake_entry_points(monkeypatch,
+                      ("ep_counting", f"{__name__}:make_counting_task"),
+                      ("ep_counting_instance", f"{__name__}:COUNTING_INSTANCE"))
+    names = tasks.names()  # loads the entry points
+    assert names[-2:] == ["ep_counting", "ep_counting_instance"]
+    assert names[:8] == BUILT_IN
+    assert tasks.get("ep_counting_instance") is COUNTING_INSTANCE
+    for name in ("ep_counting", "ep_counting_instance"):
+        assert_split_contract(name, fresh_seed(), seq_len=9, num_train_examples=30)
+    tasks.load_entry_points()  # once per process: nothing happens the second time
+    assert tasks.names() == names
+
+
+def test_entry_point_naming_a_decorated_factory_changes_nothing(scratch_tasks, monkeypatch):
+    tasks.register("ep_counting")(make_counting_task)
+    held = task_registry._REGISTRY["ep_counting"]
+    fake_entry_points(monkeypatch, ("ep_counting", f"{__name__}:make_counting_task"))
+    tasks.load_entry_points()
+    assert task_registry._REGISTRY["ep_counting"] is held
+
+
+def test_entry_point_module_form_imports_the_module(scratch_tasks, tmp_path, monkeypatch):
+    (tmp_path / "ep_task_module.py").write_text(textwrap.dedent(TASK_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_entry_points(monkeypatch, ("just_a_label", "ep_task_module"))
+    try:
+        assert "module_counting" in tasks.names() and "just_a_label" not in tasks.names()
+        assert_split_contract("module_counting", fresh_seed())
+    finally:
+        sys.modules.pop("ep_task_module", None)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("no_such_module_for_tasks", "failed to import: No module named 'no_such_module_for_tasks'"),
+    (f"{__name__}:IGNORE", "names a int; expected a module, a Task or a zero-argument factory"),
+    (f"{__name__}:counting_task", "registered as 'ep_broken' but its Task is named"),
+    (f"{__name__}:TASK_MODULE", "names a str"),
+], ids=["import", "not_callable", "wrong_name", "string"])
+def test_broken_task_entry_point_is_a_one_line_error(scratch_tasks, monkeypatch, value, expected):
+    fake_entry_points(monkeypatch, ("ep_broken", value))
+    with pytest.raises(TaskError) as err:
+        tasks.names()
+    message = str(err.value)
+    assert "\n" not in message and expected in message, message
+    assert "ep_broken" in message
+
+
+def test_a_task_whose_splits_break_the_contract_is_refused_in_one_line(scratch_tasks):
+    good = counting_task("short_splits")
+
+    def short_splits():
+        def splits(s, seed):
+            out = good.splits(s, seed)
+            x, y = out["validation"]
+            return {**out, "validation": (x, y[:, :-1])}
+
+        return Task(name="short_splits", defaults=good.defaults, check=good.check,
+                    info=good.info, splits=splits)
+
+    tasks.register("short_splits")(short_splits)
+    with pytest.raises(TaskError) as err:
+        tasks.build("short_splits", seed=fresh_seed(), cache=False)
+    message = str(err.value)
+    assert "\n" not in message and "short_splits" in message
+    assert "splits()['validation'] targets must be (examples, 12) integers" in message
+
+
+def test_tasks_package_imports_no_datasets_until_a_build():
+    code = ("import sys; from mad_search import tasks; tasks.names(); "
+            "tasks.info('mqar'); tasks.defaults('text'); "
+            "print('datasets' in sys.modules, 'pyarrow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_every_task_module_is_found_without_a_list():
+    """Built-in task modules are discovered: each non-infrastructure module registered a task."""
+    import pkgutil
+
+    modules = {m.name for m in pkgutil.iter_modules(tasks.__path__)} - tasks._NOT_TASKS
+    origins = {task_registry._REGISTRY[n].source.__module__.rsplit(".", 1)[-1]
+               for n in BUILT_IN}
+    assert origins == modules
+    assert not any(hasattr(sys.modules[f"mad_search.tasks.{m}"], "TASKS") for m in modules)

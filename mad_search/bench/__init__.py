@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from mad_search.errors import UserError
+
 BENCHMARKS: dict[str, str] = {
     "blocks": "mad_search.bench.blocks",
     "scaling": "mad_search.bench.scaling",
@@ -34,7 +36,7 @@ BENCHMARKS: dict[str, str] = {
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     """A benchmark name or option that cannot be honoured (a user error: one line, exit code 2)."""
 
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         out = overrides.pop("out", None)
         module = _load(name)
         result, path = run_benchmark(name, overrides, out)
-    except BenchError as exc:
+    except UserError as exc:  # a bad option, or a bad setting found by the code it runs
         print(f"mad_search.bench: error: {exc}", file=sys.stderr)
         return 2
     print(module.table(result))

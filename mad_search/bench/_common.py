@@ -31,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mad_search.bench import BenchError
+from mad_search.settings import available_cores
 
 # --- configs -------------------------------------------------------------------------------
 
@@ -177,12 +178,12 @@ def run_pool(cfg: DictConfig, workdir: Path) -> dict:
 
 
 def make_objective(cfg: DictConfig, data: dict, build_lock: threading.Lock | None = None):
-    """The objective a user writes without the pool: build the trial's model (dense embedding,
-    AdamW on everything) and train it in this process; report intermediate accuracies."""
-    from mad_search.run import build_model
+    """The objective a user writes without the pool: the trial's model (dense embedding, AdamW
+    on everything) trained in this process by :func:`mad_search.train.train_plan`; reports
+    intermediate accuracies."""
     from mad_search.spec import parse
-    from mad_search.study import plans_for
-    from mad_search.train import train
+    from mad_search.sweep import plans_for
+    from mad_search.train import train_plan
 
     task_cfgs = [dict(OmegaConf.to_container(cfg.task, resolve=True))]
     choices = list(cfg.search.pattern.choices)
@@ -194,14 +195,14 @@ def make_objective(cfg: DictConfig, data: dict, build_lock: threading.Lock | Non
         # the RNG afterwards), so no thread may resolve while another seeds and initialises.
         with lock:
             plan = plans_for(cfg, task_cfgs, {"model.pattern": parse(spec, check=False)})[0]
-            torch.manual_seed(plan.seed + trial.number)
-            model = build_model(plan)
 
         def on_eval(step: int, metrics: dict) -> bool:
             trial.report(float(metrics["accuracy"]), step)
             return trial.should_prune()
 
-        res = train(model, data, plan.train, plan.task_info.num_classes, on_eval=on_eval)
+        _, res = train_plan(
+            plan, data, on_eval=on_eval, seed=plan.seed + trial.number, build_lock=lock
+        )
         trial.set_user_attr("pattern", plan.pattern)
         trial.set_user_attr("val_accuracy", res.val_accuracy)
         trial.set_user_attr("test_accuracy", res.test_accuracy)
@@ -217,7 +218,7 @@ def load_data(cfg: DictConfig) -> dict:
     """The task data of the config's trials, as tensors (from the on-disk cache once built)."""
     from mad_search import tasks
     from mad_search.spec import parse
-    from mad_search.study import plans_for
+    from mad_search.sweep import plans_for
 
     task_cfgs = [dict(OmegaConf.to_container(cfg.task, resolve=True))]
     first = parse(cfg.search.reference[0], check=False)
@@ -232,10 +233,9 @@ def warm_up(cfg: DictConfig) -> None:
     own inside the pool's wall time."""
     import dataclasses
 
-    from mad_search.run import build_model
     from mad_search.spec import parse
-    from mad_search.study import plans_for
-    from mad_search.train import train
+    from mad_search.sweep import plans_for
+    from mad_search.train import train_plan
 
     tiny = {split: tuple(t[:4] for t in pair) for split, pair in load_data(cfg).items()}
     task_cfgs = [dict(OmegaConf.to_container(cfg.task, resolve=True))]
@@ -244,7 +244,7 @@ def warm_up(cfg: DictConfig) -> None:
         steps = dataclasses.replace(
             plan.train, max_steps=1, eval_every=1, batch_size=2, eval_batch_size=4
         )
-        train(build_model(plan), tiny, steps, plan.task_info.num_classes)
+        train_plan(dataclasses.replace(plan, train=steps), tiny)
 
 
 def enqueue(study: optuna.Study, patterns: Sequence[str]) -> None:
@@ -563,13 +563,6 @@ def ranking(values: dict[str, float]) -> list[dict]:
 
 
 # --- environment ---------------------------------------------------------------------------
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def machine() -> dict:

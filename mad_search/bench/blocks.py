@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mad_search.bench import BenchError, _official_xlstm
+from mad_search.settings import available_cores
 
 DEFAULTS: dict[str, Any] = {
     "d_model": 128,
@@ -59,7 +60,7 @@ def run(**options: Any) -> dict:
     official_names = [n for n in _official_xlstm.NAMES if n in names] if official_ok else []
 
     previous_threads = torch.get_num_threads()
-    threads = opts["threads"] or _available_cores()
+    threads = opts["threads"] or available_cores()
     torch.set_num_threads(threads)
     try:
         rows = []
@@ -283,13 +284,6 @@ def _accepted(cls, candidates: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in candidates.items() if k in params}
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _machine(threads: int) -> dict:
     return {
         "torch": torch.__version__,
@@ -297,7 +291,7 @@ def _machine(threads: int) -> dict:
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "cores_available": _available_cores(),
+        "cores_available": available_cores(),
         "threads": threads,
         "interop_threads": torch.get_num_interop_threads(),
     }

@@ -133,7 +133,7 @@ def run(**options: Any) -> dict:
         "machine": common.machine(),
         "serial_baseline": (
             f"in-process, one trial at a time (study.optimize n_jobs=1), torch threads "
-            f"{serial_threads} (cores: {cores}), model from mad_search.run.build_model with a "
+            f"{serial_threads} (cores: {cores}), model from mad_search.train.train_plan with a "
             "dense nn.Embedding, mad_search.train.train with AdamW on everything; no pool"
         ),
         "optuna_n_jobs_mode": (

@@ -159,7 +159,7 @@ def run(**options: Any) -> dict:
         },
         "independent_setup": (
             f"W processes, each study.optimize(objective, n_trials=k) on one {opts['storage']} "
-            "storage; objective: mad_search.run.build_model (dense nn.Embedding) + "
+            "storage; objective: mad_search.train.train_plan (dense nn.Embedding) + "
             "mad_search.train.train (AdamW on everything)"
         ),
         "timing": "from launching the setup's processes to its last trial told",

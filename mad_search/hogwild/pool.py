@@ -8,15 +8,11 @@ replaces it.
 from __future__ import annotations
 
 import multiprocessing
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING, Any
 
-from mad_search.hogwild._entry import worker_entry
-
-if TYPE_CHECKING:
-    from mad_search.hogwild.worker import TrialJob
+from mad_search.hogwild.messages import Stop, TrialJob
+from mad_search.hogwild.worker import worker_main
 
 # A worker that dies before it ever says ready, this many times in a row on one slot, stops the
 # study (an import error or a broken environment would otherwise restart it forever).
@@ -36,16 +32,13 @@ class Slot:
     pid: int | None = None
     ready: bool = False
     failed_starts: int = 0  # consecutive deaths before "ready"
-    started: float = 0.0
-    info: dict = field(default_factory=dict)
 
 
 class WorkerPool:
     """``workers`` spawned processes, ``threads`` torch threads each. Shared tables and task data
     travel with each job (torch shares their memory; nothing is copied).
 
-    Creating a pool returns at once (it does not import torch here): the workers import while
-    the coordinator goes on setting up.
+    Creating a pool returns at once: the workers import while the coordinator goes on setting up.
     """
 
     def __init__(self, workers: int, threads: int):
@@ -59,7 +52,7 @@ class WorkerPool:
     def _start(self, slot: Slot) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
         proc = self.ctx.Process(
-            target=worker_entry,
+            target=worker_main,
             name=f"mad-search-worker-{slot.index}",
             args=(slot.index, child, self.threads),
             daemon=True,
@@ -95,14 +88,11 @@ class WorkerPool:
     def free_slots(self) -> list[Slot]:
         return [s for s in self.slots if s.ready and s.job is None]
 
-    def busy(self) -> list[Slot]:
-        return [s for s in self.slots if s.job is not None]
-
     def submit(self, slot: Slot, job: TrialJob) -> None:
         import torch.multiprocessing  # noqa: F401  (torch's pickling of shared-memory tensors)
 
         slot.job = job
-        slot.conn.send(("job", job))
+        slot.conn.send(job)
 
     def wait(self, timeout: float) -> list[tuple[Slot, object]]:
         """Messages that arrived (slot, message); a dead worker yields (slot, None)."""
@@ -131,7 +121,7 @@ class WorkerPool:
     def close(self, timeout: float = 5.0) -> None:
         for slot in self.slots:
             try:
-                slot.conn.send(("stop",))
+                slot.conn.send(Stop())
             except (OSError, BrokenPipeError):
                 pass
         for slot in self.slots:
@@ -146,25 +136,3 @@ class WorkerPool:
                 slot.process.kill()
         for slot in self.slots:
             slot.process.join(timeout=5)
-
-
-def pool_shape(hogwild: dict[str, Any]) -> tuple[int, int]:
-    """(workers, threads per worker) from ``hogwild`` settings; ``auto`` (or unset) means one
-    worker per core and cores // workers threads each. Raises ValueError (one line)."""
-    workers = hogwild.get("workers", "auto")
-    workers = default_workers() if workers in ("auto", None) else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0:
-        raise ValueError(f"hogwild.workers must be a positive integer or auto, got {workers!r}")
-    threads = hogwild.get("threads_per_worker", "auto")
-    threads = max(1, default_workers() // workers) if threads in ("auto", None) else threads
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0:
-        raise ValueError(
-            f"hogwild.threads_per_worker must be a positive integer or auto, got {threads!r}"
-        )
-    return workers, threads
-
-
-def default_workers() -> int:
-    return max(
-        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )

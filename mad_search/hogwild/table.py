@@ -72,17 +72,6 @@ class SharedTable:
         """Global number of updates written so far (all workers)."""
         return int(self.writes.sum())
 
-    def private_copy(self) -> SharedTable:
-        """A table with the same initial weights that no other worker sees (the control)."""
-        other = SharedTable.__new__(SharedTable)
-        other.vocab_size, other.d_model, other.rule = self.vocab_size, self.d_model, self.rule
-        other.weight, other.accum = self.weight.clone(), self.accum.clone()
-        other.writes, other.skipped = self.writes.clone().zero_(), self.skipped.clone().zero_()
-        other.last_writer = self.last_writer.clone().fill_(-1)
-        other.last_write = self.last_write.clone().zero_()
-        other.touches = self.touches.clone().zero_()
-        return other
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 

@@ -1,12 +1,10 @@
 """A Hogwild worker process: trains the trials the coordinator hands it, one at a time.
 
 Each trial builds its own blocks, norms and head (private to this process) and attaches the shared
-embedding table of its task (:class:`~mad_search.hogwild.table.TableEmbedding`). Workers never
-open the Optuna storage: everything goes through their pipe to the coordinator.
-
-Messages to the coordinator: ``("ready", slot, pid)``, ``("report", number, step, value)`` (the
-coordinator answers ``"continue"`` or ``"prune"``), ``("done", number, result)``,
-``("pruned", number, result)``, ``("failed", number, reason, result)``.
+embedding table of its task (:class:`~mad_search.hogwild.table.TableEmbedding`), through
+:func:`mad_search.train.train_plan` like every other run. Workers never open the Optuna storage:
+everything goes through their pipe to the coordinator, in the messages of
+:mod:`mad_search.hogwild.messages`.
 """
 
 from __future__ import annotations
@@ -16,30 +14,12 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mad_search.hogwild.messages import Ready, Report, Stop, TrialEnd, TrialJob, Verdict
 from mad_search.hogwild.table import NonFiniteUpdate, SharedTable, TableEmbedding
-
-
-@dataclass
-class TrialJob:
-    """Everything a worker needs to run one trial (picklable)."""
-
-    number: int
-    plans: list  # one mad_search.plan.RunPlan per task
-    table_keys: list[str]  # key of each task's shared table
-    tables: dict = field(default_factory=dict)  # key -> SharedTable (shared memory, not copied)
-    data: list = field(default_factory=list)  # per task: {split: (inputs, targets)}, shared memory
-    block_modules: list[str] = field(default_factory=list)
-    embedding: str = "shared"  # shared | private
-    lr: float = 0.05
-    rule: str = "adagrad"
-    max_nonfinite: int = 3
-    device: str = "cpu"
-    table_seed: int = 0
 
 
 def table_key(task_name: str, settings: dict, d_model: int) -> str:
@@ -64,9 +44,9 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
     from mad_search.model import count_params
-    from mad_search.run import build_model
-    from mad_search.train import train
+    from mad_search.train import train_plan
 
+    hog = job.hogwild
     for module in job.block_modules:
         blocks.load_module(module)
     per_task, stats_all, pruned = [], [], False
@@ -74,43 +54,34 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
         "slot": slot,
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "device": job.device,
+        "device": hog.device,
         "backend": "torch",
         "tasks": per_task,
     }
     offset = 0
     for plan, key, data in zip(job.plans, job.table_keys, job.data):
-        torch.manual_seed(plan.seed + job.number)
-        model = build_model(plan)
-        if job.embedding == "shared":
-            table = job.tables[key]
+        if hog.embedding == "shared":
+            table, writer = job.tables[key], slot
         else:  # the control: a table of this trial's own, same initial weights
+            info = plan.task_info
             table = SharedTable(
-                plan.task_info.vocab_size,
-                plan.d_model,
-                1,
-                seed=job.table_seed,
-                rule=job.rule,
-                share=False,
+                info.vocab_size, plan.d_model, 1, seed=hog.seed, rule=hog.rule, share=False
             )
-        emb = TableEmbedding(
-            table, slot if job.embedding == "shared" else 0, job.lr, job.max_nonfinite
-        )
-        model.embedding = emb
-        step_offset = offset
+            writer = 0
+        emb = TableEmbedding(table, writer, hog.lr, hog.max_nonfinite)
 
-        def on_eval(step: int, metrics: dict, _off=step_offset) -> bool:
-            conn.send(("report", job.number, _off + step, float(metrics["accuracy"])))
-            return conn.recv() == "prune"
+        def on_eval(step: int, metrics: dict, _off=offset) -> bool:
+            conn.send(Report(job.number, _off + step, float(metrics["accuracy"])))
+            verdict: Verdict = conn.recv()
+            return verdict.prune
 
-        res = train(
-            model,
+        model, res = train_plan(
+            plan,
             data,
-            plan.train,
-            plan.task_info.num_classes,
+            embedding=emb,
             on_eval=on_eval,
-            device=job.device,
-            embedding_step=emb.apply_update,
+            seed=plan.seed + job.number,
+            device=hog.device,
         )
         offset += plan.train.max_steps
         stats = emb.stats.as_dict()
@@ -156,32 +127,26 @@ def worker_main(slot: int, conn, threads: int) -> None:
     # Import everything a trial needs before saying ready (the coordinator is still setting up
     # meanwhile), so the first trial does not pay for it.
     import blocks  # noqa: F401
-    import mad_search.run  # noqa: F401
+    import mad_search.train  # noqa: F401
     from mad_search.train import Diverged
 
-    conn.send(("ready", slot, os.getpid()))
+    conn.send(Ready(slot, os.getpid()))
     while True:
         try:
-            msg = conn.recv()
+            job = conn.recv()
         except EOFError:
             return
-        if msg[0] == "stop":
+        if isinstance(job, Stop):
             return
-        job: TrialJob = msg[1]
         t0 = time.perf_counter()
         try:
             status, result = run_trial(job, slot, conn)
             result["wall_seconds"] = time.perf_counter() - t0
-            conn.send((status, job.number, result))
+            end = TrialEnd(job.number, status, result)
         except (Diverged, NonFiniteUpdate) as exc:
-            conn.send(("failed", job.number, f"diverged: {exc}", {"slot": slot}))
+            end = TrialEnd(job.number, "failed", {"slot": slot}, f"diverged: {exc}")
         except Exception as exc:  # a broken trial must not take the worker down
             tb = traceback.format_exc(limit=3)
-            conn.send(
-                (
-                    "failed",
-                    job.number,
-                    f"{type(exc).__name__}: {exc}",
-                    {"slot": slot, "traceback": tb},
-                )
-            )
+            result = {"slot": slot, "traceback": tb}
+            end = TrialEnd(job.number, "failed", result, f"{type(exc).__name__}: {exc}")
+        conn.send(end)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mad_search.tasks.registry import register
 from mad_search.tasks.splits import synthetic_splits
 from mad_search.tasks.task import (
     IGNORE_INDEX,
@@ -71,8 +72,10 @@ def sample(settings: dict, count: int, training: bool, rng: np.random.Generator,
     return inputs, targets
 
 
-TASKS = [
-    Task(
+@register(NAME, order=50)
+def compression() -> Task:
+    """Compression (mad-lab): an encoder-decoder reconstructs the clean input."""
+    return Task(
         name=NAME,
         defaults=DEFAULTS,
         check=_check,
@@ -80,4 +83,3 @@ TASKS = [
                                 encoder_decoder=True),
         splits=lambda s, seed: synthetic_splits(NAME, s, seed, sample),
     )
-]

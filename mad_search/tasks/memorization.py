@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mad_search.tasks.registry import register
 from mad_search.tasks.splits import synthetic_splits
 from mad_search.tasks.task import (
     IGNORE_INDEX,
@@ -92,12 +93,13 @@ def sample(settings: dict, count: int, training: bool, rng: np.random.Generator,
     return inputs, targets
 
 
-TASKS = [
-    Task(
+@register(NAME, order=60)
+def memorization() -> Task:
+    """Memorization (mad-lab): one fixed key->value map."""
+    return Task(
         name=NAME,
         defaults=DEFAULTS,
         check=_check,
         info=lambda s: TaskInfo(vocab_size=s["vocab_size"], seq_len=s["seq_len"]),
         splits=lambda s, seed: synthetic_splits(NAME, s, seed, sample, prepare=key_value_map),
     )
-]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mad_search.tasks.registry import register
 from mad_search.tasks.splits import synthetic_splits
 from mad_search.tasks.task import (
     IGNORE_INDEX,
@@ -355,28 +356,39 @@ def _fuzzy_cost(settings: dict) -> int:
     return settings["seq_len"] * (settings["k_motif_size"] + settings["v_motif_size"] + 4)
 
 
-TASKS = [
-    Task(
+@register("in_context_recall", order=10)
+def in_context_recall() -> Task:
+    """In-context recall (mad-lab)."""
+    return Task(
         name="in_context_recall",
         defaults=RECALL_DEFAULTS,
         check=_check_recall("in_context_recall"),
         info=_recall_info,
         splits=lambda s, seed: synthetic_splits("in_context_recall", s, seed, sample_recall),
-    ),
-    Task(
-        name="noisy_in_context_recall",
-        defaults=NOISY_DEFAULTS,
-        check=_check_recall("noisy_in_context_recall"),
-        info=_recall_info,
-        splits=lambda s, seed: synthetic_splits("noisy_in_context_recall", s, seed,
-                                                sample_recall),
-    ),
-    Task(
+    )
+
+
+@register("fuzzy_in_context_recall", order=20)
+def fuzzy_in_context_recall() -> Task:
+    """Fuzzy in-context recall (mad-lab): keys and values are motifs of several tokens."""
+    return Task(
         name="fuzzy_in_context_recall",
         defaults=FUZZY_DEFAULTS,
         check=_check_fuzzy,
         info=_fuzzy_info,
         splits=lambda s, seed: synthetic_splits("fuzzy_in_context_recall", s, seed, sample_fuzzy,
                                                 row_cost=_fuzzy_cost(s)),
-    ),
-]
+    )
+
+
+@register("noisy_in_context_recall", order=30)
+def noisy_in_context_recall() -> Task:
+    """Noisy in-context recall (mad-lab): noise tokens between the pairs."""
+    return Task(
+        name="noisy_in_context_recall",
+        defaults=NOISY_DEFAULTS,
+        check=_check_recall("noisy_in_context_recall"),
+        info=_recall_info,
+        splits=lambda s, seed: synthetic_splits("noisy_in_context_recall", s, seed,
+                                                sample_recall),
+    )

@@ -1,7 +1,8 @@
 """What a task is: its defaults, its settings checks, its shape (:class:`TaskInfo`), its splits.
 
-Every task module (``recall``, ``copying``, ``compression``, ``memorization``, ``mqar``, ``text``)
-builds one or more :class:`Task` records; ``mad_search.tasks`` keeps them in a table by name.
+Every task module (``recall``, ``copying``, ``compression``, ``memorization``, ``mqar``, ``text``,
+or a plug-in's) registers one or more :class:`Task` records with
+:func:`mad_search.tasks.register` (:mod:`mad_search.tasks.registry` keeps them by name).
 Settings are checked here, at the edge, with one-line errors that name the setting and say
 what would be valid; the generators trust what they are given.
 """
@@ -15,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from mad_search.errors import UserError
+
+IGNORE_INDEX = -100  # a target that is neither trained on nor scored (PyTorch's default)
 
 # Settings every task has (names as in mad-lab's MADConfig and zoology's configs).
 SIZE_KEYS = ("num_train_examples", "num_test_examples", "num_valid_examples")
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task name or task setting that cannot be honoured. The message is one line."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mad_search.tasks.cache import cache_dir, quiet_datasets
+from mad_search.tasks.registry import register
 from mad_search.tasks.task import Task, TaskInfo, as_float, as_int, check_sizes, fail
 
 NAME = "text"
@@ -194,8 +195,10 @@ def _splits(settings: dict, seed: int) -> dict:
     return out
 
 
-TASKS = [
-    Task(
+@register(NAME, order=80)
+def text() -> Task:
+    """Language modelling on local text files."""
+    return Task(
         name=NAME,
         defaults=DEFAULTS,
         check=_check,
@@ -203,4 +206,3 @@ TASKS = [
         splits=_splits,
         identity=_identity,
     )
-]

@@ -1,2 +1,3 @@
-"""Example third-party blocks for mad-search (registered through the ``mad_search.blocks``
-entry-point group in ``pyproject.toml``; nothing to import by hand)."""
+"""Example third-party blocks and tasks for mad-search (registered through the
+``mad_search.blocks`` and ``mad_search.tasks`` entry-point groups in ``pyproject.toml``;
+nothing to import by hand)."""

@@ -1,0 +1,200 @@
+"""Study and Hogwild settings, typed and validated once (as
+:class:`~mad_search.train.TrainConfig` is for training).
+
+Each ``from_config`` lays the user's section over its packaged defaults
+(``conf/study/default.yaml``, ``conf/hogwild/default.yaml``: the one place those defaults are
+written), refuses unknown keys and bad values with one line, and resolves ``auto``. A light
+module: a Hogwild worker unpickles :class:`HogwildSettings` with every job and need not import
+OmegaConf or Optuna to do so.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from mad_search.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "successive_halving", "hyperband", "none")
+
+
+def packaged_config(path: str) -> dict:
+    """A YAML file of the packaged config tree (``conf/<path>``) as a plain dict."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(resources.files("conf").joinpath(path)))
+
+
+def _settings(section: str, node: Any, default_file: str) -> dict:
+    """``node`` laid over the packaged defaults of ``section``; unknown keys refused."""
+    from mad_search.config import to_plain
+
+    defaults = packaged_config(default_file)
+    given = dict(to_plain(node) or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown {section} setting {unknown[0]!r}; valid: {', '.join(sorted(defaults))}"
+        )
+    return {**defaults, **given}
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _positive_int(value: Any, key: str, extra: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer{extra}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class HogwildSettings:
+    """The ``hogwild`` group, validated (defaults: ``conf/hogwild/default.yaml``)."""
+
+    workers: int
+    threads_per_worker: int
+    embedding: str  # shared | private
+    device: str  # cpu | cuda
+    rule: str  # sgd | adagrad
+    lr: float
+    max_nonfinite: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, node: Any) -> HogwildSettings:
+        s = _settings("hogwild", node, "hogwild/default.yaml")
+        workers = available_cores() if s["workers"] in ("auto", None) else s["workers"]
+        workers = _positive_int(workers, "hogwild.workers", " or auto")
+        threads = s["threads_per_worker"]
+        if threads in ("auto", None):
+            threads = max(1, available_cores() // workers)
+        threads = _positive_int(threads, "hogwild.threads_per_worker", " or auto")
+        if s["embedding"] not in ("shared", "private"):
+            raise ConfigError(
+                f"hogwild.embedding must be 'shared' or 'private', got {s['embedding']!r}"
+            )
+        device = str(s["device"])
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"hogwild.device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("hogwild.device=cuda but no CUDA device is available; use cpu")
+        if s["rule"] not in ("sgd", "adagrad"):
+            raise ConfigError(f"hogwild.rule must be sgd or adagrad, got {s['rule']!r}")
+        lr = s["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ConfigError(f"hogwild.lr must be positive, got {lr!r}")
+        max_nonfinite = s["max_nonfinite"]
+        if (
+            isinstance(max_nonfinite, bool)
+            or not isinstance(max_nonfinite, int)
+            or max_nonfinite < 0
+        ):
+            raise ConfigError(
+                f"hogwild.max_nonfinite must be an integer >= 0, got {max_nonfinite!r}"
+            )
+        if isinstance(s["seed"], bool) or not isinstance(s["seed"], int):
+            raise ConfigError(f"hogwild.seed must be an integer, got {s['seed']!r}")
+        return cls(
+            workers=workers,
+            threads_per_worker=threads,
+            embedding=s["embedding"],
+            device=device,
+            rule=s["rule"],
+            lr=float(lr),
+            max_nonfinite=max_nonfinite,
+            seed=s["seed"],
+        )
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The ``study`` group, validated (defaults: ``conf/study/default.yaml``)."""
+
+    name: str
+    storage: str
+    n_trials: int
+    timeout: float | None
+    direction: str
+    tasks: list | None
+    sampler: dict
+    pruner: dict
+
+    @classmethod
+    def from_config(cls, node: Any) -> StudySettings:
+        s = _settings("study", node, "study/default.yaml")
+        if not isinstance(s["name"], str) or not s["name"]:
+            raise ConfigError(f"study.name must be a non-empty string, got {s['name']!r}")
+        n_trials = s["n_trials"]
+        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials <= 0:
+            raise ConfigError(f"study.n_trials must be a positive integer, got {n_trials!r}")
+        timeout = s["timeout"]
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise ConfigError(
+                f"study.timeout must be a positive number of seconds or null, got {timeout!r}"
+            )
+        if s["direction"] != "maximize":
+            raise ConfigError(
+                "study.direction must be maximize (the objective is validation accuracy)"
+            )
+        settings = cls(
+            name=s["name"],
+            storage=s["storage"],
+            n_trials=n_trials,
+            timeout=timeout,
+            direction=s["direction"],
+            tasks=list(s["tasks"]) if s["tasks"] else None,
+            sampler=dict(s["sampler"] or {}),
+            pruner=dict(s["pruner"] or {}),
+        )
+        settings.make_sampler()  # bad sampler or pruner options fail here
+        settings.make_pruner()
+        return settings
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        import optuna
+
+        spec = dict(self.sampler)
+        name = spec.pop("name", "tpe")
+        if name not in SAMPLERS:
+            raise ConfigError(f"study.sampler.name {name!r} unknown; valid: {', '.join(SAMPLERS)}")
+        try:
+            if name == "tpe":
+                spec.setdefault("constant_liar", True)
+                return optuna.samplers.TPESampler(**spec)
+            return optuna.samplers.RandomSampler(**spec)
+        except TypeError as exc:
+            raise ConfigError(f"study.sampler ({name}): {exc}") from None
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        import optuna
+
+        spec = dict(self.pruner)
+        name = spec.pop("name", "median")
+        if name not in PRUNERS:
+            raise ConfigError(f"study.pruner.name {name!r} unknown; valid: {', '.join(PRUNERS)}")
+        try:
+            if name == "median":
+                return optuna.pruners.MedianPruner(**spec)
+            if name == "successive_halving":
+                return optuna.pruners.SuccessiveHalvingPruner(**spec)
+            if name == "hyperband":
+                return optuna.pruners.HyperbandPruner(**spec)
+            return optuna.pruners.NopPruner()
+        except TypeError as exc:
+            raise ConfigError(f"study.pruner ({name}): {exc}") from None

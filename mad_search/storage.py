@@ -1,0 +1,130 @@
+"""The study's storage: URL checks and masking, SQLite pragmas, opening the database.
+
+The coordinator is the only process that opens the storage. :class:`StudyStorage` checks a URL
+at config time (before any worker starts) and opens it once: a server is connected to during the
+check, so an unreachable one fails there; a local SQLite file is only checked then (its folder
+can be made and written) and opened while the workers import, since importing the database layer
+costs half a second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mad_search.errors import ConfigError
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def mask_url(url: str) -> str:
+    """The storage URL with any password replaced by ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URL (None for other URLs and in-memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+class StudyStorage:
+    """A checked storage URL that is opened once, on first :meth:`open`."""
+
+    def __init__(self, url: str):
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(
+                f"study.storage must be a database URL like sqlite:///outputs/mad_search.db "
+                f"or postgresql://user:pass@host/db, got {mask_url(str(url))!r}"
+            )
+        self.url = url
+        self._opened: optuna.storages.BaseStorage | None = None
+        if sqlite_file(url) is not None:
+            _check_sqlite_path(url)  # a local file: checked now, opened later
+        else:
+            self.open()  # a server (or anything else): connect now, so an unreachable one fails
+
+    @property
+    def masked(self) -> str:
+        return mask_url(self.url)
+
+    @property
+    def opened(self) -> bool:
+        return self._opened is not None
+
+    def open(self) -> optuna.storages.BaseStorage:
+        if self._opened is None:
+            self._opened = _open(self.url)
+        return self._opened
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """Check and open the study storage; one clear line, password masked, if it fails."""
+    return StudyStorage(url).open()
+
+
+def _open(url: str) -> optuna.storages.RDBStorage:
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
+        )
+    except Exception as exc:  # unreachable host, bad driver, malformed URL...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = reason.replace(url, mask_url(url))
+        raise ConfigError(f"cannot open study storage {mask_url(url)}: {reason[:300]}") from None
+    if sqlite_file(url) is not None:
+        _sqlite_wal(storage)
+    return storage
+
+
+def _check_sqlite_path(url: str) -> None:
+    """Create a SQLite file's folder and check the file can be written, without opening it
+    (``sqlalchemy`` is not imported); ConfigError (one line) otherwise."""
+    path = sqlite_file(url)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"cannot open study storage {mask_url(url)}: a file is in the way of the folder "
+            f"{path.parent}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot open study storage {mask_url(url)}: {exc.strerror}: {exc.filename}"
+        ) from None
+    target = path if path.exists() else path.parent
+    if path.is_dir() or not os.access(target, os.R_OK | os.W_OK):
+        why = "is a directory" if path.is_dir() else "is not writable"
+        raise ConfigError(f"cannot open study storage {mask_url(url)}: {target} {why}")
+
+
+def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
+    """Write-ahead logging for a SQLite study file, synced at checkpoints rather than at every
+    commit. The coordinator writes about 30 user attributes per trial, each its own Optuna
+    commit; with SQLite's default rollback journal each one waits for an fsync (measured here:
+    5.3 ms each, 0.16 s per trial during which a freed worker waits for its next trial; 1.5 ms
+    each with WAL). WAL also lets optuna-dashboard read the file while the coordinator writes. A
+    crash can lose the last commits but never corrupts the file (SQLite's guarantee for WAL +
+    synchronous=NORMAL)."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # connections opened before the listener: reopen with it

@@ -1,0 +1,190 @@
+"""A sweep's configuration, checked once: the study and Hogwild settings (typed), the search
+space, the tasks, and the run plan of each trial.
+
+:func:`validate_sweep` checks everything before any worker starts and returns a
+:class:`SweepPlan`; :func:`plans_for` turns one trial's suggested overrides into one validated
+:class:`~mad_search.plan.RunPlan` per task. Every problem is a one-line
+:class:`~mad_search.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import blocks
+from mad_search import space as space_mod
+from mad_search import tasks
+from mad_search.config import resolve, to_plain
+from mad_search.errors import ConfigError
+from mad_search.plan import RunPlan
+from mad_search.settings import HogwildSettings, StudySettings, packaged_config
+from mad_search.storage import StudyStorage
+
+# Settings a single run honours that a sweep does not (the pool decides them), with the value
+# that means "not set" and what to use instead. Setting one in a sweep is refused, not ignored.
+SWEEP_IGNORES: dict[str, tuple[Any, str]] = {
+    "device": ("cpu", "the pool's workers use hogwild.device"),
+    "threads": (None, "each worker uses hogwild.threads_per_worker"),
+    "train.embedding_optimizer": (
+        "adamw",
+        "the shared table is trained by hogwild.rule and hogwild.lr",
+    ),
+    "train.embedding_lr": (None, "the shared table is trained by hogwild.rule and hogwild.lr"),
+    "model.sparse_embedding": (False, "every trial's embedding is the Hogwild table"),
+}
+
+
+def _refuse_ignored(cfg: Any, params: dict) -> None:
+    for key, (unset, instead) in SWEEP_IGNORES.items():
+        value = OmegaConf.select(cfg, key, default=unset) if OmegaConf.is_config(cfg) else unset
+        if key in params or value != unset:
+            shown = f"search.params.{key}" if key in params else f"{key}={value!r}"
+            raise ConfigError(f"{shown} is not used in a sweep ({instead}); remove it")
+
+
+@dataclass
+class SweepPlan:
+    """A sweep checked from end to end: what the coordinator needs to run it."""
+
+    cfg: DictConfig
+    space: dict
+    task_cfgs: list[dict]
+    study: StudySettings
+    hogwild: HogwildSettings
+    storage: StudyStorage
+    block_modules: list[str] = field(default_factory=list)
+    probe_plans: list[RunPlan] = field(default_factory=list)
+
+
+def task_cfgs(cfg: Any, study: StudySettings) -> list[dict]:
+    """The tasks each trial trains on: ``study.tasks`` (names or mappings) or the ``task``
+    group. A listed task starts from its ``conf/task`` YAML (a plug-in task without one: its
+    registered defaults)."""
+    if not study.tasks:
+        return [dict(to_plain(cfg.get("task")))]
+    out = []
+    for item in study.tasks:
+        item = dict(to_plain(item)) if not isinstance(item, str) else {"name": item}
+        name = item.get("name")
+        if name not in tasks.names():
+            raise ConfigError(
+                f"study.tasks names unknown task {name!r}; valid: {', '.join(tasks.names())}"
+            )
+        yaml_file = resources.files("conf").joinpath("task", f"{name}.yaml")
+        base = (
+            packaged_config(f"task/{name}.yaml")
+            if yaml_file.is_file()
+            else {
+                "name": name,
+                **tasks.defaults(name),
+            }
+        )
+        base.update(item)
+        out.append(base)
+    return out
+
+
+def _apply(cfg: DictConfig, overrides: dict[str, Any]) -> DictConfig:
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_struct(out, False)
+    for key, value in overrides.items():
+        OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def _has_interpolation(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(_has_interpolation(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_interpolation(v) for v in node)
+    return isinstance(node, str) and "${" in node
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for key ``a.b.c`` (what ``OmegaConf.update(merge=False)`` does
+    on a config), creating missing levels."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"cannot set {key}: {'.'.join(parents[: i + 1])} is {child!r}, not a mapping"
+            )
+        node = child
+    node[leaf] = value
+
+
+def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any]) -> list[RunPlan]:
+    """One validated run plan per task for a trial's overrides.
+
+    The coordinator calls this for every probe at start-up and for every trial, so it works on
+    plain containers (a deep copy of an OmegaConf tree costs about ten times more); a config
+    with interpolations takes the OmegaConf path, so they see the overridden values."""
+    # to_container builds a fresh tree, ours to change; a plain dict is the caller's: copy it.
+    is_config = OmegaConf.is_config(cfg)
+    base = OmegaConf.to_container(cfg, resolve=False) if is_config else copy.deepcopy(cfg)
+    if _has_interpolation(base):
+        trial_cfg: Any = _apply(cfg, overrides)
+    else:
+        trial_cfg = base
+        for key, value in overrides.items():
+            _set_dotted(trial_cfg, key, copy.deepcopy(to_plain(value)))
+    out = []
+    for task_cfg in task_cfgs:
+        if isinstance(trial_cfg, dict):
+            c: Any = {**trial_cfg, "task": copy.deepcopy(task_cfg)}
+        else:
+            c = copy.deepcopy(trial_cfg)
+            c.task = OmegaConf.create(task_cfg)
+        plan = resolve(c)
+        out.append(dataclasses.replace(plan, train=dataclasses.replace(plan.train, progress=False)))
+    return out
+
+
+def validate_sweep(cfg: DictConfig) -> SweepPlan:
+    """Check the whole sweep before any worker starts; raises a one-line ``UserError``."""
+    study = StudySettings.from_config(cfg.get("study"))
+    hogwild = HogwildSettings.from_config(cfg.get("hogwild"))
+    block_modules = list(to_plain(cfg.model.get("block_modules")) or [])
+    for module in block_modules:
+        blocks.load_module(module)
+    search = to_plain(cfg.get("search"))
+    patterns = space_mod.validate(search, blocks.names())
+    params = (search or {}).get("params") or {}
+    _refuse_ignored(cfg, params)
+    d_dist = params.get("model.d_model")
+    if d_dist is not None and d_dist["type"] != "categorical":
+        raise ConfigError(
+            "search.params.model.d_model must be categorical (one shared embedding "
+            "table per task and width)"
+        )
+    tasks_ = task_cfgs(cfg, study)
+    # Probe plans: every pattern x every categorical choice (bounded) must resolve and build.
+    cats = {k: v["choices"] for k, v in params.items() if v["type"] == "categorical"}
+    keys = list(cats)
+    combos = list(itertools.islice(itertools.product(*cats.values()), 64)) or [()]
+    probe_plans = []
+    for layers in patterns or [None]:
+        for combo in combos:
+            overrides = dict(zip(keys, combo))
+            if layers is not None:
+                overrides["model.pattern"] = layers
+            probe_plans += plans_for(cfg, tasks_, overrides)
+    return SweepPlan(
+        cfg=cfg,
+        space=search,
+        task_cfgs=tasks_,
+        study=study,
+        hogwild=hogwild,
+        storage=StudyStorage(study.storage),
+        block_modules=block_modules,
+        probe_plans=probe_plans,
+    )

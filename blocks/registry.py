@@ -15,14 +15,13 @@ point names either
 from __future__ import annotations
 
 import importlib
-import inspect
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
 
 from blocks.base import BlockError
+from mad_search.plugins import load_group
 
 ENTRY_POINT_GROUP = "mad_search.blocks"
 
@@ -67,23 +66,16 @@ def load_entry_points() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        where = f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP}"
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plugin must not break the built-in blocks
-            raise BlockError(f"{where} failed to import: {' '.join(str(exc).split())}") from exc
-        if inspect.ismodule(obj):
-            continue  # importing it registered its blocks
-        if not callable(obj):
-            raise BlockError(f"{where} names a {type(obj).__name__}; expected a module, or a "
-                             "block class or factory")
-        if _REGISTRY.get(ep.name) is obj:
-            continue  # its @register decorator already registered it under this name
-        try:
-            register(ep.name)(obj)
-        except BlockError as exc:  # a name another class holds: say which entry point
-            raise BlockError(f"{where}: {exc}") from exc
+    load_group(ENTRY_POINT_GROUP, BlockError, _add_entry_point)
+
+
+def _add_entry_point(name: str, obj: Any) -> None:
+    if not callable(obj):
+        raise BlockError(
+            f"names a {type(obj).__name__}; expected a module, or a block class or factory"
+        )
+    if _REGISTRY.get(name) is not obj:  # else its @register decorator already did
+        register(name)(obj)
 
 
 def load_module(path: str) -> None:

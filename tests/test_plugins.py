@@ -24,7 +24,7 @@ from torch import nn
 
 import blocks
 from blocks import registry
-from mad_search import tasks
+from mad_search import plugins, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mad_search_plugin_example"
@@ -232,7 +232,7 @@ def fake_block_entry_points(scratch_registry, monkeypatch):
 
     def fake(*pairs):
         eps = [EntryPoint(name, value, blocks.ENTRY_POINT_GROUP) for name, value in pairs]
-        monkeypatch.setattr(registry, "entry_points",
+        monkeypatch.setattr(plugins, "entry_points",
                             lambda group: eps if group == blocks.ENTRY_POINT_GROUP else [])
         monkeypatch.setattr(registry, "_entry_points_loaded", False)
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from mad_search import tasks
+from mad_search import plugins, tasks
 from mad_search.tasks import Task, TaskError, TaskInfo
 from mad_search.tasks import registry as task_registry
 from mad_search.tasks.splits import synthetic_splits
@@ -784,7 +784,7 @@ def scratch_tasks(monkeypatch):
 
 def fake_entry_points(monkeypatch, *pairs):
     eps = [EntryPoint(name, value, tasks.ENTRY_POINT_GROUP) for name, value in pairs]
-    monkeypatch.setattr(task_registry, "entry_points",
+    monkeypatch.setattr(plugins, "entry_points",
                         lambda group: eps if group == tasks.ENTRY_POINT_GROUP else [])
 
 

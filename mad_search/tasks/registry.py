@@ -27,14 +27,13 @@ registered without an ``order`` (plug-ins, usually) come after every task that h
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any
 
+from mad_search.plugins import load_group, one_line
 from mad_search.tasks.task import Task, TaskError
 
 ENTRY_POINT_GROUP = "mad_search.tasks"
@@ -103,36 +102,28 @@ def _origin(obj: Any) -> str:
     return f"{getattr(obj, '__module__', type(obj).__module__)}.{qualname}"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def load_entry_points() -> None:
     """Load every entry point of the ``mad_search.tasks`` group (once per process)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        where = f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP}"
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plugin: one line, naming it
-            raise TaskError(f"{where} failed to import: {_one_line(exc)}") from exc
-        if inspect.ismodule(obj):
-            continue  # its import registered its tasks
-        if not (isinstance(obj, Task) or callable(obj)):
-            raise TaskError(f"{where} names a {type(obj).__name__}; expected a module, a Task or "
-                            "a zero-argument factory returning a Task")
-        held = _REGISTRY.get(ep.name)
-        if held is not None and held.source is obj:
-            continue  # its decorator registered it under this very name
-        try:
-            add(ep.name, obj)
-        except TaskError as exc:  # refused (name taken, not a Task...): say which entry point
-            raise TaskError(f"{where}: {exc}") from exc
-        except Exception as exc:  # the factory itself failed
-            raise TaskError(f"{where}: {_origin(obj)} failed: {_one_line(exc)}") from exc
+    load_group(ENTRY_POINT_GROUP, TaskError, _add_entry_point)
+
+
+def _add_entry_point(name: str, obj: Any) -> None:
+    if not (isinstance(obj, Task) or callable(obj)):
+        raise TaskError(f"names a {type(obj).__name__}; expected a module, a Task or a "
+                        "zero-argument factory returning a Task")
+    held = _REGISTRY.get(name)
+    if held is not None and held.source is obj:
+        return  # its decorator registered it under this very name
+    try:
+        add(name, obj)
+    except TaskError:
+        raise  # refused (name taken, not a Task...)
+    except Exception as exc:  # the factory itself failed
+        raise TaskError(f"{_origin(obj)} failed: {one_line(exc)}") from exc
 
 
 def names() -> list[str]:

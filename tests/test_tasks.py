@@ -950,3 +950,25 @@ def test_every_task_module_is_found_without_a_list():
                for n in BUILT_IN}
     assert origins == modules
     assert not any(hasattr(sys.modules[f"mad_search.tasks.{m}"], "TASKS") for m in modules)
+
+
+def test_a_registered_task_without_yaml_can_be_listed_in_a_sweep(scratch_tasks):
+    """``study.tasks`` names a task that has no conf/task YAML (a plug-in's): its registered
+    defaults are the base its listed settings override, and trial plans resolve on it."""
+    from hydra import compose, initialize_config_module
+
+    from mad_search.settings import StudySettings
+    from mad_search.sweep import plans_for, task_cfgs
+
+    tasks.register("sweep_counting")(lambda: counting_task("sweep_counting"))
+    vocab = int(np.random.default_rng().integers(4, 30))
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose("config", overrides=["+sweep=layer_patterns"])
+    study = StudySettings.from_config(
+        {"tasks": ["sweep_counting", {"name": "sweep_counting", "vocab_size": vocab}]}
+    )
+    plain, overridden = task_cfgs(cfg, study)
+    assert plain == {"name": "sweep_counting", **tasks.defaults("sweep_counting")}
+    assert overridden == {**plain, "vocab_size": vocab}
+    plans = plans_for(cfg, [plain, overridden], {"model.pattern": ["attention"]})
+    assert [p.task_info.vocab_size for p in plans] == [8, vocab]

@@ -11,6 +11,8 @@ import multiprocessing
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
+import torch.multiprocessing  # noqa: F401  (registers torch's pickling of shared-memory tensors)
+
 from mad_search.hogwild.messages import Stop, TrialJob
 from mad_search.hogwild.worker import worker_main
 
@@ -89,8 +91,6 @@ class WorkerPool:
         return [s for s in self.slots if s.ready and s.job is None]
 
     def submit(self, slot: Slot, job: TrialJob) -> None:
-        import torch.multiprocessing  # noqa: F401  (torch's pickling of shared-memory tensors)
-
         slot.job = job
         slot.conn.send(job)
 

@@ -18,15 +18,24 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import resolve
-    from mad_search.errors import UserError
+    from mad_search.errors import ConfigError, UserError
     from mad_search.hogwild.pool import WorkerStartError
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:
         if cfg.get("search") is not None:  # a sweep: +sweep=<name>
+            if cfg.get("protocol") is not None:
+                raise ConfigError(
+                    "a sweep scored by the MAD protocol (+sweep=... +protocol=mad) is not "
+                    "available yet; run +protocol=mad once per layer sequence"
+                )
             from mad_search.study import run_study
 
             return run_study(cfg, out_dir)
+        if cfg.get("protocol") is not None:  # the MAD protocol: +protocol=mad
+            from mad_search.protocol_run import run_protocol
+
+            return run_protocol(cfg, out_dir)
         from mad_search.run import run_single
 
         return run_single(resolve(cfg), out_dir)

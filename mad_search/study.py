@@ -17,31 +17,79 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from mad_search import report, tasks
-from mad_search import space as space_mod
 from mad_search.display import Progress
 from mad_search.errors import UserError
 from mad_search.hogwild import SharedTable, TrialJob, WorkerPool, share_task_data, table_key
 from mad_search.hogwild.messages import Ready, Report, TrialEnd, Verdict
 from mad_search.hogwild.pool import Slot
 from mad_search.plan import RunPlan
-from mad_search.sweep import SweepPlan, plans_for, validate_sweep
+from mad_search.settings import HogwildSettings, StudySettings
+from mad_search.storage import StudyStorage
+from mad_search.sweep import validate_sweep
 
 
 def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary."""
     sweep = validate_sweep(cfg)  # every config error before any worker starts
+    out = run_jobs(sweep, Path(out_dir))
+    summary = report.finish(
+        out.study,
+        Path(out_dir),
+        out.tables,
+        sweep,
+        out.wall_seconds,
+        out.restarts,
+        interrupted=out.interrupted,
+    )
+    if out.interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+class JobSource(Protocol):
+    """What the coordinator runs: a sweep (:class:`~mad_search.sweep.SweepPlan`) or a protocol
+    (:class:`~mad_search.protocol_run.ProtocolPlan`), checked before any worker starts."""
+
+    study: StudySettings
+    hogwild: HogwildSettings
+    storage: StudyStorage
+    block_modules: list[str]
+    probe_plans: list[RunPlan]  # every task configuration and width the jobs will need
+
+    def prepare(self, study: optuna.Study) -> tuple[int, str]: ...
+
+    def plans(self, trial: optuna.Trial) -> list[RunPlan]: ...
+
+    def job_fields(self, trial: optuna.Trial) -> dict: ...
+
+    def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str: ...
+
+
+@dataclass
+class Outcome:
+    study: optuna.Study
+    tables: dict[str, SharedTable]
+    wall_seconds: float
+    restarts: int
+    interrupted: bool
+
+
+def run_jobs(source: JobSource, out_dir: Path) -> Outcome:
+    """Start the pool and run ``source``'s trials through it."""
     # The workers import torch and the trial code while the coordinator builds the task data,
     # opens the study and creates the shared tables.
-    pool = WorkerPool(sweep.hogwild.workers, sweep.hogwild.threads_per_worker)
+    pool = WorkerPool(source.hogwild.workers, source.hogwild.threads_per_worker)
     try:
-        return Coordinator(sweep, pool, Path(out_dir)).run()
+        return Coordinator(source, pool, out_dir).run()
     finally:
         pool.kill_all()  # already stopped unless something went wrong
 
@@ -49,26 +97,28 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 class Coordinator:
     """One study run: open the study, keep every worker busy, record what they report."""
 
-    def __init__(self, sweep: SweepPlan, pool: WorkerPool, out_dir: Path):
-        self.sweep, self.pool, self.out_dir = sweep, pool, out_dir
+    def __init__(self, source: JobSource, pool: WorkerPool, out_dir: Path):
+        self.source, self.pool, self.out_dir = source, pool, out_dir
         self.task_data: dict[tuple, dict] = {}
         self.tables: dict[str, SharedTable] = {}
         self.running: dict[int, optuna.Trial] = {}  # trial number -> trial, while a worker has it
         self.ended: list[tuple[optuna.Trial, TrialEnd]] = []  # worker free, not yet recorded
+        self.labels: dict[int, str] = {}  # trial number -> how the display names it
         self.started = 0
-        self.progress = Progress(sweep.study.n_trials)
+        self.n_trials = source.study.n_trials  # until the source's prepare() says
+        self.progress = Progress(self.n_trials)
 
-    def run(self) -> dict:
-        sweep = self.sweep
+    def run(self) -> Outcome:
+        source = self.source
         self.out_dir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Task data is built (or loaded from the disk cache) once here and shared with the
         # workers; before the study is opened, so settings the generator cannot satisfy leave no
         # study behind.
-        for plan in sweep.probe_plans:
+        for plan in source.probe_plans:
             self._data(plan)
         self.study = self._open_study()
-        for plan in sweep.probe_plans:
+        for plan in source.probe_plans:
             self._table(plan)
         t_start = time.time()
         interrupted = self._loop(t_start)
@@ -77,42 +127,30 @@ class Coordinator:
             self._abandon_running()
         else:
             self.pool.close()
-        summary = report.finish(
-            self.study,
-            self.out_dir,
-            self.tables,
-            sweep,
-            time.time() - t_start,
-            self.pool.restarts,
-            interrupted=interrupted,
+        return Outcome(
+            self.study, self.tables, time.time() - t_start, self.pool.restarts, interrupted
         )
-        if interrupted:
-            raise KeyboardInterrupt
-        return summary
 
     # --- setting up ---------------------------------------------------------------------------
 
     def _open_study(self) -> optuna.Study:
-        sweep, settings = self.sweep, self.sweep.study
+        source, settings = self.source, self.source.study
         study = optuna.create_study(
             study_name=settings.name,
-            storage=sweep.storage.open(),
+            storage=source.storage.open(),
             direction=settings.direction,
             sampler=settings.make_sampler(),
             pruner=settings.make_pruner(),
             load_if_exists=True,
         )
         before = len(study.get_trials(deepcopy=False))
-        enqueued = _enqueue_references(study, sweep.space)
-        study.set_user_attr("search_space", json.loads(json.dumps(sweep.space, default=str)))
-        study.set_user_attr("sampler", settings.sampler)
-        study.set_user_attr("pruner", settings.pruner)
-        study.set_user_attr("tasks", [t["name"] for t in sweep.task_cfgs])
-        hog = sweep.hogwild
+        self.n_trials, prepared = source.prepare(study)
+        self.progress.total = self.n_trials
+        hog = source.hogwild
         print(
-            f"study {settings.name!r} at {sweep.storage.masked}: {before} trials so far, "
-            f"{enqueued} reference trials enqueued; {hog.workers} workers x "
-            f"{hog.threads_per_worker} threads, {hog.embedding} embedding"
+            f"study {settings.name!r} at {source.storage.masked}: {before} trials so far, "
+            f"{prepared}; {hog.workers} workers x {hog.threads_per_worker} threads, "
+            f"{hog.embedding} embedding"
         )
         return study
 
@@ -134,7 +172,7 @@ class Coordinator:
         seen (a budget can choose a width no probe had)."""
         key = table_key(plan.task_name, plan.task_settings, plan.d_model)
         if key not in self.tables:
-            hog = self.sweep.hogwild
+            hog = self.source.hogwild
             self.tables[key] = SharedTable(
                 plan.task_info.vocab_size,
                 plan.d_model,
@@ -153,7 +191,7 @@ class Coordinator:
         KeyboardInterrupt raised inside an SQLAlchemy query leaves that connection's read lock
         behind, and marking the running trials failed then fails with "database is locked". A
         second Ctrl-C gets Python's default behaviour back."""
-        settings = self.sweep.study
+        settings = self.source.study
         stop = _InterruptFlag()
         try:
             while not stop.raised:
@@ -161,13 +199,13 @@ class Coordinator:
                     settings.timeout is not None and time.time() - t_start > settings.timeout
                 )
                 for slot in self.pool.free_slots():
-                    if self.started >= settings.n_trials or timed_out or stop.raised:
+                    if self.started >= self.n_trials or timed_out or stop.raised:
                         break
                     self._start_trial(slot)
                 # Results are written after the freed workers have their next trial: a worker
                 # never waits for the storage (about 30 writes per trial).
                 self._record_ended()
-                if not self.running and (self.started >= settings.n_trials or timed_out):
+                if not self.running and (self.started >= self.n_trials or timed_out):
                     break
                 for slot, msg in self.pool.wait(0.5):
                     self._handle(slot, msg)
@@ -179,12 +217,11 @@ class Coordinator:
         return stop.raised
 
     def _start_trial(self, slot: Slot) -> None:
-        sweep, study, progress = self.sweep, self.study, self.progress
+        source, study, progress = self.source, self.study, self.progress
         trial = study.ask()
         self.started += 1
         try:
-            overrides = space_mod.suggest(trial, sweep.space)
-            plans = plans_for(sweep.cfg, sweep.task_cfgs, overrides)
+            plans = source.plans(trial)
         except UserError as exc:
             trial.set_user_attr("fail_reason", f"invalid suggestion: {exc}")
             study.tell(trial, state=TrialState.FAIL)
@@ -196,10 +233,11 @@ class Coordinator:
             number=trial.number,
             plans=plans,
             table_keys=keys,
-            hogwild=sweep.hogwild,
+            hogwild=source.hogwild,
             tables={k: self.tables[k] for k in keys},
             data=[self._data(p) for p in plans],
-            block_modules=sweep.block_modules,
+            block_modules=source.block_modules,
+            **source.job_fields(trial),
         )
         self.pool.submit(slot, job)  # first, so the worker starts while we write
         self.running[trial.number] = trial
@@ -208,12 +246,13 @@ class Coordinator:
         trial.set_user_attr("layers", plan.layers)
         trial.set_user_attr("d_model", plan.d_model)
         trial.set_user_attr("worker", slot.index)
-        trial.set_user_attr("embedding", sweep.hogwild.embedding)
+        trial.set_user_attr("embedding", source.hogwild.embedding)
         if plan.budget:
             trial.set_user_attr("budget", plan.budget)
-        progress.workers[slot.index] = f"#{trial.number} {plan.pattern}"
+        label = self.labels[trial.number] = source.label(trial, plans)
+        progress.workers[slot.index] = f"#{trial.number} {label}"
         progress.event(
-            f"trial {trial.number} -> worker {slot.index}: {plan.pattern} (d_model {plan.d_model})"
+            f"trial {trial.number} -> worker {slot.index}: {label} (d_model {plan.d_model})"
         )
 
     def _handle(self, slot: Slot, msg: Ready | Report | TrialEnd | None) -> None:
@@ -229,9 +268,9 @@ class Coordinator:
             trial = self.running[msg.number]
             trial.report(msg.value, msg.step)
             slot.conn.send(Verdict(prune=trial.should_prune()))
-            pattern = trial.user_attrs.get("pattern", "")
+            label = self.labels.get(msg.number, "")
             self.progress.workers[slot.index] = (
-                f"#{msg.number} {pattern} step {msg.step} val {msg.value:.3f}"
+                f"#{msg.number} {label} step {msg.step} val {msg.value:.3f}"
             )
         else:  # TrialEnd
             self.ended.append((self.running.pop(msg.number), msg))
@@ -274,7 +313,7 @@ class Coordinator:
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             trial.set_user_attr(key, value)
-        pattern = trial.user_attrs.get("pattern")
+        pattern = self.labels.pop(trial.number, trial.user_attrs.get("pattern"))
         if end.status == "done":
             study.tell(trial, result["val_accuracy"])
             progress.counts["done"] += 1
@@ -311,27 +350,6 @@ class Coordinator:
             "saved, rerun the same command to resume",
             file=sys.stderr,
         )
-
-
-def _enqueue_references(study: optuna.Study, space: dict) -> int:
-    existing = study.get_trials(deepcopy=False)
-    added = 0
-    for ref in space.get("reference") or []:
-        if isinstance(ref, str):
-            if any(t.user_attrs.get("reference_pattern") == ref for t in existing):
-                continue
-            study.enqueue_trial({}, user_attrs={"reference_pattern": ref, "reference": True})
-        else:
-            ref = dict(ref)
-            if any(
-                all(t.params.get(k) == v for k, v in ref.items())
-                for t in existing
-                if t.user_attrs.get("reference")
-            ):
-                continue
-            study.enqueue_trial(ref, user_attrs={"reference": True})
-        added += 1
-    return added
 
 
 def _flat_attrs(result: dict) -> dict:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import optuna
 from omegaconf import DictConfig, OmegaConf
 
 import blocks
@@ -51,7 +53,8 @@ def _refuse_ignored(cfg: Any, params: dict) -> None:
 
 @dataclass
 class SweepPlan:
-    """A sweep checked from end to end: what the coordinator needs to run it."""
+    """A sweep checked from end to end: what the coordinator needs to run it (a job source of
+    :class:`mad_search.study.Coordinator`: ``prepare`` the study, then ``plans`` per trial)."""
 
     cfg: DictConfig
     space: dict
@@ -61,6 +64,50 @@ class SweepPlan:
     storage: StudyStorage
     block_modules: list[str] = field(default_factory=list)
     probe_plans: list[RunPlan] = field(default_factory=list)
+
+    def prepare(self, study: optuna.Study) -> tuple[int, str]:
+        """Enqueue the reference trials and record the search on the study; returns the number
+        of trials to run and a phrase for the start line."""
+        enqueued = _enqueue_references(study, self.space)
+        study.set_user_attr("search_space", json.loads(json.dumps(self.space, default=str)))
+        study.set_user_attr("sampler", self.study.sampler)
+        study.set_user_attr("pruner", self.study.pruner)
+        study.set_user_attr("tasks", [t["name"] for t in self.task_cfgs])
+        return self.study.n_trials, f"{enqueued} reference trials enqueued"
+
+    def plans(self, trial: optuna.Trial) -> list[RunPlan]:
+        """The trial's run plans (one per task) from the sampler's suggestions; a
+        ``UserError`` for a suggestion that cannot be built."""
+        return plans_for(self.cfg, self.task_cfgs, space_mod.suggest(trial, self.space))
+
+    def job_fields(self, trial: optuna.Trial) -> dict:
+        """Extra :class:`~mad_search.hogwild.messages.TrialJob` fields (none for a sweep)."""
+        return {}
+
+    def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
+        """How the display names the trial: its layer sequence."""
+        return plans[0].pattern
+
+
+def _enqueue_references(study: optuna.Study, space: dict) -> int:
+    existing = study.get_trials(deepcopy=False)
+    added = 0
+    for ref in space.get("reference") or []:
+        if isinstance(ref, str):
+            if any(t.user_attrs.get("reference_pattern") == ref for t in existing):
+                continue
+            study.enqueue_trial({}, user_attrs={"reference_pattern": ref, "reference": True})
+        else:
+            ref = dict(ref)
+            if any(
+                all(t.params.get(k) == v for k, v in ref.items())
+                for t in existing
+                if t.user_attrs.get("reference")
+            ):
+                continue
+            study.enqueue_trial(ref, user_attrs={"reference": True})
+        added += 1
+    return added
 
 
 def task_cfgs(cfg: Any, study: StudySettings) -> list[dict]:

@@ -26,6 +26,8 @@ class TrialJob:
     tables: dict = field(default_factory=dict)  # key -> SharedTable (shared memory, not copied)
     data: list = field(default_factory=list)  # per task: {split: (inputs, targets)}, shared memory
     block_modules: list[str] = field(default_factory=list)
+    model_seed: int | None = None  # None: each plan's seed + the trial number
+    diverged_is_zero: bool = False  # a diverging plan scores 0 (the MAD protocol), not a failure
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
     from mad_search.model import count_params
-    from mad_search.train import train_plan
+    from mad_search.train import Diverged, train_plan
 
     hog = job.hogwild
     for module in job.block_modules:
@@ -75,14 +75,22 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
             verdict: Verdict = conn.recv()
             return verdict.prune
 
-        model, res = train_plan(
-            plan,
-            data,
-            embedding=emb,
-            on_eval=on_eval,
-            seed=plan.seed + job.number,
-            device=hog.device,
-        )
+        try:
+            model, res = train_plan(
+                plan,
+                data,
+                embedding=emb,
+                on_eval=on_eval,
+                seed=plan.seed + job.number if job.model_seed is None else job.model_seed,
+                device=hog.device,
+            )
+        except (Diverged, NonFiniteUpdate) as exc:
+            if not job.diverged_is_zero:
+                raise
+            stats_all.append(emb.stats.as_dict())
+            per_task.append({**_diverged(plan, f"diverged: {exc}"), **stats_all[-1]})
+            offset += plan.train.max_steps
+            continue
         offset += plan.train.max_steps
         stats = emb.stats.as_dict()
         stats_all.append(stats)
@@ -117,6 +125,25 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
         hogwild={k: sum(s[k] for s in stats_all) / n for k in stats_all[0]},
     )
     return ("pruned" if pruned else "done"), result
+
+
+def _diverged(plan, reason: str) -> dict:
+    """The per-task entry of a plan whose training diverged, scored 0 (``diverged_is_zero``)."""
+    from mad_search.model import build_model, count_params
+
+    model = build_model(plan)  # for its size: the diverged one is gone with the exception
+    return {
+        "task": plan.task_name,
+        "val_accuracy": 0.0,
+        "test_accuracy": 0.0,
+        "val_loss": float("nan"),
+        "steps": 0,
+        "tokens_per_s": 0.0,
+        "train_seconds": 0.0,
+        "stopped": reason,
+        "params": count_params(model) + plan.task_info.vocab_size * plan.d_model,
+        "state_size": model.state_size(plan.task_info.seq_len),
+    }
 
 
 def worker_main(slot: int, conn, threads: int) -> None:

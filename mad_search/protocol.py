@@ -1,0 +1,256 @@
+"""The MAD protocol (Poli et al. 2024; mad-lab's ``benchmark.py``) for one layer sequence.
+
+A protocol *level* names the tasks, the difficulty settings of each (mad-lab's grid, or a part of
+it), a learning-rate x weight-decay grid, the model width and the training budget. Every
+(setting, learning rate, weight decay) is one *run*; per setting the run with the best
+validation accuracy is selected and its test accuracy is the setting's score (mad-lab selects on
+the test set itself; we keep test data out of every choice); a task's score is the mean over its
+settings and the MAD score the mean over tasks. A run whose training diverges (non-finite loss)
+counts as accuracy 0, with its reason recorded; it never stops the protocol.
+
+Levels live in ``conf/protocol/mad.yaml`` (``protocol.levels``); :class:`Level` checks one, and
+:func:`expand` turns a level and a model configuration into the runs' plans. :func:`aggregate`
+is the scoring, kept free of any training so it can be checked on fabricated results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from mad_search.errors import ConfigError
+
+MAD_TASKS = (
+    "in_context_recall",
+    "fuzzy_in_context_recall",
+    "noisy_in_context_recall",
+    "selective_copying",
+    "compression",
+    "memorization",
+)
+LEVEL_KEYS = {
+    "description",
+    "tasks",
+    "settings",
+    "max_seq_len",
+    "lrs",
+    "weight_decays",
+    "d_model",
+    "batch_size",
+    "epochs",
+    "max_steps",
+    "max_train_examples",
+    "num_test_examples",
+    "eval_every",
+    "target_accuracy",
+    "min_lr",
+}
+
+
+def _number_list(value: Any, key: str, minimum: float, strict: bool) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{key} must be a non-empty list of numbers, got {value!r}")
+    out = []
+    for v in value:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (v <= minimum if strict else v < minimum):
+            bound = f"> {minimum}" if strict else f">= {minimum}"
+            raise ConfigError(f"{key} must hold numbers {bound}, got {v!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _optional_int(value: Any, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Level:
+    """One protocol level, checked. ``settings``: ``all`` (mad-lab's grid), ``baseline`` (each
+    task's baseline only) or a list of grid ids (``task/baseline``, ``task/key=value``)."""
+
+    name: str
+    description: str
+    tasks: tuple[str, ...]
+    settings: str | tuple[str, ...]
+    max_seq_len: int | None
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+    d_model: int | None
+    batch_size: int
+    epochs: float | None
+    max_steps: int | None
+    max_train_examples: int | None
+    num_test_examples: int | None
+    eval_every: int | None
+    target_accuracy: float
+    min_lr: float
+
+    @classmethod
+    def from_config(cls, name: str, node: Any) -> Level:
+        where = f"protocol.levels.{name}"
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where} must be a mapping of level settings, got {node!r}")
+        unknown = sorted(set(node) - LEVEL_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting {unknown[0]!r} in {where}; valid: {', '.join(sorted(LEVEL_KEYS))}"
+            )
+        task_names = node.get("tasks") or list(MAD_TASKS)
+        for task in task_names:
+            if task not in MAD_TASKS:
+                raise ConfigError(
+                    f"{where}.tasks names {task!r}, which has no MAD difficulty grid; valid: "
+                    f"{', '.join(MAD_TASKS)}"
+                )
+        settings = node.get("settings", "all")
+        if isinstance(settings, (list, tuple)):
+            if not settings:
+                raise ConfigError(f"{where}.settings is an empty list; name grid ids or use all")
+            settings = tuple(str(s) for s in settings)
+        elif settings not in ("all", "baseline"):
+            raise ConfigError(
+                f"{where}.settings must be all, baseline or a list of grid ids, got {settings!r}"
+            )
+        epochs = node.get("epochs")
+        if epochs is not None and (
+            isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0
+        ):
+            raise ConfigError(f"{where}.epochs must be a positive number or null, got {epochs!r}")
+        max_steps = _optional_int(node.get("max_steps"), f"{where}.max_steps")
+        if epochs is None and max_steps is None:
+            raise ConfigError(f"{where} needs a budget: set epochs, max_steps or both")
+        target = node.get("target_accuracy", 0.999)
+        if not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise ConfigError(f"{where}.target_accuracy must be in (0, 1], got {target!r}")
+        min_lr = node.get("min_lr", 1e-6)
+        if not isinstance(min_lr, (int, float)) or min_lr < 0:
+            raise ConfigError(f"{where}.min_lr must be >= 0, got {min_lr!r}")
+        return cls(
+            name=name,
+            description=str(node.get("description") or ""),
+            tasks=tuple(task_names),
+            settings=settings,
+            max_seq_len=_optional_int(node.get("max_seq_len"), f"{where}.max_seq_len"),
+            lrs=_number_list(node.get("lrs"), f"{where}.lrs", 0.0, strict=True),
+            weight_decays=_number_list(
+                node.get("weight_decays", [0.0]), f"{where}.weight_decays", 0.0, strict=False
+            ),
+            d_model=_optional_int(node.get("d_model"), f"{where}.d_model"),
+            batch_size=_optional_int(node.get("batch_size", 128), f"{where}.batch_size"),
+            epochs=None if epochs is None else float(epochs),
+            max_steps=max_steps,
+            max_train_examples=_optional_int(
+                node.get("max_train_examples"), f"{where}.max_train_examples"
+            ),
+            num_test_examples=_optional_int(
+                node.get("num_test_examples"), f"{where}.num_test_examples"
+            ),
+            eval_every=_optional_int(node.get("eval_every"), f"{where}.eval_every"),
+            target_accuracy=float(target),
+            min_lr=float(min_lr),
+        )
+
+    def steps(self, num_train_examples: int) -> int:
+        """The training budget of one run: ``epochs`` over the training set, capped by
+        ``max_steps`` (either alone where the other is null)."""
+        budget = []
+        if self.epochs is not None:
+            per_epoch = math.ceil(num_train_examples / self.batch_size)
+            budget.append(max(1, math.ceil(self.epochs * per_epoch)))
+        if self.max_steps is not None:
+            budget.append(self.max_steps)
+        return min(budget)
+
+
+def select_settings(level: Level, grid: list[dict]) -> list[dict]:
+    """The grid entries a level runs, in grid order; the level's size caps applied to each
+    entry's settings (``id`` unchanged: it names mad-lab's setting)."""
+    by_id = {e["id"]: e for e in grid}
+    if isinstance(level.settings, tuple):
+        for sid in level.settings:
+            if sid not in by_id:
+                raise ConfigError(
+                    f"protocol.levels.{level.name}.settings names unknown setting {sid!r}; "
+                    f"valid ids look like {grid[0]['id']!r} or {grid[1]['id']!r}"
+                )
+        chosen = [e for e in grid if e["id"] in level.settings]
+    elif level.settings == "baseline":
+        chosen = [e for e in grid if e["varied"] is None]
+    else:
+        chosen = list(grid)
+    chosen = [e for e in chosen if e["task"] in level.tasks]
+    if level.max_seq_len is not None:
+        chosen = [e for e in chosen if e["settings"]["seq_len"] <= level.max_seq_len]
+    out = []
+    for entry in chosen:
+        settings = dict(entry["settings"])
+        if level.max_train_examples is not None:
+            settings["num_train_examples"] = min(
+                settings["num_train_examples"], level.max_train_examples
+            )
+        if level.num_test_examples is not None:
+            settings["num_test_examples"] = level.num_test_examples
+            settings["num_valid_examples"] = level.num_test_examples
+        out.append({**entry, "settings": settings})
+    if not out:
+        raise ConfigError(f"protocol level {level.name!r} selects no setting; widen its settings")
+    return out
+
+
+def run_id(setting_id: str, lr: float, weight_decay: float) -> str:
+    """The name of one run, stable across processes (the key that makes a protocol resumable)."""
+    return f"{setting_id}|lr={lr:g}|wd={weight_decay:g}"
+
+
+def aggregate(runs: list[dict], tasks: list[str] | None = None) -> dict:
+    """MAD scores from run results.
+
+    Each run: ``task``, ``setting``, ``lr``, ``weight_decay``, ``val_accuracy``,
+    ``test_accuracy`` (a diverged run has ``stop_reason`` starting with ``diverged`` and
+    accuracies 0). Per setting the run with the best validation accuracy is selected (ties: the
+    first in ``runs``' order) and its test accuracy is the setting's score; a task's score is the
+    mean over its settings; the MAD score is the mean over ``tasks`` (default: every task seen).
+    Returns ``{"mad_score", "tasks": {task: score}, "settings": {setting: {...selected run}}}``.
+    """
+    selected: dict[str, dict] = {}
+    for run in runs:
+        best = selected.get(run["setting"])
+        if best is None or _val(run) > _val(best):
+            selected[run["setting"]] = run
+    per_task: dict[str, list[float]] = {}
+    for run in selected.values():
+        per_task.setdefault(run["task"], []).append(_test(run))
+    task_scores = {t: sum(v) / len(v) for t, v in per_task.items()}
+    names = list(tasks) if tasks is not None else list(task_scores)
+    missing = [t for t in names if t not in task_scores]
+    mad = None if missing or not names else sum(task_scores[t] for t in names) / len(names)
+    return {
+        "mad_score": mad,
+        "tasks": {t: task_scores.get(t) for t in names},
+        "settings": {
+            sid: {
+                "task": r["task"],
+                "lr": r["lr"],
+                "weight_decay": r["weight_decay"],
+                "val_accuracy": _val(r),
+                "score": _test(r),
+            }
+            for sid, r in selected.items()
+        },
+    }
+
+
+def _val(run: dict) -> float:
+    v = run.get("val_accuracy")
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0
+
+
+def _test(run: dict) -> float:
+    v = run.get("test_accuracy")
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else 0.0

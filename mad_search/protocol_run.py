@@ -1,0 +1,295 @@
+"""Running the MAD protocol for one layer sequence: ``python -m mad_search +protocol=mad``.
+
+Every run of the level (setting x learning rate x weight decay) is a trial of an Optuna study
+(named for the level and the layer sequence) and a job for the Hogwild pool: all workers busy,
+no barrier between settings. A run is enqueued with its id as a user attribute; rerunning the
+command finds the runs already complete and enqueues only the others, so an interrupted protocol
+resumes where it stopped and nothing finished is run twice. Each run trains its own embedding
+table (runs at different learning rates must not train one table together). When the runs are
+done the scores (:func:`mad_search.protocol.aggregate`) are printed as a table and written to
+``mad_score.json`` in the run directory, and recorded on the study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+import blocks
+from mad_search import tasks
+from mad_search.config import resolve, to_plain
+from mad_search.errors import ConfigError
+from mad_search.plan import RunPlan
+from mad_search.protocol import Level, aggregate, run_id, select_settings
+from mad_search.settings import HogwildSettings, StudySettings
+from mad_search.storage import StudyStorage
+
+PROTOCOL_KEYS = {"level", "levels", "study_name"}
+# mad-lab's optimiser: torch AdamW with its default betas (the paper's appendix says 0.98).
+ADAMW_BETAS = (0.9, 0.999)
+
+
+@dataclass
+class ProtocolRun:
+    id: str
+    task: str
+    setting: str
+    lr: float
+    weight_decay: float
+    plan: RunPlan
+
+
+@dataclass
+class ProtocolPlan:
+    """A protocol checked from end to end: its level, its runs, where they are recorded (a job
+    source of :class:`mad_search.study.Coordinator`)."""
+
+    level: Level
+    pattern: str
+    d_model: int
+    model_seed: int
+    runs: list[ProtocolRun]
+    study: StudySettings
+    hogwild: HogwildSettings
+    storage: StudyStorage
+    block_modules: list[str] = field(default_factory=list)
+    probe_plans: list[RunPlan] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.by_id = {r.id: r for r in self.runs}
+
+    def prepare(self, study: optuna.Study) -> tuple[int, str]:
+        """Enqueue every run not yet complete (nor already waiting); returns how many trials
+        this invocation runs."""
+        done, waiting = set(), set()
+        for t in study.get_trials(deepcopy=False):
+            rid = t.user_attrs.get("run")
+            if t.state == TrialState.COMPLETE:
+                done.add(rid)
+            elif t.state == TrialState.WAITING:
+                waiting.add(rid)
+        for run in self.runs:
+            if run.id not in done and run.id not in waiting:
+                study.enqueue_trial(
+                    {},
+                    user_attrs={
+                        "run": run.id,
+                        "setting": run.setting,
+                        "task": run.task,
+                        "lr": run.lr,
+                        "weight_decay": run.weight_decay,
+                    },
+                )
+        study.set_user_attr("protocol_level", dataclasses.asdict(self.level))
+        study.set_user_attr("pattern", self.pattern)
+        todo = len([r for r in self.runs if r.id not in done])
+        total = len(self.runs)
+        return todo, f"MAD protocol level {self.level.name!r}: {total - todo} of {total} runs done"
+
+    def plans(self, trial: optuna.Trial) -> list[RunPlan]:
+        rid = trial.user_attrs.get("run")
+        run = self.by_id.get(rid)
+        if run is None:
+            raise ConfigError(f"trial {trial.number} carries no run of this protocol ({rid!r})")
+        return [run.plan]
+
+    def job_fields(self, trial: optuna.Trial) -> dict:
+        return {"model_seed": self.model_seed, "diverged_is_zero": True}
+
+    def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
+        return trial.user_attrs.get("run", "")
+
+
+def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
+    """Check the protocol in ``cfg`` (level, its settings, the layer sequence on every setting)
+    before any worker starts; a one-line ``UserError`` otherwise."""
+    node = to_plain(cfg.get("protocol")) or {}
+    unknown = sorted(set(node) - PROTOCOL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown protocol setting {unknown[0]!r}; valid: {', '.join(sorted(PROTOCOL_KEYS))}"
+        )
+    levels = node.get("levels") or {}
+    name = node.get("level")
+    if name not in levels:
+        raise ConfigError(
+            f"protocol.level {name!r} unknown; valid levels: {', '.join(sorted(levels))}"
+        )
+    level = Level.from_config(name, levels[name])
+    model_cfg = dict(to_plain(cfg.get("model")) or {})
+    block_modules = list(model_cfg.get("block_modules") or [])
+    for module in block_modules:
+        blocks.load_module(module)
+    if level.d_model is not None:
+        model_cfg["d_model"] = level.d_model
+    train_cfg = dict(to_plain(cfg.get("train")) or {})
+    seed = cfg.get("seed", 0)
+    runs, probes = [], []
+    for entry in select_settings(level, tasks.grid()):
+        settings = entry["settings"]
+        base = resolve(
+            {
+                "task": {"name": entry["task"], **settings},
+                "model": model_cfg,
+                "train": {
+                    **train_cfg,
+                    "batch_size": level.batch_size,
+                    "max_steps": level.steps(settings["num_train_examples"]),
+                    "schedule": "cosine",
+                    "warmup_steps": 0,
+                    "min_lr": level.min_lr,
+                    "betas": list(ADAMW_BETAS),
+                    "eval_every": level.eval_every
+                    or -(-settings["num_train_examples"] // level.batch_size),
+                    "target_accuracy": level.target_accuracy,
+                    "progress": False,
+                },
+                "seed": entry["seed"],  # the grid's data seed (mad-lab's 12345)
+            }
+        )
+        probes.append(base)
+        for lr in level.lrs:
+            for wd in level.weight_decays:
+                train = dataclasses.replace(base.train, lr=lr, weight_decay=wd)
+                try:
+                    train.validate()
+                except ValueError as exc:
+                    raise ConfigError(f"protocol level {level.name}: {exc}") from None
+                runs.append(
+                    ProtocolRun(
+                        id=run_id(entry["id"], lr, wd),
+                        task=entry["task"],
+                        setting=entry["id"],
+                        lr=lr,
+                        weight_decay=wd,
+                        plan=dataclasses.replace(base, train=train),
+                    )
+                )
+    study = StudySettings.from_config(to_plain(cfg.get("study")) or {})
+    pattern = probes[0].pattern
+    study_name = node.get("study_name") or f"mad:{level.name}:{pattern}"
+    study = dataclasses.replace(
+        study,
+        name=study_name,
+        n_trials=len(runs),
+        timeout=None,
+        sampler={"name": "random", "seed": 0},  # never asked: every trial is enqueued
+        pruner={"name": "none"},  # every run trains to its budget or to the target accuracy
+    )
+    hogwild = dataclasses.replace(
+        HogwildSettings.from_config(cfg.get("hogwild")), embedding="private"
+    )
+    return ProtocolPlan(
+        level=level,
+        pattern=pattern,
+        d_model=probes[0].d_model,
+        model_seed=seed,
+        runs=runs,
+        study=study,
+        hogwild=hogwild,
+        storage=StudyStorage(study.storage),
+        block_modules=block_modules,
+        probe_plans=probes,
+    )
+
+
+def run_protocol(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
+    """Run (or resume) the protocol in ``cfg``; returns what ``mad_score.json`` holds."""
+    from mad_search.study import run_jobs
+
+    protocol = validate_protocol(cfg)  # every config error before any worker starts
+    out_dir = Path(out_dir)
+    outcome = run_jobs(protocol, out_dir)
+    scores = score(protocol, outcome.study)
+    (out_dir / "mad_score.json").write_text(json.dumps(scores, indent=2, default=str))
+    print("\n" + table(scores))
+    print(f"\nscores: {out_dir / 'mad_score.json'}")
+    if outcome.interrupted:
+        raise KeyboardInterrupt
+    return scores
+
+
+def score(protocol: ProtocolPlan, study: optuna.Study) -> dict:
+    """The protocol's scores from its study's complete runs (partial while runs are missing);
+    also recorded on the study."""
+    wanted = {r.id for r in protocol.runs}
+    runs: list[dict[str, Any]] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        a = t.user_attrs
+        if a.get("run") not in wanted:
+            continue
+        runs.append(
+            {
+                "run": a["run"],
+                "task": a["task"],
+                "setting": a["setting"],
+                "lr": a["lr"],
+                "weight_decay": a["weight_decay"],
+                "val_accuracy": t.value,
+                "test_accuracy": a.get("test_accuracy"),
+                "steps": a.get(f"{a['task']}.steps"),
+                "stop_reason": a.get(f"{a['task']}.stopped"),
+                "seconds": a.get("wall_seconds"),
+                "trial": t.number,
+            }
+        )
+    order = {r.id: i for i, r in enumerate(protocol.runs)}
+    runs.sort(key=lambda r: order[r["run"]])
+    level = protocol.level
+    settings_of: dict[str, set] = {}  # the level's tasks that have settings, in its order
+    for r in protocol.runs:
+        settings_of.setdefault(r.task, set()).add(r.setting)
+    out = aggregate(runs, tasks=list(settings_of))
+    result = {
+        "pattern": protocol.pattern,
+        "level": level.name,
+        "level_settings": dataclasses.asdict(level),
+        "d_model": protocol.d_model,
+        "study": study.study_name,
+        "storage": protocol.storage.masked,
+        "runs_total": len(protocol.runs),
+        "runs_complete": len(runs),
+        "complete": len(runs) == len(protocol.runs),
+        "mad_score": out["mad_score"] if len(runs) == len(protocol.runs) else None,
+        "tasks": {
+            t: {
+                "score": out["tasks"][t],
+                "settings_scored": sum(1 for s in out["settings"].values() if s["task"] == t),
+                "settings": len(settings_of.get(t, ())),
+            }
+            for t in settings_of
+        },
+        "settings": out["settings"],
+        "runs": runs,
+    }
+    if result["complete"]:
+        study.set_user_attr("mad_score", result["mad_score"])
+        study.set_user_attr("task_scores", {t: v["score"] for t, v in result["tasks"].items()})
+    return result
+
+
+def table(scores: dict) -> str:
+    """The printed result: one row per task, then the MAD score."""
+    head = (
+        f"MAD protocol, level {scores['level']}: {scores['pattern']} (d_model "
+        f"{scores['d_model']}), {scores['runs_complete']} of {scores['runs_total']} runs"
+    )
+    lines = [head, f"{'task':<26} {'settings':>9} {'score':>7}", "-" * 44]
+    for task, t in scores["tasks"].items():
+        shown = "-" if t["score"] is None else f"{t['score']:.4f}"
+        lines.append(f"{task:<26} {t['settings_scored']:>4}/{t['settings']:<4} {shown:>7}")
+    lines.append("-" * 44)
+    mad = scores["mad_score"]
+    lines.append(
+        f"{'MAD score':<26} {'':>9} {'-' if mad is None else format(mad, '.4f'):>7}"
+        + ("" if scores["complete"] else "  (incomplete: rerun the command to resume)")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""The MAD protocol's scoring and levels: aggregation on fabricated run results against values
+computed by hand, level checks, setting selection and budgets."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from mad_search import tasks
+from mad_search.errors import ConfigError
+from mad_search.protocol import MAD_TASKS, Level, aggregate, run_id, select_settings
+
+
+def _run(task, setting, lr, wd, val, test, stop="max_steps"):
+    return {
+        "task": task,
+        "setting": setting,
+        "lr": lr,
+        "weight_decay": wd,
+        "val_accuracy": val,
+        "test_accuracy": test,
+        "stop_reason": stop,
+    }
+
+
+def test_aggregation_matches_hand_computed_scores():
+    runs = [
+        # recall/a: best validation is lr 5e-4 (val 0.9) -> its test 0.85 counts, not the 0.95
+        # test of the run with the lower validation accuracy
+        _run("recall", "recall/a", 1e-4, 0.0, 0.5, 0.95),
+        _run("recall", "recall/a", 5e-4, 0.0, 0.9, 0.85),
+        _run("recall", "recall/a", 5e-4, 0.1, 0.0, 0.0, stop="diverged: non-finite loss"),
+        # recall/b: a single run
+        _run("recall", "recall/b", 1e-3, 0.1, 0.4, 0.35),
+        # copy/a: diverged runs count 0; the finite one wins
+        _run("copy", "copy/a", 1e-4, 0.0, float("nan"), float("nan"), stop="diverged: nan"),
+        _run("copy", "copy/a", 1e-3, 0.0, 0.2, 0.3),
+    ]
+    out = aggregate(runs)
+    assert out["settings"]["recall/a"]["score"] == 0.85
+    assert out["settings"]["recall/a"]["lr"] == 5e-4
+    assert out["tasks"] == {"recall": (0.85 + 0.35) / 2, "copy": 0.3}
+    assert math.isclose(out["mad_score"], ((0.85 + 0.35) / 2 + 0.3) / 2)
+
+
+def test_aggregation_on_random_results_equals_a_slow_reference():
+    rng = random.Random()
+    runs = []
+    for t in range(rng.randint(1, 4)):
+        for s in range(rng.randint(1, 5)):
+            for lr in (1e-4, 5e-4, 1e-3):
+                for wd in (0.0, 0.1):
+                    runs.append(_run(f"t{t}", f"t{t}/s{s}", lr, wd, rng.random(), rng.random()))
+    rng.shuffle(runs)
+    out = aggregate(runs)
+    # reference: group, pick the max validation by sorting, average in two stages
+    task_means = {}
+    for task in sorted({r["task"] for r in runs}):
+        scores = []
+        for setting in sorted({r["setting"] for r in runs if r["task"] == task}):
+            group = [r for r in runs if r["setting"] == setting]
+            scores.append(sorted(group, key=lambda r: -r["val_accuracy"])[0]["test_accuracy"])
+        task_means[task] = sum(scores) / len(scores)
+    assert out["tasks"] == pytest.approx(task_means)
+    assert out["mad_score"] == pytest.approx(sum(task_means.values()) / len(task_means))
+
+
+def test_a_task_without_runs_leaves_the_mad_score_open():
+    out = aggregate([_run("a", "a/x", 1e-3, 0.0, 0.5, 0.5)], tasks=["a", "b"])
+    assert out["tasks"] == {"a": 0.5, "b": None} and out["mad_score"] is None
+
+
+FULL = {
+    "tasks": list(MAD_TASKS),
+    "settings": "all",
+    "lrs": [1e-4, 5e-4, 1e-3],
+    "weight_decays": [0.0, 0.1],
+    "d_model": 128,
+    "batch_size": 128,
+    "epochs": 200,
+}
+
+
+def test_full_level_is_mad_labs_grid_of_396_runs():
+    level = Level.from_config("full", FULL)
+    entries = select_settings(level, tasks.grid())
+    assert len(entries) == 66
+    assert len(entries) * len(level.lrs) * len(level.weight_decays) == 396
+    # 200 epochs of 12,800 examples at batch 128 (100 steps an epoch); memorization: 256 -> 2
+    assert level.steps(12800) == 20000 and level.steps(256) == 400
+
+
+def test_cheap_level_caps_sizes_and_filters_settings():
+    n_train = random.choice([512, 1024, 2048])
+    level = Level.from_config(
+        "cheap",
+        {
+            **FULL,
+            "settings": "baseline",
+            "max_seq_len": 128,
+            "max_train_examples": n_train,
+            "num_test_examples": 64,
+            "epochs": 3,
+            "max_steps": 50,
+        },
+    )
+    entries = select_settings(level, tasks.grid())
+    # selective copying's baseline is seq 256: filtered out
+    assert [e["task"] for e in entries] == [t for t in MAD_TASKS if t != "selective_copying"]
+    for e in entries:
+        s = e["settings"]
+        assert s["num_train_examples"] == min(
+            n_train, tasks.grid(e["task"])[0]["settings"]["num_train_examples"]
+        )
+        assert s["num_test_examples"] == s["num_valid_examples"] == 64
+        assert e["id"].endswith("/baseline")
+    assert level.steps(n_train) == min(50, 3 * math.ceil(n_train / 128))
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"lrs": []}, "lrs must be a non-empty list"),
+        ({"lrs": [0.0]}, "lrs must hold numbers > 0"),
+        ({"weight_decays": [-0.1]}, "weight_decays must hold numbers >= 0"),
+        ({"tasks": ["mqar"]}, "has no MAD difficulty grid"),
+        ({"settings": "most"}, "settings must be all, baseline or a list"),
+        ({"settings": []}, "settings is an empty list"),
+        ({"epochs": None}, "needs a budget"),
+        ({"epochs": 0}, "epochs must be a positive number"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"speed": "fast"}, "unknown setting 'speed' in protocol.levels.x"),
+    ],
+)
+def test_bad_levels_are_one_line_errors(change, fragment):
+    with pytest.raises(ConfigError) as err:
+        Level.from_config("x", {**FULL, **change})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_setting_id_is_named():
+    level = Level.from_config("x", {**FULL, "settings": ["in_context_recall/vocab_size=33"]})
+    with pytest.raises(ConfigError, match="unknown setting 'in_context_recall/vocab_size=33'"):
+        select_settings(level, tasks.grid())
+
+
+def test_run_ids_are_stable_and_distinct():
+    ids = {
+        run_id(s, lr, wd)
+        for s in ("a/baseline", "a/x=1")
+        for lr in (1e-4, 5e-4)
+        for wd in (0.0, 0.1)
+    }
+    assert len(ids) == 8 and run_id("a/baseline", 5e-4, 0.1) == "a/baseline|lr=0.0005|wd=0.1"

@@ -1,0 +1,181 @@
+"""The MAD protocol end to end through the Hogwild pool: runs recorded in an Optuna study,
+interrupted and resumed without rerunning finished runs, diverged runs scored 0, scores in
+``mad_score.json``; and its bad input as one-line errors before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_module
+
+from mad_search.errors import UserError
+from mad_search.protocol import aggregate
+from mad_search.protocol_run import validate_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    "+protocol.levels.tiny={settings: [in_context_recall/baseline, compression/baseline, "
+    "memorization/baseline], lrs: [1.0e-3, 1.0e+6], weight_decays: [0.0], d_model: 16, "
+    "batch_size: 16, max_steps: 300, max_train_examples: 256, num_test_examples: 64, "
+    "eval_every: 50}"
+)
+# A block that turns non-finite once a weight is far out of range: at lr 1e6 one AdamW step
+# does it, at 1e-3 never. So exactly the lr-1e6 runs diverge.
+BLOWUP = """
+import torch
+from blocks import Block, register
+
+@register("blowup")
+class Blowup(Block):
+    def __init__(self, d_model, max_len, *, block_index=0, num_blocks=1):
+        super().__init__(d_model, max_len, block_index=block_index, num_blocks=num_blocks)
+        self.lin = torch.nn.Linear(d_model, d_model)
+
+    def mix(self, x):
+        y = self.lin(x)
+        return y * float("nan") if self.lin.weight.abs().max() > 1e3 else y
+"""
+
+
+def _cli(tmp_path, **kw):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]),
+        "MAD_SEARCH_CACHE": str(tmp_path / "cache"),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "mad_search",
+        "+protocol=mad",
+        "model.pattern='attention blowup'",
+        "model.block_modules=[blowup_plugin]",
+        TINY,
+        "protocol.level=tiny",
+        f"study.storage=sqlite:///{tmp_path}/p.db",
+        "hogwild.workers=2",
+        "hogwild.threads_per_worker=1",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    return subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kw,
+    )
+
+
+def _trials(tmp_path):
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/p.db")
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{tmp_path}/p.db")
+    return study.study_name, study.get_trials()
+
+
+@pytest.mark.slow
+def test_protocol_is_interrupted_and_resumed_without_rerunning_finished_runs(tmp_path):
+    (tmp_path / "blowup_plugin.py").write_text(textwrap.dedent(BLOWUP))
+    proc = _cli(tmp_path, start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < 240:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            _, trials = _trials(tmp_path)
+            if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+                break
+        except Exception:
+            pass
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    name, trials = _trials(tmp_path)
+    assert name == "mad:tiny:attention blowup"
+    first = {
+        t.number: (t.user_attrs["run"], t.value)
+        for t in trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+    }
+    assert 1 <= len(first) < 6, out
+    partial = json.loads((tmp_path / "run" / "mad_score.json").read_text())
+    assert partial["complete"] is False and partial["mad_score"] is None
+
+    proc = _cli(tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"{len(first)} of 6 runs done" in out
+    _, trials = _trials(tmp_path)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    runs = [t.user_attrs["run"] for t in complete]
+    assert len(runs) == len(set(runs)) == 6  # every run once: nothing finished ran twice
+    for number, (run, value) in first.items():  # and what was finished is untouched
+        (t,) = [t for t in complete if t.number == number]
+        assert (t.user_attrs["run"], t.value) == (run, value)
+    scores = json.loads((tmp_path / "run" / "mad_score.json").read_text())
+    assert scores["complete"] and len(scores["runs"]) == 6
+    for r in scores["runs"]:
+        if r["lr"] == 1e6:  # diverged: scored 0 with the reason, the protocol went on
+            assert r["val_accuracy"] == 0 and r["test_accuracy"] == 0
+            assert r["stop_reason"].startswith("diverged"), r
+        else:
+            assert r["val_accuracy"] > 0 and not r["stop_reason"].startswith("diverged")
+    again = aggregate(scores["runs"], tasks=list(scores["tasks"]))
+    assert scores["mad_score"] == pytest.approx(again["mad_score"])
+    assert {t: v["score"] for t, v in scores["tasks"].items()} == pytest.approx(again["tasks"])
+    assert "MAD score" in out and f"{scores['mad_score']:.4f}" in out
+
+
+def _cfg(*overrides):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose("config", overrides=["+protocol=mad", "pattern=transformer", *overrides])
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (
+            ["protocol.level=huge"],
+            "protocol.level 'huge' unknown; valid levels: full, quick, standard",
+        ),
+        (["protocol.levels.quick.lrs=[]"], "lrs must be a non-empty list"),
+        (["protocol.levels.quick.settings=['in_context_recall/seq_len=99']"], "unknown setting"),
+        (["+protocol.levels.quick.max_seq_len=8"], "selects no setting"),
+        (["+protocol.levels.quick.tasks=[mqar]"], "has no MAD difficulty grid"),
+        (["+protocol.speed=2"], "unknown protocol setting 'speed'"),
+        (["protocol.levels.quick.d_model=30", "+model.blocks.attention.num_heads=4"], "num_heads"),
+    ],
+)
+def test_bad_protocol_input_is_one_line_before_any_worker(overrides, fragment):
+    with pytest.raises(UserError) as err:
+        validate_protocol(_cfg(*overrides))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_packaged_levels_expand_to_their_runs():
+    full = validate_protocol(_cfg("protocol.level=full"))
+    assert len(full.runs) == 396 and full.d_model == 128
+    assert {r.plan.train.batch_size for r in full.runs} == {128}
+    # 200 epochs of the baseline's 12,800 examples at batch 128; cosine to 1e-6
+    base = [r for r in full.runs if r.setting == "in_context_recall/baseline"]
+    assert {r.plan.train.max_steps for r in base} == {20000}
+    assert {(r.lr, r.weight_decay) for r in base} == {
+        (lr, wd) for lr in (1e-4, 5e-4, 1e-3) for wd in (0.0, 0.1)
+    }
+    assert all(r.plan.train.schedule == "cosine" and r.plan.train.min_lr == 1e-6 for r in base)
+    quick = validate_protocol(_cfg())
+    assert quick.level.name == "quick" and {r.setting.split("/")[1] for r in quick.runs} == {
+        "baseline"
+    }
+    assert quick.hogwild.embedding == "private"  # each run its own table

@@ -1,8 +1,9 @@
 """``python -m mad_search``: the Hydra entry point.
 
 With a sweep (``+sweep=layer_patterns``) it runs an Optuna study whose trials train concurrently
-as Hogwild workers. Without one it trains one layer sequence on one task and writes
-``results.json`` into the run directory. User errors print one line (``error: ...``) and exit
+as Hogwild workers. With ``+protocol=mad`` it runs the MAD protocol for one layer sequence through
+the same pool and writes ``mad_score.json``. Without either it trains one layer sequence on one
+task and writes ``results.json`` into the run directory. User errors print one line (``error: ...``) and exit
 with status 2.
 """
 

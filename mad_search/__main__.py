@@ -2,8 +2,9 @@
 
 With a sweep (``+sweep=layer_patterns``) it runs an Optuna study whose trials train concurrently
 as Hogwild workers. With ``+protocol=mad`` it runs the MAD protocol for one layer sequence through
-the same pool and writes ``mad_score.json``. Without either it trains one layer sequence on one
-task and writes ``results.json`` into the run directory. User errors print one line (``error: ...``) and exit
+the same pool and writes ``mad_score.json``; with both, each sweep trial is scored by the
+protocol level. Without either it trains one layer sequence on one task and writes
+``results.json`` into the run directory. User errors print one line (``error: ...``) and exit
 with status 2.
 """
 
@@ -19,17 +20,16 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import resolve
-    from mad_search.errors import ConfigError, UserError
+    from mad_search.errors import UserError
     from mad_search.hogwild.pool import WorkerStartError
 
     out_dir = HydraConfig.get().runtime.output_dir
     try:
+        if cfg.get("search") is not None and cfg.get("protocol") is not None:
+            from mad_search.protocol_run import run_protocol_sweep
+
+            return run_protocol_sweep(cfg, out_dir)
         if cfg.get("search") is not None:  # a sweep: +sweep=<name>
-            if cfg.get("protocol") is not None:
-                raise ConfigError(
-                    "a sweep scored by the MAD protocol (+sweep=... +protocol=mad) is not "
-                    "available yet; run +protocol=mad once per layer sequence"
-                )
             from mad_search.study import run_study
 
             return run_study(cfg, out_dir)

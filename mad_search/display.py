@@ -12,11 +12,11 @@ import time
 class Progress:
     """Live display: trials done / running / pruned / failed, and each worker's trial."""
 
-    def __init__(self, total: int, stream=sys.stdout):
-        self.total, self.stream = total, stream
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stdout  # the stdout of now, not of import
         self.counts = {"done": 0, "pruned": 0, "failed": 0}
         self.workers: dict[int, str] = {}
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self._last = 0.0
 
     def event(self, text: str) -> None:

@@ -216,23 +216,33 @@ def aggregate(runs: list[dict], tasks: list[str] | None = None) -> dict:
     accuracies 0). Per setting the run with the best validation accuracy is selected (ties: the
     first in ``runs``' order) and its test accuracy is the setting's score; a task's score is the
     mean over its settings; the MAD score is the mean over ``tasks`` (default: every task seen).
-    Returns ``{"mad_score", "tasks": {task: score}, "settings": {setting: {...selected run}}}``.
+    Returns ``{"mad_score", "tasks": {task: score}, "settings": {setting: {...selected run}}}``
+    plus the same from the selected runs' validation accuracies (``mad_score_val``,
+    ``tasks_val``): what a search may optimise without looking at the test split.
     """
     selected: dict[str, dict] = {}
     for run in runs:
         best = selected.get(run["setting"])
         if best is None or _val(run) > _val(best):
             selected[run["setting"]] = run
-    per_task: dict[str, list[float]] = {}
-    for run in selected.values():
-        per_task.setdefault(run["task"], []).append(_test(run))
-    task_scores = {t: sum(v) / len(v) for t, v in per_task.items()}
-    names = list(tasks) if tasks is not None else list(task_scores)
-    missing = [t for t in names if t not in task_scores]
-    mad = None if missing or not names else sum(task_scores[t] for t in names) / len(names)
+    names = list(tasks) if tasks is not None else list(dict.fromkeys(r["task"] for r in runs))
+
+    def means(accuracy) -> tuple[float | None, dict]:
+        per_task: dict[str, list[float]] = {}
+        for run in selected.values():
+            per_task.setdefault(run["task"], []).append(accuracy(run))
+        scores = {t: sum(v) / len(v) for t, v in per_task.items()}
+        complete = names and all(t in scores for t in names)
+        mad = sum(scores[t] for t in names) / len(names) if complete else None
+        return mad, {t: scores.get(t) for t in names}
+
+    mad, task_scores = means(_test)
+    mad_val, task_val = means(_val)
     return {
         "mad_score": mad,
-        "tasks": {t: task_scores.get(t) for t in names},
+        "tasks": task_scores,
+        "mad_score_val": mad_val,
+        "tasks_val": task_val,
         "settings": {
             sid: {
                 "task": r["task"],

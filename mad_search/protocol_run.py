@@ -12,6 +12,7 @@ done the scores (:func:`mad_search.protocol.aggregate`) are printed as a table a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from optuna.trial import TrialState
 
 import blocks
+from mad_search import space as space_mod
 from mad_search import tasks
 from mad_search.config import resolve, to_plain
 from mad_search.errors import ConfigError
@@ -31,8 +33,9 @@ from mad_search.plan import RunPlan
 from mad_search.protocol import Level, aggregate, run_id, select_settings
 from mad_search.settings import HogwildSettings, StudySettings
 from mad_search.storage import StudyStorage
+from mad_search.sweep import SweepPlan, TrialOutcome, trial_config, validate_sweep
 
-PROTOCOL_KEYS = {"level", "levels", "study_name"}
+PROTOCOL_KEYS = {"level", "levels", "study_name", "objectives"}
 # mad-lab's optimiser: torch AdamW with its default betas (the paper's appendix says 0.98).
 ADAMW_BETAS = (0.9, 0.999)
 
@@ -104,13 +107,18 @@ class ProtocolPlan:
     def job_fields(self, trial: optuna.Trial) -> dict:
         return {"model_seed": self.model_seed, "diverged_is_zero": True}
 
+    directions: tuple[str, ...] = ("maximize",)  # a run's validation accuracy
+    reports_intermediate: bool = True  # learning curves for the dashboard (no pruner)
+
+    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome:
+        return TrialOutcome(values=[result["val_accuracy"]])
+
     def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
         return trial.user_attrs.get("run", "")
 
 
-def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
-    """Check the protocol in ``cfg`` (level, its settings, the layer sequence on every setting)
-    before any worker starts; a one-line ``UserError`` otherwise."""
+def protocol_level(cfg: Any) -> tuple[Level, dict]:
+    """The level ``cfg``'s ``protocol`` section chooses, checked, and the section itself."""
     node = to_plain(cfg.get("protocol")) or {}
     unknown = sorted(set(node) - PROTOCOL_KEYS)
     if unknown:
@@ -123,15 +131,18 @@ def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
         raise ConfigError(
             f"protocol.level {name!r} unknown; valid levels: {', '.join(sorted(levels))}"
         )
-    level = Level.from_config(name, levels[name])
-    model_cfg = dict(to_plain(cfg.get("model")) or {})
-    block_modules = list(model_cfg.get("block_modules") or [])
-    for module in block_modules:
-        blocks.load_module(module)
+    return Level.from_config(name, levels[name]), node
+
+
+def expand_runs(
+    level: Level, model_cfg: dict, train_cfg: dict
+) -> tuple[list[ProtocolRun], list[RunPlan]]:
+    """The level's runs for one layer sequence (``model_cfg``), each with its validated plan,
+    and one plan per setting (the task data and tables the runs need). ``train_cfg`` gives what
+    the level does not set (gradient clipping, the accuracy average)."""
+    model_cfg = dict(model_cfg)
     if level.d_model is not None:
         model_cfg["d_model"] = level.d_model
-    train_cfg = dict(to_plain(cfg.get("train")) or {})
-    seed = cfg.get("seed", 0)
     runs, probes = [], []
     for entry in select_settings(level, tasks.grid()):
         settings = entry["settings"]
@@ -173,6 +184,18 @@ def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
                         plan=dataclasses.replace(base, train=train),
                     )
                 )
+    return runs, probes
+
+
+def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
+    """Check the protocol in ``cfg`` (level, its settings, the layer sequence on every setting)
+    before any worker starts; a one-line ``UserError`` otherwise."""
+    level, node = protocol_level(cfg)
+    model_cfg = dict(to_plain(cfg.get("model")) or {})
+    block_modules = list(model_cfg.get("block_modules") or [])
+    for module in block_modules:
+        blocks.load_module(module)
+    runs, probes = expand_runs(level, model_cfg, dict(to_plain(cfg.get("train")) or {}))
     study = StudySettings.from_config(to_plain(cfg.get("study")) or {})
     pattern = probes[0].pattern
     study_name = node.get("study_name") or f"mad:{level.name}:{pattern}"
@@ -191,7 +214,7 @@ def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
         level=level,
         pattern=pattern,
         d_model=probes[0].d_model,
-        model_seed=seed,
+        model_seed=cfg.get("seed", 0),
         runs=runs,
         study=study,
         hogwild=hogwild,
@@ -293,3 +316,111 @@ def table(scores: dict) -> str:
         + ("" if scores["complete"] else "  (incomplete: rerun the command to resume)")
     )
     return "\n".join(lines)
+
+
+def trial_runs(level: Level, cfg: Any, overrides: dict) -> tuple[list[ProtocolRun], list[RunPlan]]:
+    """:func:`expand_runs` for the layer sequence of a sweep trial (``cfg`` with its
+    overrides)."""
+    trial_cfg = trial_config(cfg, overrides)
+    model = dict(to_plain(trial_cfg["model"]) or {})
+    return expand_runs(level, model, dict(to_plain(trial_cfg["train"]) or {}))
+
+
+OBJECTIVES = {"mad_score": "maximize", "params": "minimize", "state_size": "minimize"}
+
+
+@dataclass
+class ProtocolSweep(SweepPlan):
+    """A sweep whose trials are scored by a protocol level: each trial trains the level's runs
+    for its layer sequence (one after another, in one worker) and its value is the MAD score
+    from the runs' validation accuracies (the test-based score is a user attribute)."""
+
+    level: Level | None = None
+    model_seed: int = 0
+    runs_of: dict[int, list[ProtocolRun]] = field(default_factory=dict)
+    reports_intermediate: bool = False  # a trial's runs are many curves, not one to prune on
+
+    def plans(self, trial: optuna.Trial) -> list[RunPlan]:
+        runs = trial_runs(self.level, self.cfg, space_mod.suggest(trial, self.space))[0]
+        self.runs_of[trial.number] = runs
+        return [r.plan for r in runs]
+
+    def job_fields(self, trial: optuna.Trial) -> dict:
+        return {"model_seed": self.model_seed + trial.number, "diverged_is_zero": True}
+
+    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome:
+        runs = self.runs_of.pop(trial.number)
+        results = [
+            {
+                "task": r.task,
+                "setting": r.setting,
+                "lr": r.lr,
+                "weight_decay": r.weight_decay,
+                "val_accuracy": e["val_accuracy"],
+                "test_accuracy": e["test_accuracy"],
+                "stop_reason": e["stopped"],
+            }
+            for r, e in zip(runs, result["tasks"])
+        ]
+        scores = aggregate(results, tasks=list(dict.fromkeys(r.task for r in runs)))
+        named = {"mad_score": scores["mad_score_val"], **result}
+        attrs = {
+            "mad_level": self.level.name,
+            "val_accuracy": scores["mad_score_val"],
+            "test_accuracy": scores["mad_score"],
+            "mad_score_val": scores["mad_score_val"],
+            "mad_score_test": scores["mad_score"],
+            **{f"mad.{t}.val": v for t, v in scores["tasks_val"].items()},
+            **{f"mad.{t}.test": v for t, v in scores["tasks"].items()},
+            "diverged_runs": sum(r["stop_reason"].startswith("diverged") for r in results),
+        }
+        steps = [] if len(self.objectives) > 1 else list(enumerate(scores["tasks_val"].values()))
+        return TrialOutcome(
+            values=[named[o] for o in self.objectives], attrs=attrs, intermediate=steps
+        )
+
+
+def validate_protocol_sweep(cfg: DictConfig) -> ProtocolSweep:
+    """``+sweep=... +protocol=mad``: the sweep checked as any sweep, its trials scored by the
+    protocol level (``protocol.objectives``: ``mad_score`` first, then optionally ``params``
+    and/or ``state_size`` for a multi-objective study)."""
+    level, node = protocol_level(cfg)
+    objectives = list(node.get("objectives") or ["mad_score"])
+    if (
+        objectives[0] != "mad_score"
+        or len(set(objectives)) != len(objectives)
+        or not set(objectives) <= set(OBJECTIVES)
+    ):
+        raise ConfigError(
+            f"protocol.objectives must be mad_score, then any of params, state_size (each once), "
+            f"got {objectives}"
+        )
+    cfg = copy.deepcopy(cfg)
+    params = (cfg.get("search") or {}).get("params") or {}
+    with open_dict(cfg):
+        for key in [k for k in params if k.startswith("train.")]:
+            print(
+                f"note: search.params.{key} is not used: the protocol level {level.name!r} sets "
+                "the training (its learning-rate grid, budget and batch)"
+            )
+            del cfg.search.params[key]
+    if level.d_model is not None and "model.d_model" in params:
+        raise ConfigError(
+            f"search.params.model.d_model conflicts with protocol level {level.name!r}, which "
+            f"sets the width ({level.d_model}); remove one"
+        )
+    sweep = validate_sweep(cfg, plans=lambda c, _tasks, over: trial_runs(level, c, over)[1])
+    fields = {f.name: getattr(sweep, f.name) for f in dataclasses.fields(SweepPlan)}
+    fields["study"] = dataclasses.replace(sweep.study, pruner={"name": "none"})
+    fields["hogwild"] = dataclasses.replace(sweep.hogwild, embedding="private")
+    fields["objectives"] = tuple(objectives)
+    fields["directions"] = tuple(OBJECTIVES[o] for o in objectives)
+    fields["reports_intermediate"] = False
+    return ProtocolSweep(**fields, level=level, model_seed=cfg.get("seed", 0))
+
+
+def run_protocol_sweep(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
+    """Run a sweep scored by a protocol level (see :func:`validate_protocol_sweep`)."""
+    from mad_search.study import run_study
+
+    return run_study(cfg, out_dir, sweep=validate_protocol_sweep(cfg))

@@ -35,26 +35,37 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             continue
-        row = {"number": t.number, "state": t.state.name, "value": t.value}
+        row = {"number": t.number, "state": t.state.name, "value": first_value(t)}
+        if t.values and len(t.values) > 1:
+            row["values"] = list(t.values)
         row.update({k: v for k, v in t.user_attrs.items() if not isinstance(v, (list, dict))})
         row.update({f"param.{k}": v for k, v in t.params.items()})
         rows.append(row)
     return rows
 
 
-def leaderboard(study: optuna.Study, top: int = 15) -> str:
+def first_value(t: optuna.trial.FrozenTrial) -> float | None:
+    """A trial's (first) objective value; a multi-objective study has several."""
+    return t.values[0] if t.values else None
+
+
+def leaderboard(
+    study: optuna.Study, top: int = 15, labels: tuple[str, str] = ("val acc", "test acc")
+) -> str:
+    """The best complete trials by (first) objective; ``labels`` name its value and the test
+    column (``MAD val`` / ``MAD test`` for a protocol-scored sweep)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    done.sort(key=lambda t: (-(t.value or 0.0), t.number))
+    done.sort(key=lambda t: (-(first_value(t) or 0.0), t.number))
     header = (
-        f"{'#':>4}  {'pattern':<34} {'params':>9} {'state':>9} {'val acc':>8} "
-        f"{'test acc':>8} {'tok/s':>8}"
+        f"{'#':>4}  {'pattern':<34} {'params':>9} {'state':>9} {labels[0]:>8} "
+        f"{labels[1]:>8} {'tok/s':>8}"
     )
     lines = [header, "-" * len(header)]
     for t in done[:top]:
         a = t.user_attrs
         lines.append(
             f"{t.number:>4}  {str(a.get('pattern', '?'))[:34]:<34} {a.get('params', 0):>9,} "
-            f"{a.get('state_size', 0):>9,} {t.value:>8.4f} "
+            f"{a.get('state_size', 0):>9,} {first_value(t):>8.4f} "
             f"{a.get('test_accuracy', float('nan')):>8.4f} "
             f"{a.get('tokens_per_s', 0):>8,.0f}"
         )
@@ -95,10 +106,10 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[str]:
         for t in done:
             x = t.user_attrs.get(key)
             if x:
-                ax.scatter(x, t.value, s=18)
+                ax.scatter(x, first_value(t), s=18)
                 ax.annotate(
                     str(t.user_attrs.get("pattern", t.number))[:24],
-                    (x, t.value),
+                    (x, first_value(t)),
                     fontsize=6,
                     alpha=0.7,
                 )
@@ -113,6 +124,58 @@ def write_plots(study: optuna.Study, out_dir: Path) -> list[str]:
     write_learning_curves(study, out_dir / "learning_curves.png")
     written.append("learning_curves.png")
     return written
+
+
+def write_pareto_front(study: optuna.Study, path: Path, names: tuple[str, str]) -> list[int]:
+    """For a two-objective study: every complete trial, the Pareto front (Optuna's
+    ``best_trials``) drawn and labelled; returns the front's trial numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = sorted(study.best_trials, key=lambda t: t.values[1])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(
+        [t.values[1] for t in done], [t.values[0] for t in done], s=16, c="0.6", label="trials"
+    )
+    ax.plot(
+        [t.values[1] for t in front],
+        [t.values[0] for t in front],
+        "o-",
+        c="tab:red",
+        ms=5,
+        label="Pareto front",
+    )
+    for t in front:
+        ax.annotate(
+            f"#{t.number} {str(t.user_attrs.get('pattern', ''))[:24]}",
+            (t.values[1], t.values[0]),
+            fontsize=6,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{names[1]} (lower is better)")
+    ax.set_ylabel(f"{names[0]} (higher is better)")
+    ax.set_title(f"{study.study_name}: Pareto front")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [t.number for t in front]
+
+
+def store_artifacts(study: optuna.Study, out_dir: Path, files: list[str], artifact_dir: Path):
+    """Attach the report's files to the study as Optuna artifacts (optuna-dashboard shows them
+    when started with ``--artifact-dir``); returns the artifact ids."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(artifact_dir)
+    return [
+        upload_artifact(artifact_store=store, file_path=str(out_dir / f), study_or_trial=study)
+        for f in files
+    ]
 
 
 LEGEND_MAX = 20  # curves named in the learning-curves legend (the best by last value)
@@ -163,10 +226,10 @@ def write_learning_curves(study: optuna.Study, path: Path) -> list[str]:
     return labels
 
 
-def dashboard_command(url: str) -> str:
+def dashboard_command(url: str, artifact_dir: Path | None = None) -> str:
     """The optuna-dashboard command for ``url`` that runs as printed from the directory the
     user is in: the script beside this interpreter (a virtual environment's ``bin/`` is often
-    not on PATH), a SQLite path made absolute, a password masked."""
+    not on PATH), a SQLite path made absolute, a password masked, the artifact folder."""
     import shlex
     import shutil
     import sys
@@ -178,7 +241,10 @@ def dashboard_command(url: str) -> str:
     path = sqlite_file(url)
     if path is not None:
         url = "sqlite:///" + str(path.resolve())
-    return f"{shlex.quote(exe)} {shlex.quote(mask_url(url))}"
+    command = f"{shlex.quote(exe)} {shlex.quote(mask_url(url))}"
+    if artifact_dir is not None:
+        command += f" --artifact-dir {shlex.quote(str(Path(artifact_dir).resolve()))}"
+    return command
 
 
 def save_note(study: optuna.Study, board: str, extra: str = "") -> None:
@@ -197,10 +263,19 @@ def finish(
     restarts: int,
     interrupted: bool = False,
 ) -> dict:
-    board = leaderboard(study)
+    protocol = sweep.objectives[0] == "mad_score"
+    board = leaderboard(
+        study, labels=("MAD val", "MAD test") if protocol else ("val acc", "test acc")
+    )
     print("\n" + board)
     write_csv(study, out_dir / "results.csv")
     plots = write_plots(study, out_dir)
+    front = None
+    if len(sweep.objectives) == 2:
+        front = write_pareto_front(study, out_dir / "pareto_front.png", sweep.objectives)
+        plots.append("pareto_front.png")
+    artifact_dir = sweep.storage.artifact_dir
+    artifacts = store_artifacts(study, out_dir, plots, artifact_dir)
     summary = {
         "study": study.study_name,
         "storage": sweep.storage.masked,
@@ -215,6 +290,9 @@ def finish(
         },
         "trials": trial_rows(study),
         "files": ["results.csv", *plots],
+        "objectives": list(sweep.objectives),
+        "pareto_front": front,
+        "artifacts": {"dir": str(artifact_dir), "ids": artifacts},
     }
     done = [r for r in summary["trials"] if r["state"] == "COMPLETE"]
     for key in (
@@ -233,5 +311,5 @@ def finish(
     )
     save_note(study, board, note)
     print(f"\nrun directory: {out_dir} (results.csv, {', '.join(plots)}, study_summary.json)")
-    print(f"dashboard: {dashboard_command(sweep.storage.url)}")
+    print(f"dashboard: {dashboard_command(sweep.storage.url, artifact_dir)}")
     return summary

@@ -59,6 +59,13 @@ class StudyStorage:
         return mask_url(self.url)
 
     @property
+    def artifact_dir(self) -> Path:
+        """Where the study's artifacts (the report's plots) are kept: beside a SQLite file
+        (``<name>.artifacts/``), else ``outputs/artifacts`` under the current directory."""
+        path = sqlite_file(self.url)
+        return path.with_suffix(".artifacts") if path else Path("outputs") / "artifacts"
+
+    @property
     def opened(self) -> bool:
         return self._opened is not None
 

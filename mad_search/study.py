@@ -34,12 +34,13 @@ from mad_search.hogwild.pool import Slot
 from mad_search.plan import RunPlan
 from mad_search.settings import HogwildSettings, StudySettings
 from mad_search.storage import StudyStorage
-from mad_search.sweep import validate_sweep
+from mad_search.sweep import SweepPlan, TrialOutcome, validate_sweep
 
 
-def run_study(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
-    """Run the sweep in ``cfg``: coordinator + Hogwild pool; returns the run summary."""
-    sweep = validate_sweep(cfg)  # every config error before any worker starts
+def run_study(cfg: DictConfig, out_dir: str | os.PathLike, sweep: SweepPlan | None = None) -> dict:
+    """Run the sweep in ``cfg`` (or the already checked ``sweep``): coordinator + Hogwild pool;
+    returns the run summary."""
+    sweep = sweep or validate_sweep(cfg)  # every config error before any worker starts
     out = run_jobs(sweep, Path(out_dir))
     summary = report.finish(
         out.study,
@@ -70,6 +71,11 @@ class JobSource(Protocol):
     def plans(self, trial: optuna.Trial) -> list[RunPlan]: ...
 
     def job_fields(self, trial: optuna.Trial) -> dict: ...
+
+    directions: tuple[str, ...]  # of the study's objectives
+    reports_intermediate: bool  # relay the worker's validation reports (and let the pruner act)
+
+    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome: ...
 
     def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str: ...
 
@@ -138,7 +144,7 @@ class Coordinator:
         study = optuna.create_study(
             study_name=settings.name,
             storage=source.storage.open(),
-            direction=settings.direction,
+            directions=list(source.directions),
             sampler=settings.make_sampler(),
             pruner=settings.make_pruner(),
             load_if_exists=True,
@@ -266,8 +272,11 @@ class Coordinator:
             return
         elif isinstance(msg, Report):
             trial = self.running[msg.number]
-            trial.report(msg.value, msg.step)
-            slot.conn.send(Verdict(prune=trial.should_prune()))
+            prune = False
+            if self.source.reports_intermediate:
+                trial.report(msg.value, msg.step)
+                prune = trial.should_prune()
+            slot.conn.send(Verdict(prune=prune))
             label = self.labels.get(msg.number, "")
             self.progress.workers[slot.index] = (
                 f"#{msg.number} {label} step {msg.step} val {msg.value:.3f}"
@@ -315,11 +324,19 @@ class Coordinator:
             trial.set_user_attr(key, value)
         pattern = self.labels.pop(trial.number, trial.user_attrs.get("pattern"))
         if end.status == "done":
-            study.tell(trial, result["val_accuracy"])
+            outcome = self.source.outcome(trial, result)
+            for key, value in outcome.attrs.items():
+                trial.set_user_attr(key, value)
+            for step, value in outcome.intermediate:
+                trial.report(value, step)
+            values = outcome.values
+            study.tell(trial, values[0] if len(values) == 1 else values)
             progress.counts["done"] += 1
+            test = outcome.attrs.get("test_accuracy", result["test_accuracy"])
+            more = "".join(f" / {v:,.4g}" for v in values[1:])
             progress.event(
-                f"trial {trial.number} complete: val {result['val_accuracy']:.4f} test "
-                f"{result['test_accuracy']:.4f} ({result['tokens_per_s']:,.0f} tok/s, {pattern})"
+                f"trial {trial.number} complete: val {values[0]:.4f}{more} test {test:.4f} "
+                f"({result['tokens_per_s']:,.0f} tok/s, {pattern})"
             )
         elif end.status == "pruned":
             study.tell(trial, state=TrialState.PRUNED)

@@ -52,6 +52,16 @@ def _refuse_ignored(cfg: Any, params: dict) -> None:
 
 
 @dataclass
+class TrialOutcome:
+    """A finished trial's objective values, extra user attributes and intermediate values (step,
+    value) to record before ``tell``."""
+
+    values: list[float]
+    attrs: dict = field(default_factory=dict)
+    intermediate: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class SweepPlan:
     """A sweep checked from end to end: what the coordinator needs to run it (a job source of
     :class:`mad_search.study.Coordinator`: ``prepare`` the study, then ``plans`` per trial)."""
@@ -83,6 +93,16 @@ class SweepPlan:
     def job_fields(self, trial: optuna.Trial) -> dict:
         """Extra :class:`~mad_search.hogwild.messages.TrialJob` fields (none for a sweep)."""
         return {}
+
+    # What a trial is scored on: validation accuracy (mean over its tasks), reported as it
+    # trains, so the pruner can stop it.
+    objectives: tuple[str, ...] = ("val_accuracy",)
+    directions: tuple[str, ...] = ("maximize",)
+    reports_intermediate: bool = True
+
+    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome:
+        """The values to tell Optuna for a finished trial's worker ``result``."""
+        return TrialOutcome(values=[result["val_accuracy"]])
 
     def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
         """How the display names the trial: its layer sequence."""
@@ -169,21 +189,24 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any]) -> list[RunPlan]:
-    """One validated run plan per task for a trial's overrides.
-
-    The coordinator calls this for every probe at start-up and for every trial, so it works on
-    plain containers (a deep copy of an OmegaConf tree costs about ten times more); a config
-    with interpolations takes the OmegaConf path, so they see the overridden values."""
+def trial_config(cfg: DictConfig, overrides: dict[str, Any]) -> Any:
+    """The sweep's config with one trial's overrides set: plain containers (a deep copy of an
+    OmegaConf tree costs about ten times more), or a config where it has interpolations, so they
+    see the overridden values."""
     # to_container builds a fresh tree, ours to change; a plain dict is the caller's: copy it.
     is_config = OmegaConf.is_config(cfg)
     base = OmegaConf.to_container(cfg, resolve=False) if is_config else copy.deepcopy(cfg)
     if _has_interpolation(base):
-        trial_cfg: Any = _apply(cfg, overrides)
-    else:
-        trial_cfg = base
-        for key, value in overrides.items():
-            _set_dotted(trial_cfg, key, copy.deepcopy(to_plain(value)))
+        return _apply(cfg, overrides)
+    for key, value in overrides.items():
+        _set_dotted(base, key, copy.deepcopy(to_plain(value)))
+    return base
+
+
+def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any]) -> list[RunPlan]:
+    """One validated run plan per task for a trial's overrides (the coordinator calls this for
+    every probe at start-up and for every trial)."""
+    trial_cfg = trial_config(cfg, overrides)
     out = []
     for task_cfg in task_cfgs:
         if isinstance(trial_cfg, dict):
@@ -196,8 +219,11 @@ def plans_for(cfg: DictConfig, task_cfgs: list[dict], overrides: dict[str, Any])
     return out
 
 
-def validate_sweep(cfg: DictConfig) -> SweepPlan:
-    """Check the whole sweep before any worker starts; raises a one-line ``UserError``."""
+def validate_sweep(cfg: DictConfig, plans=None) -> SweepPlan:
+    """Check the whole sweep before any worker starts; raises a one-line ``UserError``.
+    ``plans(cfg, task_cfgs, overrides)`` makes a trial's probe plans (default
+    :func:`plans_for`)."""
+    plans = plans or plans_for
     study = StudySettings.from_config(cfg.get("study"))
     hogwild = HogwildSettings.from_config(cfg.get("hogwild"))
     block_modules = list(to_plain(cfg.model.get("block_modules")) or [])
@@ -224,7 +250,7 @@ def validate_sweep(cfg: DictConfig) -> SweepPlan:
             overrides = dict(zip(keys, combo))
             if layers is not None:
                 overrides["model.pattern"] = layers
-            probe_plans += plans_for(cfg, tasks_, overrides)
+            probe_plans += plans(cfg, tasks_, overrides)
     return SweepPlan(
         cfg=cfg,
         space=search,

@@ -43,6 +43,9 @@ def test_aggregation_matches_hand_computed_scores():
     assert out["settings"]["recall/a"]["lr"] == 5e-4
     assert out["tasks"] == {"recall": (0.85 + 0.35) / 2, "copy": 0.3}
     assert math.isclose(out["mad_score"], ((0.85 + 0.35) / 2 + 0.3) / 2)
+    # what a search optimises: the same selection, validation accuracies
+    assert out["tasks_val"] == {"recall": (0.9 + 0.4) / 2, "copy": 0.2}
+    assert math.isclose(out["mad_score_val"], ((0.9 + 0.4) / 2 + 0.2) / 2)
 
 
 def test_aggregation_on_random_results_equals_a_slow_reference():

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import open_dict
 
 from mad_search.errors import UserError
 from mad_search.protocol import aggregate
@@ -179,3 +180,112 @@ def test_the_packaged_levels_expand_to_their_runs():
         "baseline"
     }
     assert quick.hogwild.embedding == "private"  # each run its own table
+
+
+TINY_SWEEP_LEVEL = (
+    "+protocol.levels.tiny={settings: [in_context_recall/baseline, memorization/baseline], "
+    "lrs: [1.0e-3, 3.0e-3], weight_decays: [0.0], d_model: 16, batch_size: 16, max_steps: 30, "
+    "max_train_examples: 128, num_test_examples: 32, eval_every: 10}"
+)
+
+
+def _sweep_cfg(tmp_path, *extra):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "+sweep=layer_patterns",
+                "+protocol=mad",
+                TINY_SWEEP_LEVEL,
+                "protocol.level=tiny",
+                "study.n_trials=3",
+                "hogwild.workers=2",
+                "hogwild.threads_per_worker=1",
+                f"study.storage=sqlite:///{tmp_path}/s.db",
+                *extra,
+            ],
+        )
+    with open_dict(cfg):  # three layer sequences; the default study's lr parameter stays
+        cfg.search.pattern = {"kind": "choice", "choices": ["attention swiglu", "mlstm", "mlstm*2"]}
+        cfg.search.reference = []
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_sweep_scored_by_a_protocol_level_with_two_objectives(tmp_path, capsys):
+    from mad_search.protocol_run import run_protocol_sweep
+
+    summary = run_protocol_sweep(
+        _sweep_cfg(tmp_path, "+protocol.objectives=[mad_score,params]"), tmp_path / "run"
+    )
+    out = capsys.readouterr().out
+    assert "note: search.params.train.lr is not used" in out  # the level sets the lr grid
+    study = optuna.load_study(study_name="layer_patterns", storage=f"sqlite:///{tmp_path}/s.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3
+    for t in done:
+        a = t.user_attrs
+        tasks_val = [a["mad.in_context_recall.val"], a["mad.memorization.val"]]
+        assert t.values[0] == pytest.approx(sum(tasks_val) / 2)  # the objective: validation
+        assert a["mad_score_test"] == pytest.approx(
+            (a["mad.in_context_recall.test"] + a["mad.memorization.test"]) / 2
+        )
+        assert t.values[1] == a["params"] > 0
+        assert a["embedding"] == "private"
+    front = set(summary["pareto_front"])
+    assert front and front == {t.number for t in study.best_trials}
+    assert (tmp_path / "run" / "pareto_front.png").stat().st_size > 0
+    # the report's plots are the study's artifacts, where the printed dashboard command looks
+    art = summary["artifacts"]
+    assert len(art["ids"]) == len(summary["files"]) - 1  # every plot; results.csv is not one
+    assert Path(art["dir"]) == tmp_path / "s.artifacts"
+    assert sorted(p.name for p in Path(art["dir"]).iterdir()) == sorted(art["ids"])
+    assert f"--artifact-dir {tmp_path / 's.artifacts'}" in out
+
+
+@pytest.mark.slow
+def test_a_single_objective_protocol_sweep_reports_task_scores_as_curves(tmp_path):
+    from mad_search.protocol_run import run_protocol_sweep
+
+    run_protocol_sweep(_sweep_cfg(tmp_path, "study.n_trials=2"), tmp_path / "run")
+    study = optuna.load_study(study_name="layer_patterns", storage=f"sqlite:///{tmp_path}/s.db")
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE
+        a = t.user_attrs
+        assert t.intermediate_values == pytest.approx(
+            {0: a["mad.in_context_recall.val"], 1: a["mad.memorization.val"]}
+        )
+        assert t.value == pytest.approx(a["mad_score_val"])
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["+protocol.objectives=[params]"], "protocol.objectives must be mad_score, then"),
+        (["+protocol.objectives=[mad_score,mad_score]"], "protocol.objectives must be"),
+        (
+            [
+                "protocol.levels.quick.d_model=32",
+                "+search.params={model.d_model: {type: categorical, choices: [16, 32]}}",
+            ],
+            "conflicts with protocol level",
+        ),
+    ],
+)
+def test_bad_protocol_sweeps_are_one_line(tmp_path, extra, fragment):
+    from mad_search.protocol_run import validate_protocol_sweep
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[
+                "+sweep=layer_patterns",
+                "+protocol=mad",
+                *extra,
+                f"study.storage=sqlite:///{tmp_path}/s.db",
+            ],
+        )
+    with pytest.raises(UserError) as err:
+        validate_protocol_sweep(cfg)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -92,8 +92,8 @@ class HogwildSettings:
 
             if not torch.cuda.is_available():
                 raise ConfigError("hogwild.device=cuda but no CUDA device is available; use cpu")
-        if s["rule"] not in ("sgd", "adagrad"):
-            raise ConfigError(f"hogwild.rule must be sgd or adagrad, got {s['rule']!r}")
+        if s["rule"] not in ("sgd", "adagrad", "adam"):
+            raise ConfigError(f"hogwild.rule must be sgd, adagrad or adam, got {s['rule']!r}")
         lr = s["lr"]
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise ConfigError(f"hogwild.lr must be positive, got {lr!r}")

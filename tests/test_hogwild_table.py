@@ -85,3 +85,30 @@ def test_table_is_not_part_of_the_model_state():
     assert not any("table" in k or k == "embedding.weight" for k in model.state_dict())
     assert table.weight.is_shared()
     assert not any(p.is_shared() for p in model.parameters())
+
+
+def test_adam_rule_matches_a_per_row_lazy_adam_reference():
+    """Each touched row takes its k-th Adam step (k = its own update count), untouched rows and
+    their moments stay; the moments live in the shared table."""
+    V, D = random.randint(6, 20), random.randint(2, 8)
+    lr = random.uniform(1e-3, 1e-1)
+    table = SharedTable(V, D, num_slots=1, seed=random.randrange(100), rule="adam", share=True)
+    assert table.exp_avg.is_shared() and table.exp_avg.shape == (V, D)
+    emb = TableEmbedding(table, slot=0, lr=lr)
+    weight, m, v, k = table.weight.clone().double(), {}, {}, {}
+    for _ in range(4):
+        tokens = torch.randint(0, V, (2, 5))
+        w = _step(emb, tokens)
+        grad = torch.zeros(V, D).index_add_(0, tokens.reshape(-1), w.reshape(-1, D)).double()
+        emb.apply_update(lr_factor=1.0)
+        for r in torch.unique(tokens).tolist():  # the slow reference, one row at a time
+            k[r] = k.get(r, 0) + 1
+            m[r] = 0.9 * m.get(r, 0.0) + 0.1 * grad[r]
+            v[r] = 0.999 * v.get(r, 0.0) + 0.001 * grad[r] ** 2
+            m_hat, v_hat = m[r] / (1 - 0.9 ** k[r]), v[r] / (1 - 0.999 ** k[r])
+            weight[r] -= lr * m_hat / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(table.weight, weight.float(), rtol=1e-5, atol=1e-6)
+    for r in range(V):
+        expected = m[r].float() if r in m else torch.zeros(D)
+        torch.testing.assert_close(table.exp_avg[r], expected, rtol=1e-5, atol=1e-7)
+    assert table.touches.tolist() == [k.get(r, 0) for r in range(V)]

@@ -52,7 +52,7 @@ def test_given_settings_override_defaults_and_auto_threads_split_the_cores():
         (HogwildSettings, {"workers": True}, "hogwild.workers must be a positive integer or auto"),
         (HogwildSettings, {"threads_per_worker": 0}, "hogwild.threads_per_worker must be"),
         (HogwildSettings, {"embedding": "both"}, "hogwild.embedding must be 'shared' or"),
-        (HogwildSettings, {"rule": "adam"}, "hogwild.rule must be sgd or adagrad"),
+        (HogwildSettings, {"rule": "rmsprop"}, "hogwild.rule must be sgd, adagrad or adam"),
         (HogwildSettings, {"seed": 1.5}, "hogwild.seed must be an integer"),
         (StudySettings, {"n_trial": 3}, "unknown study setting 'n_trial'"),
         (StudySettings, {"timeout": -1}, "study.timeout must be a positive number"),

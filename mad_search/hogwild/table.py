@@ -5,7 +5,9 @@ A :class:`SharedTable` holds the weights and everything the workers need to meas
 does, all in shared memory so that every worker's counters are visible to the coordinator:
 
 * ``weight`` (V, D) float32 and, for the ``adagrad`` rule, ``accum`` (V,) float32 (one
-  accumulator per row, shared: no worker keeps optimiser state of its own for the table);
+  accumulator per row, shared: no worker keeps optimiser state of its own for the table); for
+  the ``adam`` rule, ``exp_avg`` and ``exp_avg_sq`` (V, D) float32, also shared (lazy Adam: only
+  the rows a step touches move, their bias correction counted per row by ``touches``);
 * ``writes`` (W,) int64: updates written by each worker slot (each slot has one writer, so the
   sum is an exact global clock without atomics);
 * ``last_writer`` (V,) int32 and ``last_write`` (V,) int64: which slot last wrote each row, and the
@@ -26,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RULES = ("sgd", "adagrad")
+RULES = ("sgd", "adagrad", "adam")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 class SharedTable:
@@ -48,6 +51,8 @@ class SharedTable:
         self.vocab_size, self.d_model, self.rule = vocab_size, d_model, rule
         self.weight = torch.randn(vocab_size, d_model, generator=gen) * std
         self.accum = torch.zeros(vocab_size)
+        moments = (vocab_size, d_model) if rule == "adam" else (0, d_model)
+        self.exp_avg, self.exp_avg_sq = torch.zeros(moments), torch.zeros(moments)
         self.writes = torch.zeros(num_slots, dtype=torch.int64)
         self.last_writer = torch.full((vocab_size,), -1, dtype=torch.int32)
         self.last_write = torch.zeros(vocab_size, dtype=torch.int64)
@@ -61,6 +66,8 @@ class SharedTable:
         return [
             self.weight,
             self.accum,
+            self.exp_avg,
+            self.exp_avg_sq,
             self.writes,
             self.last_writer,
             self.last_write,
@@ -160,13 +167,21 @@ class TableEmbedding(nn.Module):
         rows, grad = self._rows, self._emb.grad.detach().to("cpu", torch.float32)
         self._emb = None
         lr = self.lr * lr_factor
+        acc = m = v = None
         if t.rule == "adagrad":
             acc = t.accum.index_select(0, rows) + grad.square().mean(dim=1)
             delta = -lr * grad / (acc.sqrt()[:, None] + self.eps)
+        elif t.rule == "adam":  # lazy Adam: each touched row's k-th update, k from touches
+            (b1, b2), k = ADAM_BETAS, (t.touches.index_select(0, rows) + 1).to(torch.float32)
+            m = b1 * t.exp_avg.index_select(0, rows) + (1 - b1) * grad
+            v = b2 * t.exp_avg_sq.index_select(0, rows) + (1 - b2) * grad.square()
+            m_hat, v_hat = m / (1 - b1**k)[:, None], v / (1 - b2**k)[:, None]
+            delta = -lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
         else:
-            acc, delta = None, -lr * grad
+            delta = -lr * grad
         new_rows = t.weight.index_select(0, rows) + delta
-        if not (torch.isfinite(new_rows).all() and (acc is None or torch.isfinite(acc).all())):
+        state = [x for x in (acc, m, v) if x is not None]
+        if not (torch.isfinite(new_rows).all() and all(torch.isfinite(x).all() for x in state)):
             t.skipped[self.slot] += 1
             self.stats.skipped_nonfinite += 1
             if self.stats.skipped_nonfinite > self.max_nonfinite:
@@ -186,6 +201,9 @@ class TableEmbedding(nn.Module):
         t.weight.index_add_(0, rows, delta)
         if acc is not None:
             t.accum.index_add_(0, rows, grad.square().mean(dim=1))
+        if m is not None:  # moments written whole: a row another worker moved since is stale
+            t.exp_avg.index_copy_(0, rows, m)
+            t.exp_avg_sq.index_copy_(0, rows, v)
         t.last_writer.index_fill_(0, rows, self.slot)
         t.last_write.index_fill_(0, rows, clock)
         t.touches.index_add_(0, rows, torch.ones_like(rows))

@@ -289,3 +289,70 @@ def test_bad_protocol_sweeps_are_one_line(tmp_path, extra, fragment):
     with pytest.raises(UserError) as err:
         validate_protocol_sweep(cfg)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+TINY_LEVELS = {
+    "tiny": {
+        "settings": ["in_context_recall/baseline", "memorization/baseline"],
+        "lrs": [1e-3],
+        "weight_decays": [0.0],
+        "d_model": 16,
+        "batch_size": 16,
+        "max_steps": 20,
+        "max_train_examples": 128,
+        "num_test_examples": 32,
+        "eval_every": 10,
+    },
+    "tinyref": {
+        "settings": ["in_context_recall/baseline", "memorization/baseline"],
+        "lrs": [1e-3, 3e-3],
+        "weight_decays": [0.0],
+        "d_model": 16,
+        "batch_size": 16,
+        "max_steps": 40,
+        "max_train_examples": 128,
+        "num_test_examples": 32,
+        "eval_every": 20,
+    },
+}
+
+
+@pytest.mark.slow
+def test_protocol_benchmark_scores_every_level_and_its_agreement(tmp_path, capsys):
+    from mad_search.bench import protocol as bench
+    from mad_search.bench import run_benchmark
+
+    patterns = ["attention swiglu", "mlstm", "mlstm slstm"]
+    result, path = run_benchmark(
+        "protocol",
+        {
+            "patterns": patterns,
+            "levels": ["tiny"],
+            "reference": "tinyref",
+            "extra_levels": TINY_LEVELS,
+        },
+        out=tmp_path / "b.json",
+    )
+    assert json.loads(path.read_text())["benchmark"] == "protocol"
+    for level in ("tiny", "tinyref"):
+        entry = result["levels"][level]
+        assert set(entry["patterns"]) == set(patterns)
+        for p in patterns:
+            row = entry["patterns"][p]
+            assert 0 <= row["mad_score"] <= 1 and row["wall_s"] > 0 and row["trial_hours"] > 0
+            assert row["runs"] == 2 * len(TINY_LEVELS[level]["lrs"])
+        assert entry["wall_s"] == pytest.approx(
+            sum(v["wall_s"] for v in entry["patterns"].values())
+        )
+    ref = result["levels"]["tinyref"]
+    assert ref["kendall_tau_vs_reference"] == pytest.approx(1.0)
+    tiny = result["levels"]["tiny"]["patterns"]
+    from mad_search.bench._common import kendall_tau_b
+
+    expected = kendall_tau_b(
+        [tiny[p]["mad_score"] for p in patterns],
+        [ref["patterns"][p]["mad_score"] for p in patterns],
+    )
+    assert result["levels"]["tiny"]["kendall_tau_vs_reference"] == pytest.approx(expected)
+    text = bench.table(result)
+    assert all(p in text for p in patterns) and "tau vs tinyref" in text

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "scaling": "mad_search.bench.scaling",
     "vs_independent": "mad_search.bench.vs_independent",
     "sharing": "mad_search.bench.sharing",
+    "protocol": "mad_search.bench.protocol",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 

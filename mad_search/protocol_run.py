@@ -29,11 +29,12 @@ from mad_search import space as space_mod
 from mad_search import tasks
 from mad_search.config import resolve, to_plain
 from mad_search.errors import ConfigError
+from mad_search.jobs import JobSource, TrialOutcome
 from mad_search.plan import RunPlan
 from mad_search.protocol import Level, aggregate, run_id, select_settings
 from mad_search.settings import HogwildSettings, StudySettings
 from mad_search.storage import StudyStorage
-from mad_search.sweep import SweepPlan, TrialOutcome, trial_config, validate_sweep
+from mad_search.sweep import SweepPlan, trial_config, validate_sweep
 
 PROTOCOL_KEYS = {"level", "levels", "study_name", "objectives"}
 # mad-lab's optimiser: torch AdamW with its default betas (the paper's appendix says 0.98).
@@ -50,21 +51,17 @@ class ProtocolRun:
     plan: RunPlan
 
 
-@dataclass
-class ProtocolPlan:
-    """A protocol checked from end to end: its level, its runs, where they are recorded (a job
-    source of :class:`mad_search.study.Coordinator`)."""
+@dataclass(kw_only=True)
+class ProtocolPlan(JobSource):
+    """A protocol checked from end to end: its level, its runs, where they are recorded. A
+    trial is one run, scored by its validation accuracy (learning curves for the dashboard; the
+    study has no pruner)."""
 
     level: Level
     pattern: str
     d_model: int
     model_seed: int
     runs: list[ProtocolRun]
-    study: StudySettings
-    hogwild: HogwildSettings
-    storage: StudyStorage
-    block_modules: list[str] = field(default_factory=list)
-    probe_plans: list[RunPlan] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.by_id = {r.id: r for r in self.runs}
@@ -106,12 +103,6 @@ class ProtocolPlan:
 
     def job_fields(self, trial: optuna.Trial) -> dict:
         return {"model_seed": self.model_seed, "diverged_is_zero": True}
-
-    directions: tuple[str, ...] = ("maximize",)  # a run's validation accuracy
-    reports_intermediate: bool = True  # learning curves for the dashboard (no pruner)
-
-    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome:
-        return TrialOutcome(values=[result["val_accuracy"]])
 
     def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
         return trial.user_attrs.get("run", "")
@@ -329,7 +320,7 @@ def trial_runs(level: Level, cfg: Any, overrides: dict) -> tuple[list[ProtocolRu
 OBJECTIVES = {"mad_score": "maximize", "params": "minimize", "state_size": "minimize"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProtocolSweep(SweepPlan):
     """A sweep whose trials are scored by a protocol level: each trial trains the level's runs
     for its layer sequence (one after another, in one worker) and its value is the MAD score

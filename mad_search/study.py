@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import optuna
 from omegaconf import DictConfig
@@ -31,10 +30,9 @@ from mad_search.errors import UserError
 from mad_search.hogwild import SharedTable, TrialJob, WorkerPool, share_task_data, table_key
 from mad_search.hogwild.messages import Ready, Report, TrialEnd, Verdict
 from mad_search.hogwild.pool import Slot
+from mad_search.jobs import JobSource
 from mad_search.plan import RunPlan
-from mad_search.settings import HogwildSettings, StudySettings
-from mad_search.storage import StudyStorage
-from mad_search.sweep import SweepPlan, TrialOutcome, validate_sweep
+from mad_search.sweep import SweepPlan, validate_sweep
 
 
 def run_study(cfg: DictConfig, out_dir: str | os.PathLike, sweep: SweepPlan | None = None) -> dict:
@@ -54,30 +52,6 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike, sweep: SweepPlan | No
     if out.interrupted:
         raise KeyboardInterrupt
     return summary
-
-
-class JobSource(Protocol):
-    """What the coordinator runs: a sweep (:class:`~mad_search.sweep.SweepPlan`) or a protocol
-    (:class:`~mad_search.protocol_run.ProtocolPlan`), checked before any worker starts."""
-
-    study: StudySettings
-    hogwild: HogwildSettings
-    storage: StudyStorage
-    block_modules: list[str]
-    probe_plans: list[RunPlan]  # every task configuration and width the jobs will need
-
-    def prepare(self, study: optuna.Study) -> tuple[int, str]: ...
-
-    def plans(self, trial: optuna.Trial) -> list[RunPlan]: ...
-
-    def job_fields(self, trial: optuna.Trial) -> dict: ...
-
-    directions: tuple[str, ...]  # of the study's objectives
-    reports_intermediate: bool  # relay the worker's validation reports (and let the pruner act)
-
-    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome: ...
-
-    def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str: ...
 
 
 @dataclass

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -25,6 +25,7 @@ from mad_search import space as space_mod
 from mad_search import tasks
 from mad_search.config import resolve, to_plain
 from mad_search.errors import ConfigError
+from mad_search.jobs import JobSource
 from mad_search.plan import RunPlan
 from mad_search.settings import HogwildSettings, StudySettings, packaged_config
 from mad_search.storage import StudyStorage
@@ -51,29 +52,16 @@ def _refuse_ignored(cfg: Any, params: dict) -> None:
             raise ConfigError(f"{shown} is not used in a sweep ({instead}); remove it")
 
 
-@dataclass
-class TrialOutcome:
-    """A finished trial's objective values, extra user attributes and intermediate values (step,
-    value) to record before ``tell``."""
-
-    values: list[float]
-    attrs: dict = field(default_factory=dict)
-    intermediate: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class SweepPlan:
-    """A sweep checked from end to end: what the coordinator needs to run it (a job source of
-    :class:`mad_search.study.Coordinator`: ``prepare`` the study, then ``plans`` per trial)."""
+@dataclass(kw_only=True)
+class SweepPlan(JobSource):
+    """A sweep checked from end to end: what the coordinator needs to run it."""
 
     cfg: DictConfig
     space: dict
     task_cfgs: list[dict]
-    study: StudySettings
-    hogwild: HogwildSettings
-    storage: StudyStorage
-    block_modules: list[str] = field(default_factory=list)
-    probe_plans: list[RunPlan] = field(default_factory=list)
+    # What a trial is scored on: validation accuracy (mean over its tasks), reported as it
+    # trains, so the pruner can stop it.
+    objectives: tuple[str, ...] = ("val_accuracy",)
 
     def prepare(self, study: optuna.Study) -> tuple[int, str]:
         """Enqueue the reference trials and record the search on the study; returns the number
@@ -89,24 +77,6 @@ class SweepPlan:
         """The trial's run plans (one per task) from the sampler's suggestions; a
         ``UserError`` for a suggestion that cannot be built."""
         return plans_for(self.cfg, self.task_cfgs, space_mod.suggest(trial, self.space))
-
-    def job_fields(self, trial: optuna.Trial) -> dict:
-        """Extra :class:`~mad_search.hogwild.messages.TrialJob` fields (none for a sweep)."""
-        return {}
-
-    # What a trial is scored on: validation accuracy (mean over its tasks), reported as it
-    # trains, so the pruner can stop it.
-    objectives: tuple[str, ...] = ("val_accuracy",)
-    directions: tuple[str, ...] = ("maximize",)
-    reports_intermediate: bool = True
-
-    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome:
-        """The values to tell Optuna for a finished trial's worker ``result``."""
-        return TrialOutcome(values=[result["val_accuracy"]])
-
-    def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
-        """How the display names the trial: its layer sequence."""
-        return plans[0].pattern
 
 
 def _enqueue_references(study: optuna.Study, space: dict) -> int:

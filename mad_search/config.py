@@ -128,6 +128,13 @@ def resolve(cfg: DictConfig | dict) -> RunPlan:
     threads = cfg.get("threads")
     if threads is not None:
         threads = _positive_int(threads, "threads")
+    train = resolve_train(cfg.get("train"), seed)
+    sparse = bool(model_cfg.get("sparse_embedding", False))
+    if train.embedding_optimizer == "sparse_adam" and not sparse:
+        raise ConfigError(
+            "train.embedding_optimizer=sparse_adam needs model.sparse_embedding=true "
+            "(SparseAdam takes sparse gradients only); or pick adamw, sgd or adagrad"
+        )
     return RunPlan(
         layers=layers,
         pattern=spec_mod.format_layers(layers),
@@ -135,9 +142,9 @@ def resolve(cfg: DictConfig | dict) -> RunPlan:
         task_name=task_name,
         task_settings=settings,
         task_info=info,
-        train=resolve_train(cfg.get("train"), seed),
+        train=train,
         block_options=block_options,
-        sparse_embedding=bool(model_cfg.get("sparse_embedding", False)),
+        sparse_embedding=sparse,
         seed=seed,
         device=device,
         threads=threads,

@@ -45,6 +45,7 @@ LEVEL_KEYS = {
     "eval_every",
     "target_accuracy",
     "min_lr",
+    "accuracy",
 }
 
 
@@ -90,6 +91,7 @@ class Level:
     eval_every: int | None
     target_accuracy: float
     min_lr: float
+    accuracy: str = "macro"  # mad-lab's average; micro for a level of your own
 
     @classmethod
     def from_config(cls, name: str, node: Any) -> Level:
@@ -131,6 +133,9 @@ class Level:
         min_lr = node.get("min_lr", 1e-6)
         if not isinstance(min_lr, (int, float)) or min_lr < 0:
             raise ConfigError(f"{where}.min_lr must be >= 0, got {min_lr!r}")
+        accuracy = node.get("accuracy", "macro")
+        if accuracy not in ("macro", "micro"):
+            raise ConfigError(f"{where}.accuracy must be macro or micro, got {accuracy!r}")
         return cls(
             name=name,
             description=str(node.get("description") or ""),
@@ -154,6 +159,7 @@ class Level:
             eval_every=_optional_int(node.get("eval_every"), f"{where}.eval_every"),
             target_accuracy=float(target),
             min_lr=float(min_lr),
+            accuracy=accuracy,
         )
 
     def steps(self, num_train_examples: int) -> int:

@@ -130,7 +130,7 @@ def expand_runs(
 ) -> tuple[list[ProtocolRun], list[RunPlan]]:
     """The level's runs for one layer sequence (``model_cfg``), each with its validated plan,
     and one plan per setting (the task data and tables the runs need). ``train_cfg`` gives what
-    the level does not set (gradient clipping, the accuracy average)."""
+    the level does not set (gradient clipping)."""
     model_cfg = dict(model_cfg)
     if level.d_model is not None:
         model_cfg["d_model"] = level.d_model
@@ -152,6 +152,7 @@ def expand_runs(
                     "eval_every": level.eval_every
                     or -(-settings["num_train_examples"] // level.batch_size),
                     "target_accuracy": level.target_accuracy,
+                    "accuracy": level.accuracy,
                     "progress": False,
                 },
                 "seed": entry["seed"],  # the grid's data seed (mad-lab's 12345)

@@ -66,7 +66,7 @@ class HogwildSettings:
     threads_per_worker: int
     embedding: str  # shared | private
     device: str  # cpu | cuda
-    rule: str  # sgd | adagrad
+    rule: str  # adam | adagrad | sgd
     lr: float
     max_nonfinite: int
     seed: int

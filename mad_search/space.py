@@ -15,6 +15,8 @@ A sweep's ``search`` section::
       reference:                     # enqueued first, so every study contains them
         - "xlstm(7:1)"               # a spec string (outside the space is fine)
         - {pattern.ratio: "1:0", pattern.depth.1-0: 4}   # or fixed parameter values
+        - {spec: "(attention swiglu)*2", train.lr: 3.0e-3}  # a spec with fixed values: a
+                                     # search.params key is fixed, any other key set
 
 Pattern generators:
 
@@ -192,7 +194,16 @@ def suggest(trial: optuna.Trial, space: Mapping) -> dict[str, Any]:
         overrides["model.pattern"] = suggest_pattern(trial, space["pattern"])
     for key, dist in (space.get("params") or {}).items():
         overrides[key] = suggest_param(trial, key, dist)
+    overrides.update(trial.user_attrs.get("reference_overrides") or {})
     return overrides
+
+
+def reference_spec(ref: Mapping, params: Mapping) -> tuple[str, dict, dict]:
+    """A ``{spec: ..., key: value}`` reference split into its spec, the values of searched
+    parameters (fixed by enqueueing) and the other settings (set on that trial's config)."""
+    rest = {k: v for k, v in ref.items() if k != "spec"}
+    fixed = {k: v for k, v in rest.items() if k in params}
+    return str(ref["spec"]), fixed, {k: v for k, v in rest.items() if k not in params}
 
 
 def _check_dist(key: str, dist: Any) -> None:
@@ -309,6 +320,14 @@ def validate(space: Mapping, valid_blocks: list[str]) -> list[list[str]]:
                 patterns.append(parse(ref, valid_blocks))
             except SpecError as exc:
                 raise SpaceError(f"search.reference: {exc}") from None
+        elif isinstance(ref, Mapping) and "spec" in ref:
+            try:
+                patterns.append(parse(str(ref["spec"]), valid_blocks))
+            except SpecError as exc:
+                raise SpaceError(f"search.reference: {exc}") from None
+            bad = sorted(k for k in ref if k != "spec" and k in ("model.pattern", "pattern"))
+            if bad:
+                raise SpaceError(f"search.reference {dict(ref)}: use spec, not {bad[0]}")
         elif isinstance(ref, Mapping):
             try:
                 patterns.append(pattern_from_params(space.get("pattern") or {}, ref))

@@ -79,18 +79,35 @@ class SweepPlan(JobSource):
         return plans_for(self.cfg, self.task_cfgs, space_mod.suggest(trial, self.space))
 
 
+def _params(trial: optuna.trial.FrozenTrial) -> dict:
+    """A trial's parameters; for one still waiting, the values it was enqueued with."""
+    return trial.params or trial.system_attrs.get("fixed_params") or {}
+
+
 def _enqueue_references(study: optuna.Study, space: dict) -> int:
     existing = study.get_trials(deepcopy=False)
     added = 0
+    params = space.get("params") or {}
     for ref in space.get("reference") or []:
-        if isinstance(ref, str):
-            if any(t.user_attrs.get("reference_pattern") == ref for t in existing):
+        if isinstance(ref, str) or "spec" in ref:
+            spec, fixed, settings = (
+                (ref, {}, {}) if isinstance(ref, str) else space_mod.reference_spec(ref, params)
+            )
+            if any(
+                t.user_attrs.get("reference_pattern") == spec
+                and all(_params(t).get(k) == v for k, v in fixed.items())
+                and (t.user_attrs.get("reference_overrides") or {}) == settings
+                for t in existing
+            ):
                 continue
-            study.enqueue_trial({}, user_attrs={"reference_pattern": ref, "reference": True})
+            attrs = {"reference_pattern": spec, "reference": True}
+            if settings:
+                attrs["reference_overrides"] = settings
+            study.enqueue_trial(fixed, user_attrs=attrs)
         else:
             ref = dict(ref)
             if any(
-                all(t.params.get(k) == v for k, v in ref.items())
+                all(_params(t).get(k) == v for k, v in ref.items())
                 for t in existing
                 if t.user_attrs.get("reference")
             ):
@@ -221,6 +238,12 @@ def validate_sweep(cfg: DictConfig, plans=None) -> SweepPlan:
             if layers is not None:
                 overrides["model.pattern"] = layers
             probe_plans += plans(cfg, tasks_, overrides)
+    for ref in (search or {}).get("reference") or []:  # references that set other settings
+        if isinstance(ref, dict) and "spec" in ref:
+            _, _, settings = space_mod.reference_spec(ref, params)
+            if settings:
+                layers = space_mod.parse(str(ref["spec"]), blocks.names())
+                probe_plans += plans(cfg, tasks_, {"model.pattern": layers, **settings})
     return SweepPlan(
         cfg=cfg,
         space=search,

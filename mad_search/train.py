@@ -144,6 +144,9 @@ class TrainResult:
     train_seconds: float
     stopped: str  # max_steps | target_accuracy | callback
     history: list[dict] = field(default_factory=list)
+    # the test split under both averages (``test_accuracy`` is the configured one)
+    test_accuracy_macro: float | None = None
+    test_accuracy_micro: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -342,7 +345,7 @@ def train(
             step - 1,
             cfg.embedding_schedule,
             cfg.max_steps,
-            0,
+            cfg.warmup_steps,
             min_ratio,
             cfg.backoff_steps,
             cfg.backoff_beta,
@@ -376,10 +379,13 @@ def train(
                 bar.write(
                     f"step {step}: val_loss {metrics['loss']:.4f} val_acc {metrics['accuracy']:.4f}"
                 )
+            # Every validation is reported (the learning curve ends where training did); a
+            # run that reached the target stops for that reason, whatever the callback says.
+            stop = on_eval is not None and on_eval(step, metrics)
             if metrics["accuracy"] >= cfg.target_accuracy:
                 stopped = "target_accuracy"
                 break
-            if on_eval is not None and on_eval(step, metrics):
+            if stop:
                 stopped = "callback"
                 break
     if bar is not None:
@@ -400,6 +406,8 @@ def train(
         train_seconds=train_time,
         stopped=stopped,
         history=history,
+        test_accuracy_macro=test["accuracy_macro"],
+        test_accuracy_micro=test["accuracy_micro"],
     )
 
 

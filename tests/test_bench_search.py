@@ -158,6 +158,8 @@ def test_inprocess_baseline_trains_the_trial_list_deterministically(tmp_path):
         ("vs_independent", "storage=redis", "storage must be journal or sqlite"),
         ("sharing", "patterns=[mlstm,mlstm,attention]", "must not repeat"),
         ("sharing", "patterns=[mlstm]", "at least 2"),
+        ("agreement", "lrs=[0]", "lrs must be a non-empty list of positive numbers"),
+        ("agreement", "steps_factor=0", "steps_factor must be positive"),
     ],
 )
 def test_bad_options_are_one_line_errors(name, override, fragment, capsys):
@@ -360,3 +362,27 @@ def test_sharing_smoke_writes_both_rankings_and_tau(tmp_path):
         assert [r["rank"] for r in result[key]] == [1, 2, 3]
     assert result["patterns_compared"] == 3 and result["left_out"] == []
     assert result["shared"]["complete"] == result["private"]["complete"] == 3
+
+
+@pytest.mark.slow
+def test_agreement_smoke_scores_each_pattern_twice_and_compares_the_rankings(tmp_path):
+    config = (
+        "{task.seq_len: 32, task.num_train_examples: 256, task.num_test_examples: 64, "
+        "model.d_model: 16, train.max_steps: 4, train.eval_every: 2, train.batch_size: 8, "
+        "train.warmup_steps: 1, study.n_trials: 4, hogwild.workers: 2, "
+        "hogwild.threads_per_worker: 1}"
+    )
+    result = _run("agreement", tmp_path, f"config={config}", "steps_factor=2", "lrs=[1e-3]")
+    assert result["study_trials"] == 4
+    assert result["config"]["reference_steps"] == 8
+    rows = result["per_pattern"]
+    assert len(rows) >= 2 and result["patterns_compared"] == len(rows)
+    assert all(0 <= r["study"] <= 1 and 0 <= r["reference"] <= 1 for r in rows)
+    assert [r["study"] for r in rows] == sorted((r["study"] for r in rows), reverse=True)
+    # one reference run per layer sequence and learning rate, each its own table
+    assert result["reference"]["trials"] == len(rows)
+    tau = result["kendall_tau"]
+    assert tau is None or -1.0 <= tau <= 1.0
+    assert result["attention_study_score"] == next(
+        r["study"] for r in rows if r["pattern"] == "(attention swiglu)*2"
+    )

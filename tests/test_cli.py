@@ -85,6 +85,7 @@ def test_single_run_writes_results_json(tmp_path):
         (["train.max_steps=-1"], "train.max_steps must be a positive integer"),
         (["task=text", "task.files=/nonexistent/*.txt"], "files"),
         (["+model.blocks.mlstm.num_heads=5", "model.pattern=mlstm"], "num_heads"),
+        (["train.embedding_optimizer=sparse_adam"], "model.sparse_embedding=true"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, fragment):

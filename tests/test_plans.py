@@ -108,3 +108,30 @@ def test_each_block_configuration_is_probed_once_and_a_bad_one_always_fails(monk
     for _ in range(2):
         with pytest.raises(blocks.BlockError, match="no_such_option"):
             config_mod.resolve_model(bad, 32)
+
+
+def test_reference_specs_fix_searched_values_and_set_others_once():
+    """``{spec: S, key: value}`` references: a searched key is fixed in the enqueued trial, any
+    other key is set on that trial's config; enqueueing again adds nothing."""
+    lr, batch = random.choice([2e-3, 3e-3, 4e-3]), random.choice([8, 16, 24])
+    space = {
+        "params": {"train.lr": {"type": "float", "low": 1e-3, "high": 5e-3, "log": True}},
+        "reference": [
+            {"spec": "(attention swiglu)*2", "train.lr": lr},
+            {"spec": "mlstm*2", "train.batch_size": batch},
+            "slstm*2",
+        ],
+    }
+    assert len(space_mod.validate(space, blocks.names())) == 3
+    study = optuna.create_study(direction="maximize")
+    assert sweep_mod._enqueue_references(study, space) == 3
+    assert sweep_mod._enqueue_references(study, space) == 0  # still waiting: not again
+    got = [space_mod.suggest(study.ask(), space) for _ in range(3)]
+    assert got[0]["model.pattern"] == ["attention", "swiglu", "attention", "swiglu"]
+    assert got[0]["train.lr"] == lr and "train.batch_size" not in got[0]
+    assert got[1]["model.pattern"] == ["mlstm", "mlstm"] and got[1]["train.batch_size"] == batch
+    assert 1e-3 <= got[1]["train.lr"] <= 5e-3 and "train.batch_size" not in got[2]
+    # a setting that cannot be built is refused at config time, with the reference's plan
+    cfg = _compose("search.reference=[{spec: 'mlstm*2', train.batch_size: -3}]")
+    with pytest.raises(ConfigError, match="batch_size"):
+        sweep_mod.validate_sweep(cfg)

@@ -135,6 +135,7 @@ def test_cheap_level_caps_sizes_and_filters_settings():
         ({"epochs": 0}, "epochs must be a positive number"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"speed": "fast"}, "unknown setting 'speed' in protocol.levels.x"),
+        ({"accuracy": "weighted"}, "accuracy must be macro or micro"),
     ],
 )
 def test_bad_levels_are_one_line_errors(change, fragment):
@@ -157,3 +158,16 @@ def test_run_ids_are_stable_and_distinct():
         for wd in (0.0, 0.1)
     }
     assert len(ids) == 8 and run_id("a/baseline", 5e-4, 0.1) == "a/baseline|lr=0.0005|wd=0.1"
+
+
+def test_runs_score_with_the_levels_average_not_the_single_run_default():
+    """mad-lab's numbers are macro accuracies: a level scores its runs with its own ``accuracy``
+    (macro unless it says otherwise), whatever ``train.accuracy`` a single run would use."""
+    from mad_search.protocol_run import expand_runs
+
+    cheap = {**FULL, "settings": ["in_context_recall/baseline"], "max_steps": 5, "d_model": 16}
+    for level_avg, train_avg in (("macro", "micro"), ("micro", "macro")):
+        node = cheap if level_avg == "macro" else {**cheap, "accuracy": level_avg}
+        level = Level.from_config("x", node)
+        runs, _ = expand_runs(level, {"pattern": "mlstm"}, {"accuracy": train_avg})
+        assert runs and {r.plan.train.accuracy for r in runs} == {level_avg}

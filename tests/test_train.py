@@ -106,3 +106,35 @@ def test_encoder_decoder_reconstructs_every_position_from_the_last_state():
 def test_bad_train_settings_are_refused(bad, msg):
     with pytest.raises(ValueError, match=msg):
         TrainConfig(**bad).validate()
+
+
+def test_warmup_ramps_the_external_embeddings_step_size_too():
+    """``train.warmup_steps`` warms up the shared table (``embedding_step``) like the blocks:
+    without it the table's first updates are full size while the blocks' are tiny."""
+    warm, backoff = random.randint(3, 8), random.randint(20, 40)
+    model = SequenceModel(8, 16, ["swiglu"], 12)
+    factors = []
+    cfg = TrainConfig(
+        max_steps=warm + 4, batch_size=8, eval_every=100, progress=False, warmup_steps=warm,
+        embedding_schedule="backoff", backoff_steps=backoff,
+    )
+    train(model, _tiny_data(), cfg, 8, embedding_step=factors.append)
+    assert factors[:warm] == pytest.approx([(s + 1) / warm for s in range(warm)])
+    assert factors[warm:] == pytest.approx([1.0] * 4)
+
+
+def test_result_reports_the_test_split_under_both_averages():
+    model = SequenceModel(8, 16, ["attention"], 12)
+    cfg = TrainConfig(max_steps=4, batch_size=8, eval_every=2, progress=False, accuracy="micro")
+    res = train(model, _tiny_data(), cfg, num_classes=8)
+    assert res.test_accuracy == res.test_accuracy_micro
+    assert 0.0 <= res.test_accuracy_macro <= 1.0
+
+
+def test_the_validation_that_reaches_the_target_is_reported_too():
+    model = SequenceModel(8, 16, ["swiglu"], 12)
+    cfg = TrainConfig(max_steps=50, batch_size=8, eval_every=5, progress=False,
+                      target_accuracy=1e-9)  # any accuracy above 0 reaches it
+    seen = []
+    res = train(model, _tiny_data(), cfg, 8, on_eval=lambda step, m: seen.append(step) or True)
+    assert res.stopped == "target_accuracy" and seen == [5] and res.steps == 5

@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "vs_independent": "mad_search.bench.vs_independent",
     "sharing": "mad_search.bench.sharing",
     "protocol": "mad_search.bench.protocol",
+    "agreement": "mad_search.bench.agreement",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 

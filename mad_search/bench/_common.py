@@ -221,8 +221,10 @@ def load_data(cfg: DictConfig) -> dict:
     from mad_search.sweep import plans_for
 
     task_cfgs = [dict(OmegaConf.to_container(cfg.task, resolve=True))]
-    first = parse(cfg.search.reference[0], check=False)
-    plan = plans_for(cfg, task_cfgs, {"model.pattern": first})[0]
+    ref = cfg.search.reference[0]
+    spec = ref if isinstance(ref, str) else ref.get("spec")
+    overrides = {"model.pattern": parse(spec, check=False)} if spec else {}
+    plan = plans_for(cfg, task_cfgs, overrides)[0]
     return tasks.as_tensors(tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))
 
 

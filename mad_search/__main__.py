@@ -22,8 +22,10 @@ def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import resolve
     from mad_search.errors import UserError
     from mad_search.hogwild.pool import WorkerStartError
+    from mad_search.storage import scrub_run_dir
 
     out_dir = HydraConfig.get().runtime.output_dir
+    scrub_run_dir(out_dir)  # Hydra saved the overrides as typed: no password stays there
     try:
         if cfg.get("search") is not None and cfg.get("protocol") is not None:
             from mad_search.protocol_run import run_protocol_sweep

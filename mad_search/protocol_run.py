@@ -210,7 +210,7 @@ def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
         runs=runs,
         study=study,
         hogwild=hogwild,
-        storage=StudyStorage(study.storage),
+        storage=StudyStorage(study.storage, study.storage_options()),
         block_modules=block_modules,
         probe_plans=probes,
     )

@@ -28,7 +28,9 @@ def packaged_config(path: str) -> dict:
     """A YAML file of the packaged config tree (``conf/<path>``) as a plain dict."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(resources.files("conf").joinpath(path)))
+    return OmegaConf.to_container(
+        OmegaConf.load(resources.files("conf").joinpath(path)), resolve=True
+    )
 
 
 def _settings(section: str, node: Any, default_file: str) -> dict:
@@ -120,6 +122,35 @@ class HogwildSettings:
         )
 
 
+def _heartbeat(node: Any) -> dict | None:
+    node = dict(node or {})
+    unknown = sorted(set(node) - {"interval", "grace_period", "max_retry"})
+    if unknown:
+        raise ConfigError(
+            f"unknown study.heartbeat setting {unknown[0]!r}; valid: grace_period, interval, "
+            "max_retry"
+        )
+    interval = node.get("interval")
+    if interval is None:
+        return None
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+        raise ConfigError(
+            f"study.heartbeat.interval must be a positive number of seconds or null, got "
+            f"{interval!r}"
+        )
+    grace = node.get("grace_period")
+    grace = 3 * interval if grace is None else grace
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace <= interval:
+        raise ConfigError(
+            f"study.heartbeat.grace_period must be seconds above the interval ({interval}) or "
+            f"null, got {node.get('grace_period')!r}"
+        )
+    retry = node.get("max_retry", 1)
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+        raise ConfigError(f"study.heartbeat.max_retry must be an integer >= 0, got {retry!r}")
+    return {"interval": interval, "grace_period": grace, "max_retry": retry}
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """The ``study`` group, validated (defaults: ``conf/study/default.yaml``)."""
@@ -132,6 +163,7 @@ class StudySettings:
     tasks: list | None
     sampler: dict
     pruner: dict
+    heartbeat: dict | None = None  # {interval, grace_period, max_retry}; None: off
 
     @classmethod
     def from_config(cls, node: Any) -> StudySettings:
@@ -161,10 +193,34 @@ class StudySettings:
             tasks=list(s["tasks"]) if s["tasks"] else None,
             sampler=dict(s["sampler"] or {}),
             pruner=dict(s["pruner"] or {}),
+            heartbeat=_heartbeat(s["heartbeat"]),
         )
         settings.make_sampler()  # bad sampler or pruner options fail here
         settings.make_pruner()
         return settings
+
+    def storage_options(self) -> dict:
+        """Keyword arguments of Optuna's ``RDBStorage`` for the heartbeat: stale trials are
+        failed by the next coordinator and retried with the same parameters."""
+        hb = self.heartbeat
+        if not hb:
+            return {}
+        import warnings
+
+        import optuna
+
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.8; we pin the version
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = (
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["max_retry"])
+                if hb["max_retry"]
+                else None
+            )
+        return {
+            "heartbeat_interval": hb["interval"],
+            "grace_period": hb["grace_period"],
+            "heartbeat_stale_trial_callback": retry,
+        }
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
         import optuna

@@ -30,6 +30,30 @@ def mask_url(url: str) -> str:
         return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
+# scheme://user:password@ : the password of a database URL anywhere in a text
+_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s'\"]+)(@)")
+
+
+def scrub_passwords(text: str) -> str:
+    """``text`` with the password of every database URL in it replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***\3", text)
+
+
+def scrub_run_dir(run_dir: str | os.PathLike) -> list[Path]:
+    """Mask database passwords in the files Hydra wrote into ``run_dir/.hydra`` (the
+    overrides and the composed config name ``study.storage`` as typed); returns the files
+    changed. Called before anything else runs, so no password stays on disk."""
+    changed = []
+    hydra_dir = Path(run_dir) / ".hydra"
+    for path in sorted(hydra_dir.glob("*.yaml")) if hydra_dir.is_dir() else []:
+        text = path.read_text()
+        clean = scrub_passwords(text)
+        if clean != text:
+            path.write_text(clean)
+            changed.append(path)
+    return changed
+
+
 def sqlite_file(url: str) -> Path | None:
     """The database file of a ``sqlite:///PATH`` URL (None for other URLs and in-memory)."""
     if not url.startswith("sqlite:///"):
@@ -41,13 +65,14 @@ def sqlite_file(url: str) -> Path | None:
 class StudyStorage:
     """A checked storage URL that is opened once, on first :meth:`open`."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, options: dict | None = None):
         if not isinstance(url, str) or "://" not in url:
             raise ConfigError(
                 f"study.storage must be a database URL like sqlite:///outputs/mad_search.db "
                 f"or postgresql://user:pass@host/db, got {mask_url(str(url))!r}"
             )
         self.url = url
+        self.options = dict(options or {})  # RDBStorage keywords: heartbeat, retry callback
         self._opened: optuna.storages.BaseStorage | None = None
         if sqlite_file(url) is not None:
             _check_sqlite_path(url)  # a local file: checked now, opened later
@@ -71,7 +96,7 @@ class StudyStorage:
 
     def open(self) -> optuna.storages.BaseStorage:
         if self._opened is None:
-            self._opened = _open(self.url)
+            self._opened = _open(self.url, self.options)
         return self._opened
 
 
@@ -80,13 +105,19 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return StudyStorage(url).open()
 
 
-def _open(url: str) -> optuna.storages.RDBStorage:
+def _open(url: str, options: dict | None = None) -> optuna.storages.RDBStorage:
+    import warnings
+
     import optuna
 
     try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
-        )
+        with warnings.catch_warnings():  # the heartbeat arguments are "experimental"
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                **(options or {}),
+            )
     except Exception as exc:  # unreachable host, bad driver, malformed URL...
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = reason.replace(url, mask_url(url))

@@ -15,8 +15,10 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ from mad_search.hogwild.pool import Slot
 from mad_search.jobs import JobSource
 from mad_search.plan import RunPlan
 from mad_search.sweep import SweepPlan, validate_sweep
+
+_HOST = socket.gethostname()
 
 
 def run_study(cfg: DictConfig, out_dir: str | os.PathLike, sweep: SweepPlan | None = None) -> dict:
@@ -85,6 +89,7 @@ class Coordinator:
         self.ended: list[tuple[optuna.Trial, TrialEnd]] = []  # worker free, not yet recorded
         self.labels: dict[int, str] = {}  # trial number -> how the display names it
         self.started = 0
+        self.last_beat = 0.0  # when the running trials' heartbeats were last recorded
         self.n_trials = source.study.n_trials  # until the source's prepare() says
         self.progress = Progress(self.n_trials)
 
@@ -92,6 +97,9 @@ class Coordinator:
         source = self.source
         self.out_dir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # We record the heartbeats ourselves (see _heartbeat); Optuna warns at every tell that
+        # its heartbeat thread only runs inside study.optimize.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         # Task data is built (or loaded from the disk cache) once here and shared with the
         # workers; before the study is opened, so settings the generator cannot satisfy leave no
         # study behind.
@@ -123,6 +131,7 @@ class Coordinator:
             pruner=settings.make_pruner(),
             load_if_exists=True,
         )
+        stale = self._fail_stale(study)
         before = len(study.get_trials(deepcopy=False))
         self.n_trials, prepared = source.prepare(study)
         self.progress.total = self.n_trials
@@ -132,7 +141,48 @@ class Coordinator:
             f"{prepared}; {hog.workers} workers x {hog.threads_per_worker} threads, "
             f"{hog.embedding} embedding"
         )
+        if stale:
+            hb = settings.heartbeat
+            print(
+                f"{len(stale)} stale trial(s) {sorted(stale)} failed: no heartbeat for "
+                f"{hb['grace_period']} s (the coordinator running them died); "
+                + (f"retried with the same parameters (at most {hb['max_retry']} times)"
+                   if hb["max_retry"] else "not retried (study.heartbeat.max_retry=0)")
+            )
         return study
+
+    def _fail_stale(self, study: optuna.Study) -> list[int]:
+        """Fail the trials whose coordinator stopped sending heartbeats (Optuna's
+        ``fail_stale_trials``; its retry callback enqueues each again with the same parameters
+        and user attributes, linked by the system attribute ``failed_trial``); their numbers."""
+        if not self.source.study.heartbeat:
+            return []
+        running = {
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        }
+        if not running:
+            return []
+        optuna.storages.fail_stale_trials(study)
+        return [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if t.number in running
+        ]
+
+    def _heartbeat(self, force: bool = False) -> None:
+        """Record a heartbeat for every running trial, every ``study.heartbeat.interval``
+        seconds (ask/tell has no heartbeat thread of its own: ``study.optimize`` does)."""
+        hb = self.source.study.heartbeat
+        if not hb or not self.running:
+            return
+        now = time.time()
+        if not force and now - self.last_beat < hb["interval"]:
+            return
+        storage = self.source.storage.open()  # the one opened for this study
+        for trial in self.running.values():
+            storage.record_heartbeat(trial._trial_id)
+        self.last_beat = now
 
     def _data(self, plan: RunPlan) -> dict:
         """The plan's task data as tensors in shared memory, built (or loaded from the disk
@@ -189,6 +239,7 @@ class Coordinator:
                     break
                 for slot, msg in self.pool.wait(0.5):
                     self._handle(slot, msg)
+                self._heartbeat()
                 self.progress.status()
         except KeyboardInterrupt:  # a second Ctrl-C, or one before the flag was installed
             return True
@@ -221,11 +272,14 @@ class Coordinator:
         )
         self.pool.submit(slot, job)  # first, so the worker starts while we write
         self.running[trial.number] = trial
+        if self.source.study.heartbeat:  # its first heartbeat: stale if this process dies
+            self.source.storage.open().record_heartbeat(trial._trial_id)
         plan = plans[0]
         trial.set_user_attr("pattern", plan.pattern)
         trial.set_user_attr("layers", plan.layers)
         trial.set_user_attr("d_model", plan.d_model)
         trial.set_user_attr("worker", slot.index)
+        trial.set_user_attr("host", _HOST)
         trial.set_user_attr("embedding", source.hogwild.embedding)
         if plan.budget:
             trial.set_user_attr("budget", plan.budget)

@@ -183,7 +183,9 @@ def trial_config(cfg: DictConfig, overrides: dict[str, Any]) -> Any:
     # to_container builds a fresh tree, ours to change; a plain dict is the caller's: copy it.
     is_config = OmegaConf.is_config(cfg)
     base = OmegaConf.to_container(cfg, resolve=False) if is_config else copy.deepcopy(cfg)
-    if _has_interpolation(base):
+    # The study section's interpolation (study.storage from MAD_SEARCH_STORAGE) plays no part
+    # in a run plan: it alone does not send every trial down the slow path.
+    if _has_interpolation({k: v for k, v in base.items() if k != "study"}):
         return _apply(cfg, overrides)
     for key, value in overrides.items():
         _set_dotted(base, key, copy.deepcopy(to_plain(value)))
@@ -250,7 +252,7 @@ def validate_sweep(cfg: DictConfig, plans=None) -> SweepPlan:
         task_cfgs=tasks_,
         study=study,
         hogwild=hogwild,
-        storage=StudyStorage(study.storage),
+        storage=StudyStorage(study.storage, study.storage_options()),
         block_modules=block_modules,
         probe_plans=probe_plans,
     )

@@ -111,7 +111,7 @@ def test_blocks_benchmark_says_so_when_the_official_package_is_missing(
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["nope"], "unknown benchmark 'nope'; valid: blocks"),
+        (["nope"], "unknown benchmark 'nope'; valid: agreement, blocks"),
         (["blocks", "batch=abc"], "option batch must be an integer"),
         (["blocks", "frobnicate=1"], "unknown option 'frobnicate'"),
         (["blocks", "seq_lens=[128,"], "option seq_lens: cannot read value"),

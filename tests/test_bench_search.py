@@ -334,7 +334,8 @@ def test_vs_independent_smoke_writes_every_key(tmp_path):
         assert [r["order"][0] for r in phase["rounds"]] == ["pool", "independent"]
         for setup in ("pool", "independent"):
             # two rounds, summed: 2 trials each
-            assert phase[setup]["complete"] == 4 and phase[setup]["tokens"] == 2 * 2 * 2 * 32 * 32
+            # 2 rounds x 2 trials x 2 steps x sequence 32 x the default study's batch of 64
+            assert phase[setup]["complete"] == 4 and phase[setup]["tokens"] == 2 * 2 * 2 * 32 * 64
             assert [r["complete"] for r in phase[setup]["runs"]] == [2, 2]
     assert result["throughput_ratio"] == result["throughput_by_workers"]["2"]["throughput_ratio"]
     for w in ("1", "2"):
@@ -386,3 +387,29 @@ def test_agreement_smoke_scores_each_pattern_twice_and_compares_the_rankings(tmp
     assert result["attention_study_score"] == next(
         r["study"] for r in rows if r["pattern"] == "(attention swiglu)*2"
     )
+
+
+def test_agreement_compares_rounded_rankings_and_counts_pairs_ordered_alike():
+    from mad_search.bench.agreement import compare
+
+    rng = random.Random()
+    rows = [{"pattern": str(i), "study": rng.random(), "reference": rng.random()}
+            for i in range(rng.randint(3, 12))]
+    got = compare(rows, 2)
+    x = [round(r["study"], 2) for r in rows]
+    y = [round(r["reference"], 2) for r in rows]
+    assert got["kendall_tau"] == pytest.approx(_pairwise_tau_b(x, y))
+    n = len(rows)
+    alike = sum(
+        (x[i] > x[j]) - (x[i] < x[j]) == (y[i] > y[j]) - (y[i] < y[j])
+        for i in range(n) for j in range(i + 1, n)
+    )
+    assert got["pair_agreement"] == pytest.approx(alike / (n * (n - 1) // 2))
+    # every pattern solved on both sides: tau-b undefined, the rankings identical
+    solved = [{"pattern": p, "study": 0.9951 + 0.004 * rng.random(), "reference": 0.9996}
+              for p in "abc"]
+    got = compare(solved, 2)
+    assert got["kendall_tau"] is None and got["pair_agreement"] == 1.0
+    # one side tells a difference the other does not: not identical
+    solved[0]["study"] = 0.5
+    assert compare(solved, 2)["pair_agreement"] == pytest.approx(1 / 3)

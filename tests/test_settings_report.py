@@ -26,10 +26,16 @@ def test_settings_defaults_come_from_the_packaged_yaml():
         assert getattr(hog, key) == hog_yaml[key], key
     assert hog_yaml["workers"] == "auto" and hog.workers == available_cores()
     assert hog.threads_per_worker == max(1, available_cores() // hog.workers)
-    study_yaml = OmegaConf.to_container(OmegaConf.load(CONF / "study" / "default.yaml"))
+    study_yaml = OmegaConf.to_container(
+        OmegaConf.load(CONF / "study" / "default.yaml"), resolve=True
+    )  # storage: MAD_SEARCH_STORAGE or the SQLite file
     study = StudySettings.from_config(None)
     for key in ("name", "storage", "n_trials", "timeout", "direction", "sampler", "pruner"):
         assert getattr(study, key) == study_yaml[key], key
+    beat = study_yaml["heartbeat"]
+    assert study.heartbeat["interval"] == beat["interval"]
+    assert study.heartbeat["grace_period"] == (beat["grace_period"] or 3 * beat["interval"])
+    assert study.storage_options()["heartbeat_interval"] == beat["interval"]
 
 
 def test_given_settings_override_defaults_and_auto_threads_split_the_cores():
@@ -53,6 +59,10 @@ def test_given_settings_override_defaults_and_auto_threads_split_the_cores():
         (HogwildSettings, {"threads_per_worker": 0}, "hogwild.threads_per_worker must be"),
         (HogwildSettings, {"embedding": "both"}, "hogwild.embedding must be 'shared' or"),
         (HogwildSettings, {"rule": "rmsprop"}, "hogwild.rule must be sgd, adagrad or adam"),
+        (StudySettings, {"heartbeat": {"interval": 0}}, "study.heartbeat.interval must be"),
+        (StudySettings, {"heartbeat": {"interval": 10, "grace_period": 5}},
+         "study.heartbeat.grace_period must be seconds above the interval (10)"),
+        (StudySettings, {"heartbeat": {"beat": 1}}, "unknown study.heartbeat setting 'beat'"),
         (HogwildSettings, {"seed": 1.5}, "hogwild.seed must be an integer"),
         (StudySettings, {"n_trial": 3}, "unknown study setting 'n_trial'"),
         (StudySettings, {"timeout": -1}, "study.timeout must be a positive number"),

@@ -12,8 +12,10 @@ Then the same layer sequences are trained at a stronger level through the same p
 run its own embedding table; that is the reference score. The result is Kendall's tau-b between
 the two rankings, over the scores rounded to ``digits`` decimals (accuracies that differ by less
 than that are ties in both: at these sizes a difference of 0.0004 between two solved runs is
-noise, not a ranking), with the unrounded tau beside it, and whether the study's attention
-baseline reached 0.9.
+noise, not a ranking), with the unrounded tau beside it; the fraction of pairs both order alike
+(tau-b is undefined when every score of one side ties, e.g. when every pattern solves the
+task: then identical rankings are full agreement); and whether the study's attention baseline
+reached 0.9.
 """
 
 from __future__ import annotations
@@ -111,20 +113,16 @@ def run(**options: Any) -> dict:
         ref_study = optuna.load_study(study_name="agreement-reference", storage=ref.study.storage)
         ref_scores = _scores(ref_study)
 
-    both = [p for p in patterns if p in ref_scores]
-    digits = opts["digits"]
-    tau = common.kendall_tau_b(
-        [round(study_scores[p], digits) for p in both], [round(ref_scores[p], digits) for p in both]
-    )
-    tau_raw = common.kendall_tau_b([study_scores[p] for p in both], [ref_scores[p] for p in both])
+    per_pattern = [
+        {"pattern": p, "study": study_scores[p], "reference": ref_scores.get(p)}
+        for p in sorted(patterns, key=lambda p: -study_scores[p])
+    ]
     attention = study_scores.get(opts["attention"])
     return {
         "config": {**opts, "cores": common.available_cores(), "study_steps": steps,
                    "reference_steps": ref_steps},
         "machine": common.machine(),
-        "kendall_tau": tau,
-        "kendall_tau_unrounded": tau_raw,
-        "patterns_compared": len(both),
+        **compare(per_pattern, opts["digits"]),
         "attention_study_score": attention,
         "attention_reaches_0_9": None if attention is None else attention >= 0.9,
         "study_wall_s": study_total,
@@ -132,12 +130,34 @@ def run(**options: Any) -> dict:
         "study_trials": study_rec["trials"],
         "study_pruned": pruned,
         "reference_wall_s": ref_total,
-        "per_pattern": [
-            {"pattern": p, "study": study_scores[p], "reference": ref_scores.get(p)}
-            for p in sorted(patterns, key=lambda p: -study_scores[p])
-        ],
+        "per_pattern": per_pattern,
         "study": study_rec,
         "reference": ref_rec,
+    }
+
+
+def compare(per_pattern: list[dict], digits: int) -> dict:
+    """Agreement of the study's scores with the reference's over the patterns both have:
+    Kendall's tau-b of the scores rounded to ``digits`` decimals (None where it is undefined:
+    every score of one side tied), the same unrounded, and ``pair_agreement``: the fraction of
+    pairs of patterns that both sides order the same way (better, worse or tied after
+    rounding; 1.0 is the same ranking, ties included)."""
+    rows = [r for r in per_pattern if r.get("reference") is not None]
+    x = [round(r["study"], digits) for r in rows]
+    y = [round(r["reference"], digits) for r in rows]
+    pairs = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+
+    def sign(v: float) -> int:
+        return (v > 0) - (v < 0)
+
+    same = sum(sign(x[i] - x[j]) == sign(y[i] - y[j]) for i, j in pairs)
+    return {
+        "kendall_tau": common.kendall_tau_b(x, y),
+        "kendall_tau_unrounded": common.kendall_tau_b(
+            [r["study"] for r in rows], [r["reference"] for r in rows]
+        ),
+        "pair_agreement": same / len(pairs) if pairs else None,
+        "patterns_compared": len(rows),
     }
 
 
@@ -160,10 +180,11 @@ def table(result: dict) -> str:
         )
     lines += [
         "",
-        f"kendall_tau (tau-b over scores rounded to {cfg['digits']} decimals, "
-        f"{result['patterns_compared']} patterns): {common.fmt(result['kendall_tau'], '.3f')} "
-        f"(target >= 0.7: {common.verdict(_at_least(result['kendall_tau'], 0.7))}); "
-        f"unrounded {common.fmt(result['kendall_tau_unrounded'], '.3f')}",
+        f"scores rounded to {cfg['digits']} decimals, {result['patterns_compared']} patterns: "
+        f"pairs ordered alike {common.fmt(result['pair_agreement'], '.3f')}, kendall_tau (tau-b) "
+        f"{common.fmt(result['kendall_tau'], '.3f', 'undefined (one side all tied)')} "
+        f"(target >= 0.7: {_tau_verdict(result)}); unrounded tau-b "
+        f"{common.fmt(result['kendall_tau_unrounded'], '.3f')}",
         f"attention baseline {cfg['attention']}: study score "
         f"{common.fmt(result['attention_study_score'], '.4f')} (target >= 0.9: "
         f"{common.verdict(result['attention_reaches_0_9'])})",
@@ -174,8 +195,16 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _at_least(value: float | None, bound: float) -> bool | None:
-    return None if value is None else value >= bound
+def _tau_verdict(result: dict) -> str:
+    """tau-b >= 0.7; where tau-b is undefined, identical rankings (every pair ordered alike,
+    i.e. both sides all tied) meet the target and anything else misses it."""
+    tau = result["kendall_tau"]
+    if tau is not None:
+        return common.verdict(tau >= 0.7)
+    agree = result["pair_agreement"]
+    if agree is None:
+        return common.verdict(None)
+    return "met (identical rankings)" if agree == 1.0 else common.verdict(False)
 
 
 def _validate(opts: dict) -> dict:

@@ -105,10 +105,45 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return StudyStorage(url).open()
 
 
-def _open(url: str, options: dict | None = None) -> optuna.storages.RDBStorage:
+def grpc_address(url: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``grpc://host:port`` URL (Optuna's gRPC storage proxy), else None."""
+    m = re.fullmatch(r"grpc://([^:/]+):(\d+)/?", url)
+    if url.startswith("grpc://") and not m:
+        raise ConfigError(f"study.storage {url!r}: a proxy URL is grpc://HOST:PORT")
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _open_grpc(url: str, address: tuple[str, int]) -> optuna.storages.BaseStorage:
+    """A client of the gRPC storage proxy (``python -m mad_search.proxy``), checked with one
+    call so that an unreachable proxy fails at config time. Heartbeats and retries are the
+    proxy's storage's (the proxy process sets them up)."""
     import warnings
 
     import optuna
+
+    host, port = address
+    with warnings.catch_warnings():  # "experimental" in Optuna 5; the version is pinned
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        proxy = optuna.storages.GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.get_all_studies()
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"cannot reach the storage proxy at {url}: {reason[:200]} (start it with "
+            f"python -m mad_search.proxy)"
+        ) from None
+    return proxy
+
+
+def _open(url: str, options: dict | None = None) -> optuna.storages.BaseStorage:
+    import warnings
+
+    import optuna
+
+    address = grpc_address(url)
+    if address is not None:
+        return _open_grpc(url, address)
 
     try:
         with warnings.catch_warnings():  # the heartbeat arguments are "experimental"

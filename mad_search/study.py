@@ -155,7 +155,7 @@ class Coordinator:
         """Fail the trials whose coordinator stopped sending heartbeats (Optuna's
         ``fail_stale_trials``; its retry callback enqueues each again with the same parameters
         and user attributes, linked by the system attribute ``failed_trial``); their numbers."""
-        if not self.source.study.heartbeat:
+        if not self.source.study.heartbeat or not hasattr(study._storage, "record_heartbeat"):
             return []
         running = {
             t.number
@@ -180,6 +180,8 @@ class Coordinator:
         if not force and now - self.last_beat < hb["interval"]:
             return
         storage = self.source.storage.open()  # the one opened for this study
+        if not hasattr(storage, "record_heartbeat"):  # a proxy: its server's storage has them
+            return
         for trial in self.running.values():
             storage.record_heartbeat(trial._trial_id)
         self.last_beat = now
@@ -272,8 +274,7 @@ class Coordinator:
         )
         self.pool.submit(slot, job)  # first, so the worker starts while we write
         self.running[trial.number] = trial
-        if self.source.study.heartbeat:  # its first heartbeat: stale if this process dies
-            self.source.storage.open().record_heartbeat(trial._trial_id)
+        self._heartbeat(force=True)  # its first heartbeat: stale if this process dies
         plan = plans[0]
         trial.set_user_attr("pattern", plan.pattern)
         trial.set_user_attr("layers", plan.layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -229,3 +230,74 @@ def test_sigkilled_coordinator_costs_only_its_running_trials(tmp_path, backend, 
         assert retry.state == optuna.trial.TrialState.COMPLETE
     # nothing that had finished was lost or rewritten
     assert all(by_number[n].state == state for n, state in before.items())
+
+
+# --- the gRPC storage proxy ---------------------------------------------------------------------
+
+
+def test_proxy_urls_are_checked_and_an_unreachable_proxy_is_one_line():
+    from mad_search.errors import ConfigError
+    from mad_search.storage import StudyStorage, grpc_address
+
+    assert grpc_address("grpc://10.0.0.5:13000") == ("10.0.0.5", 13000)
+    assert grpc_address("postgresql://u@h/db") is None
+    with pytest.raises(ConfigError, match="grpc://HOST:PORT"):
+        grpc_address("grpc://nohost")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError) as err:
+        StudyStorage(f"grpc://127.0.0.1:{port}")
+    assert str(err.value).startswith(f"cannot reach the storage proxy at grpc://127.0.0.1:{port}")
+    assert "python -m mad_search.proxy" in str(err.value) and "\n" not in str(err.value)
+
+
+def _start_proxy(url: str) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mad_search.proxy", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MAD_SEARCH_STORAGE": url},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    first = proc.stdout.readline()  # printed once the storage is open, before serving
+    assert first.startswith("storage proxy for postgresql://"), first
+    time.sleep(1.0)
+    return proc, port
+
+
+@pytest.mark.slow
+def test_a_study_runs_through_the_grpc_proxy(tmp_path, pg_url):
+    proxy, port = _start_proxy(pg_url)
+    try:
+        proc = _cli(tmp_path, f"study.storage=grpc://127.0.0.1:{port}", "study.n_trials=2",
+                    "search.params={}")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    finally:
+        proxy.terminate()
+        proxy.wait(timeout=30)
+    trials = optuna.load_study(study_name="layer_patterns", storage=pg_url).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,)
+    )  # the third reference trial waits for the next run
+    assert len(trials) == 2, out
+    assert all(t.user_attrs["host"] for t in trials)
+
+
+@pytest.mark.slow
+def test_storage_benchmark_smoke(tmp_path, pg_url):
+    import json
+
+    import mad_search.bench as bench
+
+    out = tmp_path / "bench_storage.json"
+    server = pg_url.rsplit("/", 1)[0]
+    assert bench.main(["storage", "clients=[1,2]", "trials_per_client=2",
+                       f"server={server}", f"out={out}"]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["mode"], r["clients"]): r for r in result["rows"]}
+    assert set(rows) == {("postgres", 1), ("postgres", 2), ("grpc", 1), ("grpc", 2)}
+    for (_, n), r in rows.items():
+        assert r["complete"] == r["trials"] == 2 * n and r["errors"] == 0, r
+        assert r["ops_per_s"] > 0 and r["ask_p50_ms"] > 0 and r["max_db_connections"] >= 1

@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "sharing": "mad_search.bench.sharing",
     "protocol": "mad_search.bench.protocol",
     "agreement": "mad_search.bench.agreement",
+    "storage": "mad_search.bench.storage",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 

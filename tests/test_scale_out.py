@@ -17,30 +17,13 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_module
 
+# the study tests' tiny sizes and process helpers (tests/ is on sys.path, as for conftest.py)
+from test_study import TINY, _children, _default_sigint
+
 from mad_search.settings import StudySettings
 from mad_search.storage import scrub_passwords, scrub_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "task.seq_len=32",
-    "task.num_train_examples=512",
-    "task.num_test_examples=128",
-    "model.d_model=32",
-    "train.max_steps=30",
-    "train.eval_every=10",
-    "train.batch_size=16",
-    "hogwild.workers=2",
-    "hogwild.threads_per_worker=1",
-]
-
-
-def _default_sigint() -> None:  # background shells ignore SIGINT; give the CLI the default
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 PG_SERVER = os.environ.get("MAD_SEARCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 

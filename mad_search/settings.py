@@ -133,11 +133,7 @@ def _heartbeat(node: Any) -> dict | None:
     interval = node.get("interval")
     if interval is None:
         return None
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
-        raise ConfigError(
-            f"study.heartbeat.interval must be a positive number of seconds or null, got "
-            f"{interval!r}"
-        )
+    interval = _positive_int(interval, "study.heartbeat.interval", " (seconds) or null")
     grace = node.get("grace_period")
     grace = 3 * interval if grace is None else grace
     if isinstance(grace, bool) or not isinstance(grace, int) or grace <= interval:

@@ -198,9 +198,12 @@ def suggest(trial: optuna.Trial, space: Mapping) -> dict[str, Any]:
     return overrides
 
 
-def reference_spec(ref: Mapping, params: Mapping) -> tuple[str, dict, dict]:
-    """A ``{spec: ..., key: value}`` reference split into its spec, the values of searched
-    parameters (fixed by enqueueing) and the other settings (set on that trial's config)."""
+def reference_spec(ref: str | Mapping, params: Mapping) -> tuple[str, dict, dict]:
+    """A spec-string or ``{spec: ..., key: value}`` reference split into its spec, the values
+    of searched parameters (fixed by enqueueing) and the other settings (set on that trial's
+    config)."""
+    if isinstance(ref, str):
+        return ref, {}, {}
     rest = {k: v for k, v in ref.items() if k != "spec"}
     fixed = {k: v for k, v in rest.items() if k in params}
     return str(ref["spec"]), fixed, {k: v for k, v in rest.items() if k not in params}

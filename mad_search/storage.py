@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     import optuna
 
 
+# [scheme]://user:password@ : the password of a database URL anywhere in a text
+_URL_PASSWORD = re.compile(r"((?:[A-Za-z][\w+.-]*)?://[^:/@\s'\"]*:)([^@\s'\"]+)(@)")
+
+
+def scrub_passwords(text: str) -> str:
+    """``text`` with the password of every database URL in it replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***\3", text)
+
+
 def mask_url(url: str) -> str:
     """The storage URL with any password replaced by ***."""
     try:
@@ -27,16 +36,7 @@ def mask_url(url: str) -> str:
 
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
-
-
-# scheme://user:password@ : the password of a database URL anywhere in a text
-_URL_PASSWORD = re.compile(r"([A-Za-z][\w+.-]*://[^:/@\s'\"]*:)([^@\s'\"]+)(@)")
-
-
-def scrub_passwords(text: str) -> str:
-    """``text`` with the password of every database URL in it replaced by ***."""
-    return _URL_PASSWORD.sub(r"\1***\3", text)
+        return scrub_passwords(url)
 
 
 def scrub_run_dir(run_dir: str | os.PathLike) -> list[Path]:

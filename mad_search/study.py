@@ -151,11 +151,17 @@ class Coordinator:
             )
         return study
 
+    def _beats(self) -> bool:
+        """Whether this study has heartbeats: configured, and a storage that keeps them (not
+        the gRPC proxy: its server's storage has them)."""
+        storage = self.source.storage.open()  # the one opened for this study
+        return bool(self.source.study.heartbeat) and hasattr(storage, "record_heartbeat")
+
     def _fail_stale(self, study: optuna.Study) -> list[int]:
         """Fail the trials whose coordinator stopped sending heartbeats (Optuna's
         ``fail_stale_trials``; its retry callback enqueues each again with the same parameters
         and user attributes, linked by the system attribute ``failed_trial``); their numbers."""
-        if not self.source.study.heartbeat or not hasattr(study._storage, "record_heartbeat"):
+        if not self._beats():
             return []
         running = {
             t.number
@@ -170,21 +176,20 @@ class Coordinator:
             if t.number in running
         ]
 
-    def _heartbeat(self, force: bool = False) -> None:
-        """Record a heartbeat for every running trial, every ``study.heartbeat.interval``
-        seconds (ask/tell has no heartbeat thread of its own: ``study.optimize`` does)."""
-        hb = self.source.study.heartbeat
-        if not hb or not self.running:
+    def _heartbeat(self, trials: list[optuna.Trial] | None = None) -> None:
+        """Record a heartbeat for ``trials`` now, or (None) for every running trial once
+        ``study.heartbeat.interval`` seconds have passed since the last round (ask/tell has no
+        heartbeat thread of its own: ``study.optimize`` does)."""
+        if not self._beats():
             return
         now = time.time()
-        if not force and now - self.last_beat < hb["interval"]:
-            return
-        storage = self.source.storage.open()  # the one opened for this study
-        if not hasattr(storage, "record_heartbeat"):  # a proxy: its server's storage has them
-            return
-        for trial in self.running.values():
+        if trials is None:
+            if now - self.last_beat < self.source.study.heartbeat["interval"]:
+                return
+            trials, self.last_beat = list(self.running.values()), now
+        storage = self.source.storage.open()
+        for trial in trials:
             storage.record_heartbeat(trial._trial_id)
-        self.last_beat = now
 
     def _data(self, plan: RunPlan) -> dict:
         """The plan's task data as tensors in shared memory, built (or loaded from the disk
@@ -274,7 +279,7 @@ class Coordinator:
         )
         self.pool.submit(slot, job)  # first, so the worker starts while we write
         self.running[trial.number] = trial
-        self._heartbeat(force=True)  # its first heartbeat: stale if this process dies
+        self._heartbeat([trial])  # its first heartbeat: stale if this process dies
         plan = plans[0]
         trial.set_user_attr("pattern", plan.pattern)
         trial.set_user_attr("layers", plan.layers)

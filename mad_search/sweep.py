@@ -90,9 +90,7 @@ def _enqueue_references(study: optuna.Study, space: dict) -> int:
     params = space.get("params") or {}
     for ref in space.get("reference") or []:
         if isinstance(ref, str) or "spec" in ref:
-            spec, fixed, settings = (
-                (ref, {}, {}) if isinstance(ref, str) else space_mod.reference_spec(ref, params)
-            )
+            spec, fixed, settings = space_mod.reference_spec(ref, params)
             if any(
                 t.user_attrs.get("reference_pattern") == spec
                 and all(_params(t).get(k) == v for k, v in fixed.items())

@@ -118,6 +118,13 @@ def trial_patterns(patterns: Sequence[str], trials: int) -> list[str]:
     return [patterns[i % len(patterns)] for i in range(trials)]
 
 
+def check_at_least_one(opts: dict, keys: Sequence[str]) -> None:
+    """Each of ``opts[key]`` must be at least 1 (one clear line naming the first that is not)."""
+    for key in keys:
+        if opts[key] < 1:
+            raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+
+
 def check_patterns(patterns: Sequence[str]) -> None:
     """Parse every pattern now (one clear line if one is bad), before anything is started."""
     import blocks

@@ -153,9 +153,7 @@ def table(result: dict) -> str:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("workers", "threads_per_worker"):
-        if opts[key] < 1:
-            raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    common.check_at_least_one(opts, ("workers", "threads_per_worker"))
     if len(opts["patterns"]) < 2 or len(set(opts["patterns"])) != len(opts["patterns"]):
         raise BenchError("option patterns needs at least 2 distinct layer sequences to rank")
     if not opts["levels"]:

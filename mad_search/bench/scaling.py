@@ -339,9 +339,7 @@ def _cores(cpu: dict | None) -> str:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("trials", "threads_per_worker"):
-        if opts[key] < 1:
-            raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    common.check_at_least_one(opts, ("trials", "threads_per_worker"))
     for key in ("optuna_n_jobs", "serial_threads", "max_steps"):
         if opts[key] < 0:
             raise BenchError(f"option {key} must be 0 or more, got {opts[key]}")

@@ -141,9 +141,7 @@ def table(result: dict) -> str:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("workers", "threads_per_worker"):
-        if opts[key] < 1:
-            raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    common.check_at_least_one(opts, ("workers", "threads_per_worker"))
     if opts["max_steps"] < 0:
         raise BenchError(
             f"option max_steps must be positive (0: the default study's), got {opts['max_steps']}"

@@ -593,9 +593,9 @@ def _rows(by_workers: dict) -> list[str]:
 
 def _validate(opts: dict) -> dict:
     opts = dict(opts)
-    for key in ("trials", "repeats", "max_steps", "d_model", "vocab_size", "seq_len", "batch_size"):
-        if opts[key] < 1:
-            raise BenchError(f"option {key} must be at least 1, got {opts[key]}")
+    common.check_at_least_one(
+        opts, ("trials", "repeats", "max_steps", "d_model", "vocab_size", "seq_len", "batch_size")
+    )
     if opts["threads_per_worker"] < 0:
         raise BenchError(
             f"option threads_per_worker must be 0 or more, got {opts['threads_per_worker']}"

@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import resolve
     from mad_search.errors import UserError
     from mad_search.hogwild.pool import WorkerStartError
-    from mad_search.storage import scrub_run_dir
+    from mad_search.storage import StorageLost, scrub_run_dir
 
     out_dir = HydraConfig.get().runtime.output_dir
     scrub_run_dir(out_dir)  # Hydra saved the overrides as typed: no password stays there
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> dict | None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except WorkerStartError as exc:
+    except (WorkerStartError, StorageLost) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

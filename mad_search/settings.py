@@ -160,6 +160,7 @@ class StudySettings:
     sampler: dict
     pruner: dict
     heartbeat: dict | None = None  # {interval, grace_period, max_retry}; None: off
+    outage_timeout: float | None = 600  # seconds the storage may stay unreachable; None: forever
 
     @classmethod
     def from_config(cls, node: Any) -> StudySettings:
@@ -176,6 +177,14 @@ class StudySettings:
             raise ConfigError(
                 f"study.timeout must be a positive number of seconds or null, got {timeout!r}"
             )
+        outage = s["outage_timeout"]
+        if outage is not None and (
+            isinstance(outage, bool) or not isinstance(outage, (int, float)) or outage <= 0
+        ):
+            raise ConfigError(
+                "study.outage_timeout must be a positive number of seconds or null (wait for "
+                f"the storage forever), got {outage!r}"
+            )
         if s["direction"] != "maximize":
             raise ConfigError(
                 "study.direction must be maximize (the objective is validation accuracy)"
@@ -190,6 +199,7 @@ class StudySettings:
             sampler=dict(s["sampler"] or {}),
             pruner=dict(s["pruner"] or {}),
             heartbeat=_heartbeat(s["heartbeat"]),
+            outage_timeout=outage,
         )
         settings.make_sampler()  # bad sampler or pruner options fail here
         settings.make_pruner()

@@ -201,3 +201,93 @@ def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
 
     event.listen(storage.engine, "connect", on_connect)
     storage.engine.dispose()  # connections opened before the listener: reopen with it
+
+
+class StorageLost(RuntimeError):
+    """The storage stayed unreachable longer than ``study.outage_timeout``: the coordinator
+    stopped (the message says what it saved and how to replay it)."""
+
+
+# --- the database going away ----------------------------------------------------------------------
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) says the storage cannot be reached right
+    now (a dropped or refused connection, a server restarting, a locked SQLite file, a proxy not
+    answering) rather than that a request was wrong. Optuna turns SQLAlchemy errors into
+    ``StorageInternalError``, so the chain is followed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return True
+        module = type(exc).__module__ or ""
+        name = type(exc).__name__
+        if module.startswith("sqlalchemy") and (
+            name in ("OperationalError", "InterfaceError", "DisconnectionError", "TimeoutError")
+            or getattr(exc, "connection_invalidated", False)
+        ):
+            return True
+        if module.startswith("psycopg") and name in ("OperationalError", "InterfaceError"):
+            return True
+        if module.startswith("grpc") and hasattr(exc, "code"):
+            try:
+                code = exc.code().name
+            except Exception:
+                code = ""
+            if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def first_line(exc: BaseException, url: str | None = None) -> str:
+    """The first line of an error (of the error it was raised from, for Optuna's wrapped
+    database errors), a storage URL in it masked."""
+    inner = exc.__cause__ or exc
+    text = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    text = scrub_passwords(text.replace(url, mask_url(url)) if url else text)
+    return text[:200]
+
+
+class Outage:
+    """Whether the storage is reachable, and when to try it again: back-off from ``first`` to
+    ``longest`` seconds, doubling, for at most ``max_wait`` seconds (None: forever)."""
+
+    def __init__(self, max_wait: float | None, first: float = 1.0, longest: float = 30.0):
+        self.max_wait, self.first, self.longest = max_wait, first, longest
+        self.since: float | None = None  # when the storage was first found unreachable
+        self.delay = first
+        self.next_try = 0.0
+        self.tries = 0
+        self.reason = ""
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, reason: str, now: float) -> bool:
+        """Record a failed storage call; True if it began the outage."""
+        began = self.since is None
+        if began:
+            self.since, self.delay = now, self.first
+        else:
+            self.delay = min(self.delay * 2, self.longest)
+        self.tries += 1
+        self.reason = reason
+        self.next_try = now + self.delay
+        return began
+
+    def due(self, now: float) -> bool:
+        return self.since is None or now >= self.next_try
+
+    def expired(self, now: float) -> bool:
+        if self.since is None or self.max_wait is None:
+            return False
+        return now - self.since > self.max_wait
+
+    def recovered(self, now: float) -> float:
+        """The storage answered again; returns how long it was away."""
+        lasted = now - (self.since if self.since is not None else now)
+        self.since, self.tries, self.reason = None, 0, ""
+        return lasted

@@ -12,7 +12,6 @@ one study.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -34,6 +33,15 @@ from mad_search.hogwild.messages import Ready, Report, TrialEnd, Verdict
 from mad_search.hogwild.pool import Slot
 from mad_search.jobs import JobSource
 from mad_search.plan import RunPlan
+from mad_search.replay import (
+    HELD_FILE,
+    FinishedElsewhere,
+    TrialLog,
+    record_elsewhere,
+    save_held,
+    write,
+)
+from mad_search.storage import Outage, StorageLost, first_line, is_unreachable
 from mad_search.sweep import SweepPlan, validate_sweep
 
 _HOST = socket.gethostname()
@@ -79,19 +87,30 @@ def run_jobs(source: JobSource, out_dir: Path) -> Outcome:
 
 
 class Coordinator:
-    """One study run: open the study, keep every worker busy, record what they report."""
+    """One study run: open the study, keep every worker busy, record what they report.
+
+    Every storage write goes through a :class:`~mad_search.replay.TrialLog` per trial, written
+    as soon as the storage answers. If it stops answering (a database restart, a lost network)
+    the workers keep training: their reports get "do not prune", no new trial starts, finished
+    trials are held (and saved in the run directory), and the storage is tried again with
+    back-off; when it answers, everything held is written. After ``study.outage_timeout``
+    seconds the coordinator stops (:class:`~mad_search.storage.StorageLost`).
+    """
 
     def __init__(self, source: JobSource, pool: WorkerPool, out_dir: Path):
         self.source, self.pool, self.out_dir = source, pool, out_dir
         self.task_data: dict[tuple, dict] = {}
         self.tables: dict[str, SharedTable] = {}
         self.running: dict[int, optuna.Trial] = {}  # trial number -> trial, while a worker has it
-        self.ended: list[tuple[optuna.Trial, TrialEnd]] = []  # worker free, not yet recorded
+        self.logs: dict[int, TrialLog] = {}  # trial number -> what to write, until recorded
+        self.ended: list[TrialLog] = []  # worker free, result not yet recorded
         self.labels: dict[int, str] = {}  # trial number -> how the display names it
         self.started = 0
         self.last_beat = 0.0  # when the running trials' heartbeats were last recorded
         self.n_trials = source.study.n_trials  # until the source's prepare() says
         self.progress = Progress(self.n_trials)
+        self.outage = Outage(source.study.outage_timeout)
+        self.held_saved = False  # whether held_trials.json is in the run directory
 
     def run(self) -> Outcome:
         source = self.source
@@ -180,7 +199,7 @@ class Coordinator:
         """Record a heartbeat for ``trials`` now, or (None) for every running trial once
         ``study.heartbeat.interval`` seconds have passed since the last round (ask/tell has no
         heartbeat thread of its own: ``study.optimize`` does)."""
-        if not self._beats():
+        if not self._beats() or self.outage.down:
             return
         now = time.time()
         if trials is None:
@@ -189,7 +208,8 @@ class Coordinator:
             trials, self.last_beat = list(self.running.values()), now
         storage = self.source.storage.open()
         for trial in trials:
-            storage.record_heartbeat(trial._trial_id)
+            if not self._call(storage.record_heartbeat, trial._trial_id)[0]:
+                return
 
     def _data(self, plan: RunPlan) -> dict:
         """The plan's task data as tensors in shared memory, built (or loaded from the disk
@@ -223,26 +243,34 @@ class Coordinator:
     # --- the loop -----------------------------------------------------------------------------
 
     def _loop(self, t_start: float) -> bool:
-        """Hand out trials and relay reports until every trial has ended; True if stopped by
-        Ctrl-C. Ctrl-C only raises a flag that the loop checks between storage calls: a
-        KeyboardInterrupt raised inside an SQLAlchemy query leaves that connection's read lock
-        behind, and marking the running trials failed then fails with "database is locked". A
-        second Ctrl-C gets Python's default behaviour back."""
+        """Hand out trials and relay reports until every trial has ended and is recorded; True
+        if stopped by Ctrl-C. Ctrl-C only raises a flag that the loop checks between storage
+        calls: a KeyboardInterrupt raised inside an SQLAlchemy query leaves that connection's
+        read lock behind, and marking the running trials failed then fails with "database is
+        locked". A second Ctrl-C gets Python's default behaviour back."""
         settings = self.source.study
         stop = _InterruptFlag()
         try:
             while not stop.raised:
+                self._retry_storage()
+                if self.outage.expired(time.time()):
+                    self._give_up()
                 timed_out = (
                     settings.timeout is not None and time.time() - t_start > settings.timeout
                 )
                 for slot in self.pool.free_slots():
                     if self.started >= self.n_trials or timed_out or stop.raised:
                         break
-                    self._start_trial(slot)
+                    if self.outage.down or not self._start_trial(slot):
+                        break
                 # Results are written after the freed workers have their next trial: a worker
                 # never waits for the storage (about 30 writes per trial).
                 self._record_ended()
-                if not self.running and (self.started >= self.n_trials or timed_out):
+                if (
+                    not self.running
+                    and not self.ended
+                    and (self.started >= self.n_trials or timed_out)
+                ):
                     break
                 for slot, msg in self.pool.wait(0.5):
                     self._handle(slot, msg)
@@ -254,18 +282,22 @@ class Coordinator:
             stop.restore()
         return stop.raised
 
-    def _start_trial(self, slot: Slot) -> None:
+    def _start_trial(self, slot: Slot) -> bool:
+        """Ask for a trial and hand it to ``slot``'s worker; False if the storage did not
+        answer the ask (nothing started)."""
         source, study, progress = self.source, self.study, self.progress
-        trial = study.ask()
+        asked, trial = self._call(study.ask)
+        if not asked:
+            return False
         self.started += 1
+        log = self.logs[trial.number] = TrialLog(trial)
         try:
             plans = source.plans(trial)
         except UserError as exc:
-            trial.set_user_attr("fail_reason", f"invalid suggestion: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
-            progress.counts["failed"] += 1
-            progress.event(f"trial {trial.number} failed: invalid suggestion: {exc}")
-            return
+            log.set_attrs({"fail_reason": f"invalid suggestion: {exc}"})
+            log.end("FAIL", event=f"trial {trial.number} failed: invalid suggestion: {exc}")
+            self.ended.append(log)
+            return True
         keys = [self._table(p) for p in plans]
         job = TrialJob(
             number=trial.number,
@@ -281,19 +313,24 @@ class Coordinator:
         self.running[trial.number] = trial
         self._heartbeat([trial])  # its first heartbeat: stale if this process dies
         plan = plans[0]
-        trial.set_user_attr("pattern", plan.pattern)
-        trial.set_user_attr("layers", plan.layers)
-        trial.set_user_attr("d_model", plan.d_model)
-        trial.set_user_attr("worker", slot.index)
-        trial.set_user_attr("host", _HOST)
-        trial.set_user_attr("embedding", source.hogwild.embedding)
-        if plan.budget:
-            trial.set_user_attr("budget", plan.budget)
+        log.set_attrs(
+            {
+                "pattern": plan.pattern,
+                "layers": plan.layers,
+                "d_model": plan.d_model,
+                "worker": slot.index,
+                "host": _HOST,
+                "embedding": source.hogwild.embedding,
+                **({"budget": plan.budget} if plan.budget else {}),
+            }
+        )
+        self._flush(log)
         label = self.labels[trial.number] = source.label(trial, plans)
         progress.workers[slot.index] = f"#{trial.number} {label}"
         progress.event(
             f"trial {trial.number} -> worker {slot.index}: {label} (d_model {plan.d_model})"
         )
+        return True
 
     def _handle(self, slot: Slot, msg: Ready | Report | TrialEnd | None) -> None:
         """Act on one worker message. A trial's end frees its worker at once; its result is
@@ -305,18 +342,22 @@ class Coordinator:
         elif msg.number not in self.running:
             return
         elif isinstance(msg, Report):
-            trial = self.running[msg.number]
+            log = self.logs[msg.number]
             prune = False
             if self.source.reports_intermediate:
-                trial.report(msg.value, msg.step)
-                prune = trial.should_prune()
+                log.reports[msg.step] = msg.value
+                if self._flush(log) and not log.elsewhere:  # no storage: keep training
+                    prune = bool(self._call(log.trial.should_prune)[1])
             slot.conn.send(Verdict(prune=prune))
             label = self.labels.get(msg.number, "")
             self.progress.workers[slot.index] = (
                 f"#{msg.number} {label} step {msg.step} val {msg.value:.3f}"
             )
         else:  # TrialEnd
-            self.ended.append((self.running.pop(msg.number), msg))
+            self.running.pop(msg.number)
+            log = self.logs[msg.number]
+            self._result(log, msg)
+            self.ended.append(log)
             slot.job = None
             self.progress.workers.pop(slot.index, None)
 
@@ -326,10 +367,12 @@ class Coordinator:
         if code is not None and code < 0:
             why = f"killed by {signal.Signals(-code).name}"
         if job is not None and job.number in self.running:
-            trial = self.running.pop(job.number)
-            trial.set_user_attr("fail_reason", f"worker {slot.index} (pid {slot.pid}) died: {why}")
-            self.study.tell(trial, state=TrialState.FAIL)
-            self.progress.counts["failed"] += 1
+            self.running.pop(job.number)
+            log = self.logs[job.number]
+            reason = f"worker {slot.index} (pid {slot.pid}) died: {why}"
+            log.set_attrs({"fail_reason": reason})
+            log.end("FAIL", event=f"trial {job.number} failed: {reason}")
+            self.ended.append(log)
         self.progress.workers.pop(slot.index, None)
         self.progress.event(
             f"worker {slot.index} (pid {slot.pid}) died ({why}); starting a new one"
@@ -338,68 +381,206 @@ class Coordinator:
 
     # --- results ------------------------------------------------------------------------------
 
+    def _result(self, log: TrialLog, end: TrialEnd) -> None:
+        """Put a finished trial's result into its log (no storage call: the storage may be
+        away; :meth:`_flush` writes it)."""
+        result = end.result
+        log.set_attrs(_flat_attrs(result))
+        pattern = self.labels.pop(log.number, log.attrs.get("pattern"))
+        if end.status == "done":
+            outcome = self.source.outcome(log.trial, result)
+            log.set_attrs(outcome.attrs)
+            for step, value in outcome.intermediate:
+                log.reports[step] = value
+            values = [float(v) for v in outcome.values]
+            test = outcome.attrs.get("test_accuracy", result["test_accuracy"])
+            more = "".join(f" / {v:,.4g}" for v in values[1:])
+            log.end(
+                "COMPLETE",
+                values,
+                f"trial {log.number} complete: val {values[0]:.4f}{more} test {test:.4f} "
+                f"({result['tokens_per_s']:,.0f} tok/s, {pattern})",
+            )
+        elif end.status == "pruned":
+            log.end("PRUNED", event=f"trial {log.number} pruned ({pattern})")
+        else:
+            log.set_attrs({"fail_reason": end.reason})
+            if result.get("traceback"):
+                log.set_attrs({"traceback": result["traceback"][-1500:]})
+            log.end("FAIL", event=f"trial {log.number} failed: {end.reason}")
+
     def _record_ended(self, after_loop: bool = False) -> None:
-        """Write every ended trial's result (user attributes, then ``tell``). After the loop a
-        storage error is printed, not raised: a hard (second) Ctrl-C can leave it unusable."""
+        """Write every ended trial's result (user attributes, then ``tell``); while the storage
+        is away they are held, and saved in the run directory. After the loop a storage error
+        is printed, not raised: a hard (second) Ctrl-C can leave it unusable."""
         try:
-            while self.ended:
-                self._record(*self.ended.pop(0))
+            for log in list(self.ended):
+                if not self._flush(log):
+                    break
         except Exception as exc:
             if not after_loop:
                 raise
             print(f"could not record finished trials: {exc}", file=sys.stderr)
+        if self.ended or self.held_saved:
+            self._save_held()
 
-    def _record(self, trial: optuna.Trial, end: TrialEnd) -> None:
-        study, progress = self.study, self.progress
-        result = end.result
-        for key, value in _flat_attrs(result).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                value = None
-            trial.set_user_attr(key, value)
-        pattern = self.labels.pop(trial.number, trial.user_attrs.get("pattern"))
-        if end.status == "done":
-            outcome = self.source.outcome(trial, result)
-            for key, value in outcome.attrs.items():
-                trial.set_user_attr(key, value)
-            for step, value in outcome.intermediate:
-                trial.report(value, step)
-            values = outcome.values
-            study.tell(trial, values[0] if len(values) == 1 else values)
-            progress.counts["done"] += 1
-            test = outcome.attrs.get("test_accuracy", result["test_accuracy"])
-            more = "".join(f" / {v:,.4g}" for v in values[1:])
-            progress.event(
-                f"trial {trial.number} complete: val {values[0]:.4f}{more} test {test:.4f} "
-                f"({result['tokens_per_s']:,.0f} tok/s, {pattern})"
-            )
-        elif end.status == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-            progress.counts["pruned"] += 1
-            progress.event(f"trial {trial.number} pruned ({pattern})")
-        else:
-            trial.set_user_attr("fail_reason", end.reason)
-            if result.get("traceback"):
-                trial.set_user_attr("traceback", result["traceback"][-1500:])
-            study.tell(trial, state=TrialState.FAIL)
-            progress.counts["failed"] += 1
-            progress.event(f"trial {trial.number} failed: {end.reason}")
+    def _flush(self, log: TrialLog) -> bool:
+        """Write what the storage does not have yet of ``log``; False if the storage is (or
+        just went) away. A trial failed as stale by another coordinator meanwhile (an outage
+        longer than the heartbeat's grace period) gets its result recorded in its retry or
+        as a new trial."""
+        if self.outage.down:
+            return False
+        try:
+            if log.elsewhere:
+                if log.state is not None:
+                    self._elsewhere(log)
+            else:
+                write(self.study, log)
+        except FinishedElsewhere:
+            log.elsewhere = True
+            if log.state is not None:
+                self._elsewhere(log)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self._lost(exc)
+            return False
+        if log.recorded:
+            self.logs.pop(log.number, None)
+            if log in self.ended:
+                self.ended.remove(log)
+            key = {"COMPLETE": "done", "PRUNED": "pruned", "FAIL": "failed"}[log.state]
+            self.progress.counts[key] += 1
+            self.progress.event(log.event)
+        return True
+
+    def _elsewhere(self, log: TrialLog) -> None:
+        where = record_elsewhere(self.study, log.record(self.study.study_name))
+        log.recorded = True
+        self.progress.event(
+            f"trial {log.number} was failed as stale while the storage was away; its result "
+            f"was recorded {where}"
+        )
 
     def _abandon_running(self) -> None:
-        """After Ctrl-C: stop every worker and mark the trials they had failed (resumable)."""
+        """After Ctrl-C: stop every worker and mark the trials they had failed (resumable).
+        With the storage away they stay RUNNING: the next coordinator fails them as stale."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.pool.kill_all()
-        for trial in list(self.running.values()):
+        for number in list(self.running):
+            log = self.logs[number]
+            log.set_attrs({"fail_reason": "interrupted (Ctrl-C); rerun the command to resume"})
+            log.end("FAIL", event=f"trial {number} interrupted")
             try:
-                trial.set_user_attr(
-                    "fail_reason", "interrupted (Ctrl-C); rerun the command to resume"
-                )
-                self.study.tell(trial, state=TrialState.FAIL)
+                self._flush(log)
             except Exception as exc:  # storage left unusable by a hard (second) Ctrl-C
-                print(f"could not mark trial {trial.number} failed: {exc}", file=sys.stderr)
+                print(f"could not mark trial {number} failed: {exc}", file=sys.stderr)
         print(
-            f"\ninterrupted: {len(self.running)} running trial(s) marked failed; the study is "
-            "saved, rerun the same command to resume",
+            f"\ninterrupted: {len(self.running)} running trial(s) "
+            + (
+                "left RUNNING (the storage is away): the next coordinator fails them as stale "
+                "and retries them"
+                if self.outage.down
+                else "marked failed"
+            )
+            + "; the study is saved, rerun the same command to resume",
             file=sys.stderr,
+        )
+        if self.held_saved:
+            print(self._replay_hint(), file=sys.stderr)
+
+    # --- the storage going away ---------------------------------------------------------------
+
+    def _call(self, fn, *args) -> tuple[bool, object]:
+        """``(True, fn(*args))``, or ``(False, None)`` if the storage is away or just went."""
+        if self.outage.down:
+            return False, None
+        try:
+            return True, fn(*args)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self._lost(exc)
+            return False, None
+
+    def _lost(self, exc: BaseException) -> None:
+        now = time.time()
+        reason = first_line(exc, self.source.storage.url)
+        began = self.outage.failed(reason, now)
+        limit = self.source.study.outage_timeout
+        if began:
+            self.progress.event(
+                f"storage unreachable ({reason}): retrying with back-off"
+                + (f" for up to {limit:g} s (study.outage_timeout)" if limit else "")
+                + "; the workers keep training, finished trials are held"
+            )
+        else:
+            self.progress.event(
+                f"storage still unreachable after {now - self.outage.since:.0f} s ({reason}); "
+                f"next try in {self.outage.delay:.0f} s; {len(self.ended)} finished trial(s) "
+                f"held, {len(self.running)} running"
+            )
+        self._save_held()
+
+    def _retry_storage(self) -> None:
+        """While the storage is away, try it when the back-off says; once it answers, record
+        the heartbeats and everything held."""
+        now = time.time()
+        if not self.outage.down or not self.outage.due(now):
+            return
+        storage = self.source.storage.open()
+        try:
+            storage.get_study_id_from_name(self.source.study.name)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self._lost(exc)
+            return
+        lasted = self.outage.recovered(now)
+        self.progress.event(
+            f"storage back after {lasted:.0f} s: recording {len(self.ended)} held trial(s)"
+        )
+        self.last_beat = 0.0
+        self._heartbeat()
+        for log in list(self.logs.values()):
+            if log not in self.ended and not self._flush(log):
+                return
+        self._record_ended()
+
+    def _held_records(self) -> list[dict]:
+        return [log.record(self.study.study_name) for log in self.ended if not log.recorded]
+
+    def _save_held(self) -> None:
+        """Keep the held results in the run directory (removed once all are recorded), so a
+        coordinator that dies during the outage loses nothing finished."""
+        try:
+            records = self._held_records()
+            save_held(self.out_dir, self.study.study_name, self.source.storage.masked, records)
+            self.held_saved = bool(records)
+        except OSError as exc:
+            self.progress.event(
+                f"cannot save the held trials in {self.out_dir}: {exc.strerror or exc}; they are "
+                "kept in memory"
+            )
+
+    def _replay_hint(self) -> str:
+        return (
+            f"{len(self.ended)} finished trial(s) are saved in {self.out_dir / HELD_FILE}: "
+            f"record them with `python -m mad_search.replay {self.out_dir}` once the storage "
+            "is back"
+        )
+
+    def _give_up(self) -> None:
+        lasted = time.time() - self.outage.since
+        self.pool.kill_all()
+        self._save_held()
+        raise StorageLost(
+            f"storage unreachable for {lasted:.0f} s (more than study.outage_timeout="
+            f"{self.source.study.outage_timeout:g}; last error: {self.outage.reason}): stopped. "
+            + (self._replay_hint() + ". " if self.held_saved else "")
+            + f"{len(self.running)} unfinished trial(s) stopped: the next coordinator fails them "
+            "as stale and retries them"
         )
 
 

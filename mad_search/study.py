@@ -517,9 +517,9 @@ class Coordinator:
             )
         else:
             self.progress.event(
-                f"storage still unreachable after {now - self.outage.since:.0f} s ({reason}); "
-                f"next try in {self.outage.delay:.0f} s; {len(self.ended)} finished trial(s) "
-                f"held, {len(self.running)} running"
+                f"storage still unreachable after {now - self.outage.since:.0f} s; next try in "
+                f"{self.outage.delay:.0f} s; {len(self.ended)} finished trial(s) held, "
+                f"{len(self.running)} running"
             )
         self._save_held()
 

@@ -30,7 +30,10 @@ def test_settings_defaults_come_from_the_packaged_yaml():
         OmegaConf.load(CONF / "study" / "default.yaml"), resolve=True
     )  # storage: MAD_SEARCH_STORAGE or the SQLite file
     study = StudySettings.from_config(None)
-    for key in ("name", "storage", "n_trials", "timeout", "direction", "sampler", "pruner"):
+    for key in (
+        "name", "storage", "n_trials", "timeout", "direction", "sampler", "pruner",
+        "outage_timeout",
+    ):
         assert getattr(study, key) == study_yaml[key], key
     beat = study_yaml["heartbeat"]
     assert study.heartbeat["interval"] == beat["interval"]
@@ -66,6 +69,8 @@ def test_given_settings_override_defaults_and_auto_threads_split_the_cores():
         (HogwildSettings, {"seed": 1.5}, "hogwild.seed must be an integer"),
         (StudySettings, {"n_trial": 3}, "unknown study setting 'n_trial'"),
         (StudySettings, {"timeout": -1}, "study.timeout must be a positive number"),
+        (StudySettings, {"outage_timeout": 0}, "study.outage_timeout must be a positive number"),
+        (StudySettings, {"outage_timeout": "1h"}, "or null (wait for the storage forever)"),
         (StudySettings, {"direction": "minimize"}, "study.direction must be maximize"),
         (StudySettings, {"name": ""}, "study.name must be a non-empty string"),
         (StudySettings, {"sampler": {"name": "cmaes"}}, "study.sampler.name 'cmaes' unknown"),

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import resolve
-    from mad_search.errors import UserError
+    from mad_search.errors import RunDirError, UserError
     from mad_search.hogwild.pool import WorkerStartError
     from mad_search.storage import StorageLost, scrub_run_dir
 
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> dict | None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (WorkerStartError, StorageLost) as exc:
+    except (WorkerStartError, StorageLost, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

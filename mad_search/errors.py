@@ -16,3 +16,8 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration the user must fix; the message is one line."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory could not be written mid-run (disk full, file system gone read-only);
+    the message says where the results already computed are kept."""

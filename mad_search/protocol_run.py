@@ -28,7 +28,7 @@ import blocks
 from mad_search import space as space_mod
 from mad_search import tasks
 from mad_search.config import resolve, to_plain
-from mad_search.errors import ConfigError
+from mad_search.errors import ConfigError, RunDirError
 from mad_search.jobs import JobSource, TrialOutcome
 from mad_search.plan import RunPlan
 from mad_search.protocol import Level, aggregate, run_id, select_settings
@@ -224,8 +224,15 @@ def run_protocol(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     out_dir = Path(out_dir)
     outcome = run_jobs(protocol, out_dir)
     scores = score(protocol, outcome.study)
-    (out_dir / "mad_score.json").write_text(json.dumps(scores, indent=2, default=str))
     print("\n" + table(scores))
+    try:
+        (out_dir / "mad_score.json").write_text(json.dumps(scores, indent=2, default=str))
+    except OSError as exc:  # disk full: the runs are in the study, a rerun only rescores
+        raise RunDirError(
+            f"cannot write {out_dir / 'mad_score.json'}: {exc.strerror or exc}; every run is "
+            f"recorded in study {protocol.study.name!r}: rerun the same command (with a "
+            "writable hydra.run.dir) to write it, no run is repeated"
+        ) from None
     print(f"\nscores: {out_dir / 'mad_score.json'}")
     if outcome.interrupted:
         raise KeyboardInterrupt

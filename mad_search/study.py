@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from mad_search import report, tasks
 from mad_search.display import Progress
-from mad_search.errors import UserError
+from mad_search.errors import RunDirError, UserError
 from mad_search.hogwild import SharedTable, TrialJob, WorkerPool, share_task_data, table_key
 from mad_search.hogwild.messages import Ready, Report, TrialEnd, Verdict
 from mad_search.hogwild.pool import Slot
@@ -52,15 +52,22 @@ def run_study(cfg: DictConfig, out_dir: str | os.PathLike, sweep: SweepPlan | No
     returns the run summary."""
     sweep = sweep or validate_sweep(cfg)  # every config error before any worker starts
     out = run_jobs(sweep, Path(out_dir))
-    summary = report.finish(
-        out.study,
-        Path(out_dir),
-        out.tables,
-        sweep,
-        out.wall_seconds,
-        out.restarts,
-        interrupted=out.interrupted,
-    )
+    try:
+        summary = report.finish(
+            out.study,
+            Path(out_dir),
+            out.tables,
+            sweep,
+            out.wall_seconds,
+            out.restarts,
+            interrupted=out.interrupted,
+        )
+    except OSError as exc:  # disk full, file system gone read-only: the study has every trial
+        raise RunDirError(
+            f"cannot write the report into {out_dir}: {exc.strerror or exc}; every trial is "
+            f"recorded in study {sweep.study.name!r} at {sweep.storage.masked} "
+            f"({report.dashboard_command(sweep.storage.url, sweep.storage.artifact_dir)} shows it)"
+        ) from None
     if out.interrupted:
         raise KeyboardInterrupt
     return summary

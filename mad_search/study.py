@@ -114,6 +114,7 @@ class Coordinator:
         self.labels: dict[int, str] = {}  # trial number -> how the display names it
         self.started = 0
         self.last_beat = 0.0  # when the running trials' heartbeats were last recorded
+        self.last_stale_check = time.time()  # when other coordinators' trials were last checked
         self.n_trials = source.study.n_trials  # until the source's prepare() says
         self.progress = Progress(self.n_trials)
         self.outage = Outage(source.study.outage_timeout)
@@ -218,6 +219,25 @@ class Coordinator:
             if not self._call(storage.record_heartbeat, trial._trial_id)[0]:
                 return
 
+    def _check_stale(self) -> None:
+        """Every grace period, fail the trials of other coordinators of this study that stopped
+        beating (a machine lost while this one runs): the retries the heartbeat enqueues are
+        then asked for by whichever coordinator has trials left to run, this one included."""
+        if not self._beats() or self.outage.down:
+            return
+        now = time.time()
+        if now - self.last_stale_check < self.source.study.heartbeat["grace_period"]:
+            return
+        self.last_stale_check = now
+        ok, stale = self._call(self._fail_stale, self.study)
+        if ok and stale:
+            hb = self.source.study.heartbeat
+            self.progress.event(
+                f"{len(stale)} stale trial(s) {sorted(stale)} of another coordinator failed: no "
+                f"heartbeat for {hb['grace_period']} s; "
+                + ("retried with the same parameters" if hb["max_retry"] else "not retried")
+            )
+
     def _data(self, plan: RunPlan) -> dict:
         """The plan's task data as tensors in shared memory, built (or loaded from the disk
         cache) the first time a task configuration is seen; workers read this one copy."""
@@ -282,6 +302,7 @@ class Coordinator:
                 for slot, msg in self.pool.wait(0.5):
                     self._handle(slot, msg)
                 self._heartbeat()
+                self._check_stale()
                 self.progress.status()
         except KeyboardInterrupt:  # a second Ctrl-C, or one before the flag was installed
             return True

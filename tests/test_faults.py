@@ -239,3 +239,49 @@ def test_a_storage_that_stays_away_stops_the_coordinator_and_nothing_is_lost(
     retried = sorted(t.system_attrs["failed_trial"] for t in trials
                      if "failed_trial" in t.system_attrs)
     assert retried == unfinished
+
+
+# --- the faults benchmark -----------------------------------------------------------------------
+
+
+def test_bench_faults_refuses_unknown_faults_in_one_line(capsys):
+    from mad_search import bench
+
+    assert bench.main(["faults", "faults=[meteor]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown fault ['meteor']; valid: worker_sigkill" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_bench_faults_two_machines_and_run_directory_faults(tmp_path):
+    """The faults no other test covers (the rest have tests of their own above and in
+    test_study / test_scale_out): every one loses nothing and says what happened in a line."""
+    pytest.importorskip("psycopg")
+    from mad_search import bench
+    from mad_search.bench._postgres import bin_dir
+
+    faults = ["two_machines", "storage_unreachable", "run_dir_full", "run_dir_read_only"]
+    if bin_dir() is None:
+        faults.remove("two_machines")
+    out = tmp_path / "faults.json"
+    assert bench.main(["faults", f"faults=[{','.join(faults)}]", "n_trials=4",
+                       "max_steps=100", f"out={out}"]) == 0
+    rows = {r["fault"]: r for r in json.loads(out.read_text())["faults"]}
+    for fault, r in rows.items():
+        if "skipped" in r:  # no privilege to mount a small file system here
+            assert fault.startswith("run_dir_"), r
+            continue
+        assert "error" not in r, r
+        assert r["trials_lost"] == 0 and r["left_running"] == 0, r
+        assert r["table_finite"] is not False and r["study_completed"] is not False, r
+        assert r["line"], r
+    if "two_machines" in rows:
+        r = rows["two_machines"]
+        assert r["trials_retried"] >= 1 and "of another coordinator failed" in r["line"]
+    assert rows["storage_unreachable"]["exit_code"] == 2
+    assert rows["storage_unreachable"]["line"].startswith("error: cannot open study storage")
+    if "skipped" not in rows["run_dir_full"]:
+        assert rows["run_dir_full"]["exit_code"] == 1
+        assert "No space left on device; every trial is recorded" in rows["run_dir_full"]["line"]
+    if "skipped" not in rows["run_dir_read_only"]:
+        assert "read-only file system" in rows["run_dir_read_only"]["line"]

@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "protocol": "mad_search.bench.protocol",
     "agreement": "mad_search.bench.agreement",
     "storage": "mad_search.bench.storage",
+    "faults": "mad_search.bench.faults",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 

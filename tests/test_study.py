@@ -167,26 +167,9 @@ def test_rerun_resumes_and_loses_nothing(tmp_path):
 
 
 def test_nan_trial_fails_with_reason_and_table_stays_finite(tmp_path):
-    _plugin(
-        tmp_path,
-        "nan_block_plugin",
-        """
-        import torch
-        from blocks import Block, register
+    from mad_search.bench.faults import NAN_PLUGIN  # the faults benchmark stages the same block
 
-        @register("nan_after_5")
-        class NanAfter5(Block):
-            def __init__(self, d_model, max_len, *, block_index=0, num_blocks=1):
-                super().__init__(d_model, max_len, block_index=block_index, num_blocks=num_blocks)
-                self.lin = torch.nn.Linear(d_model, d_model)
-                self.calls = 0
-
-            def mix(self, x):
-                self.calls += 1
-                y = self.lin(x)
-                return y * float("nan") if self.training and self.calls > 5 else y
-    """,
-    )
+    _plugin(tmp_path, "nan_block_plugin", NAN_PLUGIN)
     cfg = _cfg(
         tmp_path,
         "model.block_modules=[nan_block_plugin]",

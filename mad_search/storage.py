@@ -232,10 +232,13 @@ def is_unreachable(exc: BaseException) -> bool:
             return True
         if module.startswith("grpc") and hasattr(exc, "code"):
             try:
-                code = exc.code().name
+                code, details = exc.code().name, str(exc.details() or "")
             except Exception:
-                code = ""
-            if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                code, details = "", ""
+            if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):  # the proxy is away
+                return True
+            # the proxy is up but its database is not: its call failed with a connection error
+            if code == "UNKNOWN" and "OperationalError" in details:
                 return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -39,6 +39,25 @@ def test_connection_errors_are_unreachable_and_request_errors_are_not():
     assert not is_unreachable(optuna.exceptions.StorageInternalError("value too long"))
     assert not is_unreachable(KeyError("no study"))
 
+    class RpcError(Exception):  # the shape of grpc's errors, as the storage proxy's client sees
+        __module__ = "grpc._channel"
+
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    import grpc
+
+    assert is_unreachable(RpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect"))
+    assert is_unreachable(RpcError(grpc.StatusCode.UNKNOWN, "Exception calling application: "
+                                   "(psycopg.OperationalError) connection failed"))
+    assert not is_unreachable(RpcError(grpc.StatusCode.NOT_FOUND, "no trial"))
+
 
 def test_backoff_doubles_to_its_ceiling_and_expires_after_the_limit():
     limit = random.uniform(50, 100)

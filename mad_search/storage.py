@@ -150,7 +150,7 @@ def _open(url: str, options: dict | None = None) -> optuna.storages.BaseStorage:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
                 url,
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                engine_kwargs=_engine_options(url),
                 **(options or {}),
             )
     except Exception as exc:  # unreachable host, bad driver, malformed URL...
@@ -160,6 +160,19 @@ def _open(url: str, options: dict | None = None) -> optuna.storages.BaseStorage:
     if sqlite_file(url) is not None:
         _sqlite_wal(storage)
     return storage
+
+
+def _engine_options(url: str) -> dict | None:
+    """SQLAlchemy engine options for a database server: connections checked before use (a
+    restarted server's dead ones are replaced), and, for PostgreSQL, a connection attempt that
+    gives up after 10 s, so that a host lost from the network costs the coordinator's loop (and
+    the workers waiting for its answers) seconds, not the system's TCP timeout."""
+    if url.startswith("sqlite"):
+        return None
+    options: dict = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        options["connect_args"] = {"connect_timeout": 10}
+    return options
 
 
 def _check_sqlite_path(url: str) -> None:

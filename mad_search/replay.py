@@ -61,11 +61,21 @@ class TrialLog:
             self.attrs[key] = value
             self.written_attrs.discard(key)
 
+    @classmethod
+    def from_record(cls, trial: Any, rec: dict) -> TrialLog:
+        """A log that writes the held record ``rec`` into ``trial`` (an ``optuna.Trial``)."""
+        log = cls(trial, state=rec["state"], values=rec["values"])
+        log.set_attrs(rec["user_attrs"])
+        log.reports = {int(s): v for s, v in rec["intermediate"]}
+        return log
+
     def end(self, state: str, values: list[float] | None = None, event: str = "") -> None:
         self.state, self.values, self.event = state, values, event
 
     def record(self, study_name: str) -> dict:
-        """The log as a JSON-ready record that :func:`replay_record` can write on its own."""
+        """The log as a JSON-ready record that :func:`replay_record` can write on its own. The
+        first call gives the log its ``held_key`` attribute (written with the others), which
+        is how a replay knows the result is already in the study."""
         import optuna
 
         if "held_key" not in self.attrs:
@@ -134,16 +144,11 @@ def record_elsewhere(study: optuna.Study, rec: dict) -> str:
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if t.system_attrs.get("failed_trial") == rec["number"]:
             if storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                retry = optuna.trial.Trial(study, t._trial_id)
                 for name, dist in _distributions(rec).items():  # the retry's fixed params
-                    if name in rec["params"]:
-                        storage.set_trial_param(
-                            t._trial_id, name, dist.to_internal_repr(rec["params"][name]), dist
-                        )
-                log = TrialLog(retry, state=rec["state"], values=rec["values"])
-                log.set_attrs(rec["user_attrs"])
-                log.reports = {int(s): v for s, v in rec["intermediate"]}
-                write(study, log)
+                    storage.set_trial_param(
+                        t._trial_id, name, dist.to_internal_repr(rec["params"][name]), dist
+                    )
+                write(study, TrialLog.from_record(optuna.trial.Trial(study, t._trial_id), rec))
                 return f"into trial {t.number}, the waiting retry of trial {rec['number']}"
     frozen = optuna.trial.create_trial(
         state=TrialState[rec["state"]],
@@ -164,17 +169,14 @@ def replay_record(study: optuna.Study, rec: dict) -> str:
     import optuna
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
         if t.user_attrs.get("held_key") == rec["key"] and t.state.is_finished():
             return f"already recorded (trial {t.number})"
-    own = next((t for t in study.get_trials(deepcopy=False) if t.number == rec["number"]), None)
+    own = next((t for t in trials if t.number == rec["number"]), None)
     if own is not None and own.state == TrialState.RUNNING:
-        log = TrialLog(optuna.trial.Trial(study, own._trial_id), state=rec["state"],
-                       values=rec["values"])
-        log.set_attrs(rec["user_attrs"])
-        log.reports = {int(s): v for s, v in rec["intermediate"]}
         try:
-            write(study, log)
+            write(study, TrialLog.from_record(optuna.trial.Trial(study, own._trial_id), rec))
             return f"into trial {rec['number']}"
         except FinishedElsewhere:
             pass
@@ -212,8 +214,7 @@ def save_held(run_dir: Path, study_name: str, storage: str, records: list[dict])
 
 
 def load_held(run_dir: Path) -> dict:
-    path = Path(run_dir)
-    path = path if path.is_file() else path / HELD_FILE
+    path = Path(run_dir) / HELD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no held trials at {path}")
     data = json.loads(path.read_text())
@@ -263,12 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError:
         print(f"error: no study {data['study']!r} at {mask_url(url)}", file=sys.stderr)
         return 2
-    left = list(data["trials"])
-    for rec in list(left):
+    held = data["trials"]
+    for i, rec in enumerate(held):
         what = replay_record(study, rec)
         print(f"trial {rec['number']} ({rec['state'].lower()}): {what}")
-        left.remove(rec)
-        save_held(Path(args.run_dir), data["study"], data["storage"], left)
+        save_held(Path(args.run_dir), data["study"], data["storage"], held[i + 1 :])
     print(f"{len(data['trials'])} held trial(s) recorded in study {data['study']!r} at "
           f"{mask_url(url)}")
     return 0

@@ -26,11 +26,10 @@ def run_dir_problem(path: str | os.PathLike, min_free: int = MIN_FREE_BYTES) -> 
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         return f"cannot create the run directory {target}: {ancestor} is a file"
+    stat = os.statvfs(ancestor)
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        stat = os.statvfs(ancestor)
         why = "a read-only file system" if stat.f_flag & os.ST_RDONLY else "not writable"
         return f"cannot create the run directory {target}: {ancestor} is {why}"
-    stat = os.statvfs(ancestor)
     free = stat.f_bavail * stat.f_frsize
     if free < min_free:
         return (

@@ -318,17 +318,13 @@ def validate(space: Mapping, valid_blocks: list[str]) -> list[list[str]]:
         if key in ("model.pattern", "pattern"):
             raise SpaceError("search.params cannot set model.pattern; use search.pattern")
     for ref in space.get("reference") or []:
-        if isinstance(ref, str):
+        if isinstance(ref, str) or (isinstance(ref, Mapping) and "spec" in ref):
+            spec, _, settings = reference_spec(ref, {})
             try:
-                patterns.append(parse(ref, valid_blocks))
+                patterns.append(parse(spec, valid_blocks))
             except SpecError as exc:
                 raise SpaceError(f"search.reference: {exc}") from None
-        elif isinstance(ref, Mapping) and "spec" in ref:
-            try:
-                patterns.append(parse(str(ref["spec"]), valid_blocks))
-            except SpecError as exc:
-                raise SpaceError(f"search.reference: {exc}") from None
-            bad = sorted(k for k in ref if k != "spec" and k in ("model.pattern", "pattern"))
+            bad = sorted(k for k in settings if k in ("model.pattern", "pattern"))
             if bad:
                 raise SpaceError(f"search.reference {dict(ref)}: use spec, not {bad[0]}")
         elif isinstance(ref, Mapping):

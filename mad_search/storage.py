@@ -128,9 +128,9 @@ def _open_grpc(url: str, address: tuple[str, int]) -> optuna.storages.BaseStorag
     try:
         proxy.get_all_studies()
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc, cause=False)
         raise ConfigError(
-            f"cannot reach the storage proxy at {url}: {reason[:200]} (start it with "
+            f"cannot reach the storage proxy at {url}: {reason} (start it with "
             f"python -m mad_search.proxy)"
         ) from None
     return proxy
@@ -154,9 +154,8 @@ def _open(url: str, options: dict | None = None) -> optuna.storages.BaseStorage:
                 **(options or {}),
             )
     except Exception as exc:  # unreachable host, bad driver, malformed URL...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        reason = reason.replace(url, mask_url(url))
-        raise ConfigError(f"cannot open study storage {mask_url(url)}: {reason[:300]}") from None
+        reason = first_line(exc, url, limit=300, cause=False)
+        raise ConfigError(f"cannot open study storage {mask_url(url)}: {reason}") from None
     if sqlite_file(url) is not None:
         _sqlite_wal(storage)
     return storage
@@ -257,13 +256,15 @@ def is_unreachable(exc: BaseException) -> bool:
     return False
 
 
-def first_line(exc: BaseException, url: str | None = None) -> str:
-    """The first line of an error (of the error it was raised from, for Optuna's wrapped
-    database errors), a storage URL in it masked."""
-    inner = exc.__cause__ or exc
+def first_line(
+    exc: BaseException, url: str | None = None, limit: int = 200, cause: bool = True
+) -> str:
+    """The first line of an error (with ``cause``, of the error it was raised from: Optuna
+    wraps database errors), at most ``limit`` characters, passwords (and ``url``) masked."""
+    inner = (exc.__cause__ or exc) if cause else exc
     text = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
     text = scrub_passwords(text.replace(url, mask_url(url)) if url else text)
-    return text[:200]
+    return text[:limit]
 
 
 class Outage:
@@ -275,7 +276,6 @@ class Outage:
         self.since: float | None = None  # when the storage was first found unreachable
         self.delay = first
         self.next_try = 0.0
-        self.tries = 0
         self.reason = ""
 
     @property
@@ -289,7 +289,6 @@ class Outage:
             self.since, self.delay = now, self.first
         else:
             self.delay = min(self.delay * 2, self.longest)
-        self.tries += 1
         self.reason = reason
         self.next_try = now + self.delay
         return began
@@ -305,5 +304,5 @@ class Outage:
     def recovered(self, now: float) -> float:
         """The storage answered again; returns how long it was away."""
         lasted = now - (self.since if self.since is not None else now)
-        self.since, self.tries, self.reason = None, 0, ""
+        self.since, self.reason = None, ""
         return lasted

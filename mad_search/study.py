@@ -118,7 +118,7 @@ class Coordinator:
         self.n_trials = source.study.n_trials  # until the source's prepare() says
         self.progress = Progress(self.n_trials)
         self.outage = Outage(source.study.outage_timeout)
-        self.held_saved = False  # whether held_trials.json is in the run directory
+        self.held: frozenset[int] = frozenset()  # trials last written to held_trials.json
 
     def run(self) -> Outcome:
         source = self.source
@@ -449,8 +449,7 @@ class Coordinator:
             if not after_loop:
                 raise
             print(f"could not record finished trials: {exc}", file=sys.stderr)
-        if self.ended or self.held_saved:
-            self._save_held()
+        self._save_held()
 
     def _flush(self, log: TrialLog) -> bool:
         """Write what the storage does not have yet of ``log``; False if the storage is (or
@@ -460,14 +459,12 @@ class Coordinator:
         if self.outage.down:
             return False
         try:
-            if log.elsewhere:
-                if log.state is not None:
-                    self._elsewhere(log)
-            else:
-                write(self.study, log)
-        except FinishedElsewhere:
-            log.elsewhere = True
-            if log.state is not None:
+            if not log.elsewhere:
+                try:
+                    write(self.study, log)
+                except FinishedElsewhere:
+                    log.elsewhere = True
+            if log.elsewhere and log.state is not None:
                 self._elsewhere(log)
         except Exception as exc:
             if not is_unreachable(exc):
@@ -515,7 +512,7 @@ class Coordinator:
             + "; the study is saved, rerun the same command to resume",
             file=sys.stderr,
         )
-        if self.held_saved:
+        if self._held_file().exists():
             print(self._replay_hint(), file=sys.stderr)
 
     # --- the storage going away ---------------------------------------------------------------
@@ -576,16 +573,20 @@ class Coordinator:
                 return
         self._record_ended()
 
-    def _held_records(self) -> list[dict]:
-        return [log.record(self.study.study_name) for log in self.ended if not log.recorded]
+    def _held_file(self) -> Path:
+        return self.out_dir / HELD_FILE
 
     def _save_held(self) -> None:
         """Keep the held results in the run directory (removed once all are recorded), so a
-        coordinator that dies during the outage loses nothing finished."""
+        coordinator that dies during the outage loses nothing finished. Written when the set
+        of held trials changes (a held result never changes), not at every turn of the loop."""
+        numbers = frozenset(log.number for log in self.ended)
+        if numbers == self.held:
+            return
+        self.held = numbers  # also after a failed write: one line, not one per turn
         try:
-            records = self._held_records()
+            records = [log.record(self.study.study_name) for log in self.ended]
             save_held(self.out_dir, self.study.study_name, self.source.storage.masked, records)
-            self.held_saved = bool(records)
         except OSError as exc:
             self.progress.event(
                 f"cannot save the held trials in {self.out_dir}: {exc.strerror or exc}; they are "
@@ -594,7 +595,7 @@ class Coordinator:
 
     def _replay_hint(self) -> str:
         return (
-            f"{len(self.ended)} finished trial(s) are saved in {self.out_dir / HELD_FILE}: "
+            f"{len(self.ended)} finished trial(s) are saved in {self._held_file()}: "
             f"record them with `python -m mad_search.replay {self.out_dir}` once the storage "
             "is back"
         )
@@ -606,7 +607,7 @@ class Coordinator:
         raise StorageLost(
             f"storage unreachable for {lasted:.0f} s (more than study.outage_timeout="
             f"{self.source.study.outage_timeout:g}; last error: {self.outage.reason}): stopped. "
-            + (self._replay_hint() + ". " if self.held_saved else "")
+            + (self._replay_hint() + ". " if self._held_file().exists() else "")
             + f"{len(self.running)} unfinished trial(s) stopped: the next coordinator fails them "
             "as stale and retries them"
         )

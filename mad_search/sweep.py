@@ -240,9 +240,9 @@ def validate_sweep(cfg: DictConfig, plans=None) -> SweepPlan:
             probe_plans += plans(cfg, tasks_, overrides)
     for ref in (search or {}).get("reference") or []:  # references that set other settings
         if isinstance(ref, dict) and "spec" in ref:
-            _, _, settings = space_mod.reference_spec(ref, params)
+            spec, _, settings = space_mod.reference_spec(ref, params)
             if settings:
-                layers = space_mod.parse(str(ref["spec"]), blocks.names())
+                layers = space_mod.parse(spec, blocks.names())
                 probe_plans += plans(cfg, tasks_, {"model.pattern": layers, **settings})
     return SweepPlan(
         cfg=cfg,

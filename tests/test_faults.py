@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 # the study tests' tiny sizes and process helpers (tests/ is on sys.path, as for conftest.py)
 from test_study import TINY, _default_sigint
 
+from mad_search.bench.faults import wait_running
 from mad_search.replay import HELD_FILE, TrialLog, load_held, replay_record, save_held
 from mad_search.storage import Outage, is_unreachable
 
@@ -75,6 +76,20 @@ def test_backoff_doubles_to_its_ceiling_and_expires_after_the_limit():
     assert outage.recovered(t0 + 30) == pytest.approx(30)
     assert not outage.down and not outage.expired(t0 + 1e6)
     assert not Outage(None).expired(0) and Outage(None).failed("x", 0)
+
+
+def test_run_directory_problems_are_found_before_hydra_writes(tmp_path):
+    from mad_search.rundir import run_dir_problem
+
+    assert run_dir_problem(tmp_path / "a" / "b") is None  # made later, by Hydra
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run_dir_problem(blocker / "run") == (
+        f"cannot create the run directory {blocker / 'run'}: {blocker} is a file"
+    )
+    full = run_dir_problem(tmp_path / "run", min_free=1 << 62)  # more than any disk has free
+    assert full.startswith(f"no space for the run directory {tmp_path / 'run'}: ")
+    assert "KiB free on its file system" in full and "set hydra.run.dir" in full
 
 
 def _study(tmp_path, name="s"):
@@ -188,25 +203,11 @@ def _trials(url):
     return optuna.load_study(study_name="layer_patterns", storage=url).get_trials()
 
 
-def _wait_for_reports(url, proc, timeout=180):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            running = [t for t in _trials(url) if t.state == TrialState.RUNNING]
-            if running and any(t.intermediate_values for t in running):
-                return
-        except Exception:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("no trial reported")
-
-
 @pytest.mark.slow
 def test_postgresql_restarted_mid_study_loses_no_trial(tmp_path, private_pg):
     url = private_pg.create_database(f"s_{uuid.uuid4().hex[:8]}")
     proc = _cli(tmp_path, url, "study.n_trials=5", "train.max_steps=150")
-    _wait_for_reports(url, proc)
+    wait_running(url, [proc])
     private_pg.stop()  # every connection dropped; new ones refused
     time.sleep(6)  # long enough for trials to end while it is away
     private_pg.start()
@@ -227,7 +228,7 @@ def test_a_storage_that_stays_away_stops_the_coordinator_and_nothing_is_lost(
     beat = ["study.heartbeat.interval=1", "study.heartbeat.grace_period=3"]
     proc = _cli(tmp_path, url, "study.n_trials=4", "train.max_steps=150",
                 "study.outage_timeout=8", *beat)
-    _wait_for_reports(url, proc)
+    wait_running(url, [proc])
     private_pg.stop()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out

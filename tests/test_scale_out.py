@@ -5,8 +5,6 @@ with SIGKILL whose trials the next coordinator fails as stale and retries."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +16,10 @@ import pytest
 from hydra import compose, initialize_config_module
 
 # the study tests' tiny sizes and process helpers (tests/ is on sys.path, as for conftest.py)
-from test_study import TINY, _children, _default_sigint
+from test_study import TINY, _default_sigint
 
+from mad_search.bench._common import free_port
+from mad_search.bench.faults import kill_machine
 from mad_search.settings import StudySettings
 from mad_search.storage import scrub_passwords, scrub_run_dir
 
@@ -162,14 +162,7 @@ def _kill_coordinator_mid_trial(tmp_path, storage: str, *args) -> list[int]:
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() - t0 < 120, "no trials started"
         time.sleep(0.3)
-    workers = _children(proc.pid)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for pid in workers:  # they die with the group; wait until they are gone
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_machine(proc)
     return sorted(t.number for t in _running(storage))
 
 
@@ -226,9 +219,7 @@ def test_proxy_urls_are_checked_and_an_unreachable_proxy_is_one_line():
     assert grpc_address("postgresql://u@h/db") is None
     with pytest.raises(ConfigError, match="grpc://HOST:PORT"):
         grpc_address("grpc://nohost")
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     with pytest.raises(ConfigError) as err:
         StudyStorage(f"grpc://127.0.0.1:{port}")
     assert str(err.value).startswith(f"cannot reach the storage proxy at grpc://127.0.0.1:{port}")
@@ -236,9 +227,7 @@ def test_proxy_urls_are_checked_and_an_unreachable_proxy_is_one_line():
 
 
 def _start_proxy(url: str) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mad_search.proxy", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "PYTHONPATH": str(ROOT), "MAD_SEARCH_STORAGE": url},

@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
+from mad_search.bench._common import free_port
+from mad_search.bench.faults import workers
 from mad_search.config import ConfigError
 from mad_search.hogwild import WorkerPool, WorkerStartError, share_task_data
 from mad_search.study import run_study, validate_sweep
@@ -280,11 +281,6 @@ def _run_cli(tmp_path, *args, timeout=300, **kw):
     )
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def _wait_for_running_trial(tmp_path, proc, timeout=120):
     storage = f"sqlite:///{tmp_path}/study.db"
     t0 = time.time()
@@ -305,11 +301,9 @@ def _wait_for_running_trial(tmp_path, proc, timeout=120):
 def test_sigkilled_worker_is_survived(tmp_path):
     proc = _run_cli(tmp_path, "study.n_trials=4", "search.params={}", "train.max_steps=60")
     _wait_for_running_trial(tmp_path, proc)
-    workers = [
-        p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-    ]
-    assert workers, "no worker processes found"
-    os.kill(workers[0], signal.SIGKILL)
+    pids = workers(proc.pid)
+    assert pids, "no worker processes found"
+    os.kill(pids[0], signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     study = _study(tmp_path)
@@ -387,9 +381,7 @@ def test_optuna_cli_and_dashboard_read_the_study(tmp_path, capsys):
     done = {r["number"] for r in rows if r["state"] == "COMPLETE"}
     assert done == {0, 1}  # a third reference trial waits for the next run
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # The command exactly as the CLI printed it, run from another directory with the virtual
     # environment's bin/ off PATH (as for a user who never activated it).
     elsewhere = tmp_path / "elsewhere"

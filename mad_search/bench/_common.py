@@ -118,6 +118,15 @@ def trial_patterns(patterns: Sequence[str], trials: int) -> list[str]:
     return [patterns[i % len(patterns)] for i in range(trials)]
 
 
+def free_port() -> int:
+    """A TCP port on the loopback interface that nobody listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def check_at_least_one(opts: dict, keys: Sequence[str]) -> None:
     """Each of ``opts[key]`` must be at least 1 (one clear line naming the first that is not)."""
     for key in keys:

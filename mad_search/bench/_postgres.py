@@ -10,10 +10,11 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from mad_search.bench._common import free_port
 
 
 def bin_dir() -> Path | None:
@@ -30,12 +31,6 @@ def bin_dir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrivatePostgres:
     """``with PrivatePostgres() as pg: pg.url("db")``; ``pg.stop()`` / ``pg.start()``."""
 
@@ -46,7 +41,7 @@ class PrivatePostgres:
         self._tmp = None if root else tempfile.TemporaryDirectory(prefix="mad_pg_")
         self.root = Path(root or self._tmp.name)
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_user: list[str] = []
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             shutil.chown(self.root, "postgres")

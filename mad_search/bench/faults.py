@@ -29,6 +29,7 @@ asked for finished, or, for a fault at start, nothing started), and the line the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,6 +40,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +96,10 @@ class _Scene:
             f"study.heartbeat.grace_period={grace}",
         ]
 
-    def start(self, storage: str, *args: str, run: str = "run", n: int | None = None):
+    def start(self, storage: str, *args: str, run: str = "run"):
         return subprocess.Popen(
             [sys.executable, "-m", "mad_search", "+sweep=layer_patterns", *SIZES,
-             f"study.n_trials={n or self.opts['n_trials']}",
+             f"study.n_trials={self.opts['n_trials']}",
              f"train.max_steps={self.opts['max_steps']}", *self.beat,
              f"study.storage={storage}", f"hydra.run.dir={self.root / run}", *args],
             cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -113,7 +115,8 @@ class _Scene:
         return "\n".join(self.outputs)
 
 
-def _trials(storage: str) -> list:
+def trials(storage: str) -> list:
+    """The trials of the ``layer_patterns`` study at ``storage`` (none while it cannot be read)."""
     import optuna
 
     try:
@@ -122,7 +125,7 @@ def _trials(storage: str) -> list:
         return []
 
 
-def _wait_running(storage: str, procs, at_least: int = 1, timeout: float = 300) -> None:
+def wait_running(storage: str, procs, at_least: int = 1, timeout: float = 300) -> None:
     """Until ``at_least`` trials are RUNNING and one has reported."""
     from optuna.trial import TrialState
 
@@ -131,31 +134,33 @@ def _wait_running(storage: str, procs, at_least: int = 1, timeout: float = 300) 
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"the study ended early: {p.stdout.read()[-2000:]}")
-        running = [t for t in _trials(storage) if t.state == TrialState.RUNNING]
+        running = [t for t in trials(storage) if t.state == TrialState.RUNNING]
         if len(running) >= at_least and any(t.intermediate_values for t in running):
             return
         time.sleep(0.3)
     raise RuntimeError("no trial started")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
 
 
-def _workers(pid: int) -> list[int]:
+def workers(pid: int) -> list[int]:
+    """The Hogwild worker processes of the coordinator ``pid`` (spawned: ``spawn_main``)."""
     return [
-        p for p in _children(pid)
+        p for p in children(pid)
         if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
     ]
 
 
-def _kill_machine(proc) -> None:
+def kill_machine(proc) -> None:
     """SIGKILL the coordinator and every process of its group (a lost machine)."""
-    workers = _children(proc.pid)
+    pids = children(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    for pid in workers:
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -173,15 +178,15 @@ def _line(text: str, *patterns: str) -> str:
 
 
 def _snapshot(storage: str) -> dict[int, tuple]:
-    return {t.number: (t.state.name, t.values) for t in _trials(storage) if t.state.is_finished()}
+    return {t.number: (t.state.name, t.values) for t in trials(storage) if t.state.is_finished()}
 
 
 def _row(fault: str, scene: _Scene, storage: str | None, before: dict, line: str,
          expected: int, rc: int, held_unrecorded: int = 0, run: str = "run") -> dict:
     """Read the study after the fault."""
-    trials = _trials(storage) if storage else []
-    states = [t.state.name for t in trials]
-    now = {t.number: (t.state.name, t.values) for t in trials}
+    found = trials(storage) if storage else []
+    states = [t.state.name for t in found]
+    now = {t.number: (t.state.name, t.values) for t in found}
     changed = sum(1 for n, v in before.items() if now.get(n) != v)
     running = states.count("RUNNING")
     summary = scene.root / run / "study_summary.json"
@@ -195,7 +200,7 @@ def _row(fault: str, scene: _Scene, storage: str | None, before: dict, line: str
         "trials_finished": finished,
         "trials_failed": states.count("FAIL"),
         "trials_lost": changed + running + held_unrecorded,
-        "trials_retried": sum("failed_trial" in t.system_attrs for t in trials),
+        "trials_retried": sum("failed_trial" in t.system_attrs for t in found),
         "left_running": running,
         "table_finite": finite,
         "study_completed": rc == 0 and sum(s != "RUNNING" for s in states) >= expected,
@@ -210,9 +215,9 @@ def _row(fault: str, scene: _Scene, storage: str | None, before: dict, line: str
 def worker_sigkill(scene: _Scene, opts: dict) -> dict:
     storage = f"sqlite:///{scene.root}/study.db"
     proc = scene.start(storage)
-    _wait_running(storage, [proc])
+    wait_running(storage, [proc])
     before = _snapshot(storage)
-    os.kill(_workers(proc.pid)[0], signal.SIGKILL)
+    os.kill(workers(proc.pid)[0], signal.SIGKILL)
     rc = scene.finish(proc)
     line = _line(scene.text(), r"worker \d+ \(pid \d+\) died")
     return _row("worker_sigkill", scene, storage, before, line, opts["n_trials"], rc)
@@ -221,8 +226,8 @@ def worker_sigkill(scene: _Scene, opts: dict) -> dict:
 def coordinator_sigkill(scene: _Scene, opts: dict) -> dict:
     storage = f"sqlite:///{scene.root}/study.db"
     proc = scene.start(storage, run="first")
-    _wait_running(storage, [proc], at_least=2)
-    _kill_machine(proc)
+    wait_running(storage, [proc], at_least=2)
+    kill_machine(proc)
     before = _snapshot(storage)
     time.sleep(opts["grace_s"] + 1)
     rc = scene.finish(scene.start(storage))
@@ -237,10 +242,10 @@ def two_machines(scene: _Scene, opts: dict) -> dict:
     with PrivatePostgres() as pg:
         storage = pg.create_database("study")
         a = scene.start(storage, run="machine_a")
-        _wait_running(storage, [a], at_least=1)  # A creates the study first
+        wait_running(storage, [a], at_least=1)  # A creates the study first
         b = scene.start(storage, run="run")
-        _wait_running(storage, [a, b], at_least=4)
-        _kill_machine(a)
+        wait_running(storage, [a, b], at_least=4)
+        kill_machine(a)
         before = _snapshot(storage)
         rc = scene.finish(b)
         line = _line(scene.text(), r"stale trial\(s\) .* of another coordinator")
@@ -253,7 +258,7 @@ def postgres_restart(scene: _Scene, opts: dict) -> dict:
     with PrivatePostgres() as pg:
         storage = pg.create_database("study")
         proc = scene.start(storage)
-        _wait_running(storage, [proc])
+        wait_running(storage, [proc])
         before = _snapshot(storage)
         pg.stop()
         time.sleep(opts["outage_s"])
@@ -302,7 +307,7 @@ def nan_trial(scene: _Scene, opts: dict) -> dict:
 
 
 def storage_unreachable(scene: _Scene, opts: dict) -> dict:
-    port = _free_port()
+    port = common.free_port()
     storage = f"postgresql://postgres@127.0.0.1:{port}/study"
     rc = scene.finish(scene.start(storage), timeout=300)
     line = _line(scene.text(), r"^error: ")
@@ -311,41 +316,32 @@ def storage_unreachable(scene: _Scene, opts: dict) -> dict:
     return row
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mount_tmpfs(path: Path, size_kb: int) -> str | None:
-    """Mount a tmpfs at ``path``; why not, if it cannot be (not root, no privilege)."""
+@contextlib.contextmanager
+def _tmpfs(path: Path, size_kb: int, read_only: bool = False) -> Iterator[str | None]:
+    """A small tmpfs mounted at ``path`` for the block (read-only if asked), unmounted after;
+    yields None, or why it could not be mounted (not root, no privilege)."""
     path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_kb}k" + (",ro" if read_only else "")
     proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
-        capture_output=True, text=True,
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
     )
-    return None if proc.returncode == 0 else (proc.stderr.strip() or "mount failed")[:200]
-
-
-def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _skipped(fault: str, why: str) -> dict:
-    return {"fault": fault, "skipped": why}
+    if proc.returncode != 0:
+        yield f"cannot mount a tmpfs: {(proc.stderr.strip() or 'mount failed')[:200]}"
+        return
+    try:
+        yield None
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def run_dir_full(scene: _Scene, opts: dict) -> dict:
     disk = scene.root / "small_disk"
-    why = _mount_tmpfs(disk, 4096)
-    if why:
-        return _skipped("run_dir_full", f"cannot mount a tmpfs: {why}")
-    try:
+    with _tmpfs(disk, 4096) as why:
+        if why:
+            return {"fault": "run_dir_full", "skipped": why}
         storage = f"sqlite:///{scene.root}/study.db"  # the study itself on a disk with room
         proc = scene.start(storage, run="small_disk/run")
-        _wait_running(storage, [proc])
+        wait_running(storage, [proc])
         before = _snapshot(storage)
         with open(disk / "filler", "wb") as f:  # fill the disk
             try:
@@ -362,25 +358,18 @@ def run_dir_full(scene: _Scene, opts: dict) -> dict:
             row["trials_finished"] + row["trials_failed"] >= opts["n_trials"]
         )
         return row
-    finally:
-        _umount(disk)
 
 
 def run_dir_read_only(scene: _Scene, opts: dict) -> dict:
-    disk = scene.root / "ro_disk"
-    why = _mount_tmpfs(disk, 64)
-    if why:
-        return _skipped("run_dir_read_only", f"cannot mount a tmpfs: {why}")
-    try:
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
+    with _tmpfs(scene.root / "ro_disk", 64, read_only=True) as why:
+        if why:
+            return {"fault": "run_dir_read_only", "skipped": why}
         storage = f"sqlite:///{scene.root}/study.db"
         rc = scene.finish(scene.start(storage, run="ro_disk/run"), timeout=300)
         line = _line(scene.text(), r"^error: ")
         row = _row("run_dir_read_only", scene, storage, {}, line, 0, rc)
         row["study_completed"] = None  # refused before anything started
         return row
-    finally:
-        _umount(disk)
 
 
 # --- the benchmark ------------------------------------------------------------------------------

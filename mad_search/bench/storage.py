@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -102,12 +101,6 @@ def _admin(server: str):
         ) from None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_proxy(url: str) -> tuple[subprocess.Popen, str]:
     import warnings
 
@@ -115,7 +108,7 @@ def _start_proxy(url: str) -> tuple[subprocess.Popen, str]:
 
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
 
-    port = _free_port()
+    port = common.free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mad_search.proxy", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "MAD_SEARCH_STORAGE": url},

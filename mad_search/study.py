@@ -196,7 +196,9 @@ class Coordinator:
         }
         if not running:
             return []
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9; the version is pinned
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         return [
             t.number
             for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))

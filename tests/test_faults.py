@@ -234,6 +234,7 @@ def test_a_storage_that_stays_away_stops_the_coordinator_and_nothing_is_lost(
     assert proc.returncode == 1, out
     last = out.strip().splitlines()[-1]
     assert last.startswith("error: storage unreachable for") and "stopped" in last, out
+    assert "Warning" not in out, out  # the stale check every grace period: no Optuna warning
     held = load_held(tmp_path / "run")["trials"]
     assert held and f"python -m mad_search.replay {tmp_path}/run" in last
     private_pg.start()
@@ -254,6 +255,7 @@ def test_a_storage_that_stays_away_stops_the_coordinator_and_nothing_is_lost(
     proc = _cli(tmp_path, url, "study.n_trials=4", "train.max_steps=30", *beat)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+    assert "stale trial(s)" in out and "Warning" not in out, out
     trials = _trials(url)
     assert not [t for t in trials if t.state == TrialState.RUNNING], out
     retried = sorted(t.system_attrs["failed_trial"] for t in trials

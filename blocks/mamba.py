@@ -30,6 +30,7 @@ from torch import nn
 
 from blocks.base import Block
 from blocks.init import small_init_, wang_init_
+from blocks.ops import causal_depthwise_conv
 from blocks.registry import BlockError, register
 
 
@@ -170,23 +171,6 @@ def selective_scan(
         raise ValueError(f"chunk must be a positive integer, got {chunk}")
     y = _SelectiveScan.apply(u, delta, A, B, C, chunk)
     return y if D is None else y + u * D
-
-
-def causal_depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """Causal depthwise convolution along the sequence: ``x: (batch, seq, channels)``,
-    ``weight: (channels, 1, K)`` as in ``nn.Conv1d``; y_t = bias + Σ_k weight[:, 0, k] x_{t-K+1+k}.
-
-    Written as K shifted multiply-adds: on the CPU this is much faster than ``nn.Conv1d``'s
-    depthwise backward pass.
-    """
-    seq, K = x.shape[1], weight.shape[-1]
-    padded = F.pad(x, (0, 0, K - 1, 0))
-    y = padded[:, :seq] * weight[:, 0, 0]
-    for k in range(1, K):
-        y = y + padded[:, k:k + seq] * weight[:, 0, k]
-    return y if bias is None else y + bias
 
 
 @register("mamba")

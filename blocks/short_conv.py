@@ -18,6 +18,7 @@ from torch import nn
 
 from blocks.base import Block
 from blocks.init import small_init_, wang_init_
+from blocks.ops import causal_depthwise_conv
 from blocks.registry import BlockError, register
 
 
@@ -47,10 +48,9 @@ class ShortConvBlock(Block):
         wang_init_(self.out_proj.weight, d_model, num_blocks)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, h = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)  # each (batch, d, seq)
-        Bx = nn.functional.pad(B * h, (self.kernel_size - 1, 0))
-        z = C * self.conv(Bx)
-        return self.out_proj(z.transpose(1, 2))
+        B, C, h = self.in_proj(x).chunk(3, dim=-1)  # each (batch, seq, d)
+        z = C * causal_depthwise_conv(B * h, self.conv.weight)
+        return self.out_proj(z)
 
     def state_size(self, seq_len: int) -> int:
         """The conv's window: the last ``kernel_size - 1`` gated inputs B*x, d_model each.

@@ -37,6 +37,7 @@ from torch import nn
 
 from blocks.base import Block
 from blocks.init import round_up, small_init_, wang_init_
+from blocks.ops import causal_depthwise_conv
 from blocks.registry import BlockError, register
 
 NUM_GATES = 4  # i, f, z, o
@@ -111,26 +112,26 @@ class _SLSTMScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, wx: torch.Tensor, R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, wx_tm: torch.Tensor, R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``wx_tm: (S, NH, B, G, DH)`` (any strides), ``R``, ``b`` -> ``y: (S, NH, B, DH)``."""
         NH, DH = R.shape[0], R.shape[1]
-        B, S = wx.shape[0], wx.shape[1]
+        S, B = wx_tm.shape[0], wx_tm.shape[2]
         G = NUM_GATES
         R_flat = R.reshape(NH, DH, G * DH)
 
         # raw[t, h, :, g] = W x_t + b for head h, gate g; y_{t-1} @ R is added at step t
-        raw = wx.new_empty(S, NH, B, G, DH)
-        wx_tm = wx.view(B, S, G, NH, DH).permute(1, 3, 0, 2, 4)
+        raw = wx_tm.new_empty(S, NH, B, G, DH)
         torch.add(wx_tm, b.view(G, NH, 1, DH).permute(1, 2, 0, 3), out=raw)
         # Kept for the backward, per step: sigmoid of (f~, z~, o~) (that of z~ is unused, but
         # one call over adjacent slots beats two); (i', f'); (tanh(z~), 1); states (c, n) and y
         # with the zero state at index 0.
-        sig = wx.new_empty(S, NH, B, 3, DH)
-        gates = wx.new_empty(S, NH, B, 2, DH)
-        tanh_z1 = wx.new_empty(S, 2, NH, B, DH)
+        sig = raw.new_empty(S, NH, B, 3, DH)
+        gates = raw.new_empty(S, NH, B, 2, DH)
+        tanh_z1 = raw.new_empty(S, 2, NH, B, DH)
         tanh_z1[:, 1] = 1.0
-        cn = wx.new_zeros(S + 1, 2, NH, B, DH)
-        y = wx.new_zeros(S + 1, NH, B, DH)
-        m = wx.new_empty(NH, B, DH)  # stabiliser, overwritten each step
+        cn = raw.new_zeros(S + 1, 2, NH, B, DH)
+        y = raw.new_zeros(S + 1, NH, B, DH)
+        m = raw.new_empty(NH, B, DH)  # stabiliser, overwritten each step
         m_u = m.unsqueeze(2)
 
         # per-step views, made once (indexing inside the loop costs as much as an operation)
@@ -168,7 +169,7 @@ class _SLSTMScan(torch.autograd.Function):
             torch.mul(sig_o[t], c[t + 1], out=y_t[t + 1]).div_(n[t + 1])
 
         ctx.save_for_backward(R, sig, gates, tanh_z1, cn, y)
-        return y[1:].permute(2, 0, 1, 3).reshape(B, S, NH * DH)
+        return y[1:]  # a view of the saved buffer: an in-place change of it fails the backward
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -201,7 +202,7 @@ class _SLSTMScan(torch.autograd.Function):
         f_next = f_gate.contiguous()
         del df_scale
 
-        dy_out = grad_y.to(sig.dtype).reshape(B, S, NH, DH).permute(1, 2, 0, 3).contiguous()
+        dy_out = grad_y.to(sig.dtype).contiguous()  # (S, NH, B, DH)
         d_raw = sig.new_empty(S, NH, B, G, DH)
         R_T = R.reshape(NH, DH, G * DH).transpose(1, 2)  # (NH, 4DH, DH)
         dy = sig.new_empty(NH, B, DH)  # gradient w.r.t. y_t: from the output and from step t+1
@@ -223,17 +224,15 @@ class _SLSTMScan(torch.autograd.Function):
             d_raw_if[t].addcmul_(dn_u, k_n_t[t])
             d_raw_o[t].addcmul_(dy, k_y_t[t])
 
-        d_wx = d_R = d_b = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            d_wx = d_raw.permute(2, 0, 3, 1, 4).reshape(B, S, G * NH * DH)
-            if ctx.needs_input_grad[2]:
-                d_b = d_wx.view(B * S, -1).sum(0)
+        d_R = d_b = None
+        if ctx.needs_input_grad[2]:  # b is (4H,) gate-major: [gate, head, unit]
+            d_b = d_raw.sum(dim=(0, 2)).transpose(0, 1).reshape(-1)
         if ctx.needs_input_grad[1]:
             # d R[h] = sum over steps and batch of y_{t-1}^T d raw_t
             y_prev = y_all[:-1].permute(1, 3, 0, 2).reshape(NH, DH, S * B)
             d_raw_h = d_raw.view(S, NH, B, G * DH).transpose(0, 1).reshape(NH, S * B, G * DH)
             d_R = torch.bmm(y_prev, d_raw_h).view(NH, DH, G, DH)
-        return d_wx, d_R, d_b
+        return (d_raw if ctx.needs_input_grad[0] else None), d_R, d_b
 
 
 def slstm_scan(wx: torch.Tensor, R: torch.Tensor, b: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -245,9 +244,22 @@ def slstm_scan(wx: torch.Tensor, R: torch.Tensor, b: torch.Tensor, num_heads: in
     B, S, NH, DH = _check_cell_inputs(wx, R, b, num_heads)
     if S == 0:
         return wx.new_zeros(B, 0, NH * DH)
-    dtype = _compute_dtype(wx)
-    y = _SLSTMScan.apply(wx.to(dtype).contiguous(), R.to(dtype), b.reshape(-1).to(dtype))
-    return y.to(wx.dtype)
+    wx_tm = wx.view(B, S, NUM_GATES, NH, DH).permute(1, 3, 0, 2, 4)
+    y = slstm_scan_time_major(wx_tm, R, b)
+    return y.permute(2, 0, 1, 3).reshape(B, S, NH * DH)
+
+
+def slstm_scan_time_major(wx_tm: torch.Tensor, R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`slstm_scan` in the scan's own layout, which spares the block two full copies.
+
+    ``wx_tm: (S, NH, B, 4, DH)`` (gates ``[i, f, z, o]``), ``R: (NH, DH, 4, DH)``, ``b: (4H,)``
+    -> ``y: (S, NH, B, DH)``; the gradient of ``wx_tm`` comes back contiguous in that layout.
+    """
+    if wx_tm.shape[0] == 0:
+        return wx_tm.new_zeros(0, *wx_tm.shape[1:3], wx_tm.shape[-1])
+    dtype = _compute_dtype(wx_tm)
+    y = _SLSTMScan.apply(wx_tm.to(dtype), R.to(dtype), b.reshape(-1).to(dtype))
+    return y.to(wx_tm.dtype)
 
 
 def powerlaw_forget_bias(head_dim: int, block_index: int, num_blocks: int) -> torch.Tensor:
@@ -341,30 +353,29 @@ class SLSTMBlock(Block):
         small_init_(self.ffn_up.weight, self.d_model)
         wang_init_(self.ffn_down.weight, self.d_model, self.num_blocks)
 
-    def _headwise(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Headwise (block-diagonal) projection of ``x (..., NH*DH)`` by ``w (G, NH, out, in)``,
-        giving ``(..., G, NH, out)``."""
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))
-        return torch.einsum("...hd,ghed->...ghe", x, w)
+    def _headwise(self, x: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+        """Two headwise (block-diagonal) projections of ``x (B, S, NH*DH)`` by ``(NH, out, in)``
+        weights, time-major and side by side: ``(S, NH, B, 2 * DH)``, the scan's layout."""
+        B, S, _ = x.shape
+        x_tm = x.view(B, S, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        return torch.matmul(x_tm, torch.cat((w_a, w_b), dim=1).transpose(1, 2))
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The sLSTM layer on the normalised input ``x: (B, S, d_model)``."""
         B, S, D = x.shape
         if self.conv_kernel > 0:
-            x_pad = F.pad(x.transpose(1, 2), (self.conv_kernel - 1, 0))  # causal: pad the past
-            x_c = F.silu(self.conv(x_pad).transpose(1, 2))
+            x_c = F.silu(causal_depthwise_conv(x, self.conv.weight, self.conv.bias))
         else:
             x_c = x
-        wx = torch.cat(
-            (
-                self._headwise(x_c, torch.stack((self.w_i, self.w_f))),
-                self._headwise(x, torch.stack((self.w_z, self.w_o))),
-            ),
-            dim=-3,
-        ).reshape(B, S, NUM_GATES * D)
-        y = slstm_scan(wx, self.R, self.b.reshape(-1), self.num_heads)
-        y = F.group_norm(y.reshape(B * S, D), self.num_heads, self.group_norm_weight)
-        return y.view(B, S, D)
+        wx_tm = torch.cat(
+            (self._headwise(x_c, self.w_i, self.w_f), self._headwise(x, self.w_z, self.w_o)),
+            dim=-1,
+        ).view(S, self.num_heads, B, NUM_GATES, self.head_dim)
+        y = slstm_scan_time_major(wx_tm, self.R, self.b.reshape(-1))  # (S, NH, B, DH)
+        # multi-head group norm: each head's units normalised on their own, one weight per unit
+        y = F.layer_norm(y, (self.head_dim,), eps=1e-5)
+        y = y * self.group_norm_weight.view(self.num_heads, 1, self.head_dim)
+        return y.permute(2, 0, 1, 3).reshape(B, S, D)
 
     def ffn(self, u: torch.Tensor) -> torch.Tensor:
         gate, up = self.ffn_up(u).chunk(2, dim=-1)

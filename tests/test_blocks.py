@@ -165,3 +165,36 @@ def test_duplicate_registration_is_refused():
 
 def test_registered_names_include_foundation_blocks():
     assert {"attention", "mlstm", "slstm", "swiglu"} <= set(blocks.names())
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_depthwise_conv_matches_the_direct_sum(K, with_bias):
+    """The shared conv (channels-last 2-D kernel) against y_t = b + sum_k w_k x_{t-K+1+k},
+    written out position by position in float64; gradients by autograd through the sum."""
+    from blocks.ops import causal_depthwise_conv
+
+    B, S, C = 3, 13, 6
+    x = torch.randn(B, S, C, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, 1, K, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True) if with_bias else None
+
+    def direct(x, w, b):
+        rows = []
+        for t in range(S):
+            y_t = b.expand(B, C) if b is not None else x.new_zeros(B, C)
+            for k in range(K):
+                s = t - K + 1 + k
+                if s >= 0:
+                    y_t = y_t + w[:, 0, k] * x[:, s]
+            rows.append(y_t)
+        return torch.stack(rows, dim=1)
+
+    leaves = [t for t in (x, w, b) if t is not None]
+    y, ref = causal_depthwise_conv(x, w, b), direct(x, w, b)
+    torch.testing.assert_close(y, ref)
+    weight = torch.randn_like(ref)
+    got = torch.autograd.grad((y * weight).sum(), leaves)
+    want = torch.autograd.grad((ref * weight).sum(), leaves)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import blocks
-from blocks.mamba import causal_depthwise_conv, selective_scan, selective_scan_reference
+from blocks.mamba import selective_scan, selective_scan_reference
+from blocks.ops import causal_depthwise_conv
 
 D_MODEL, MAX_LEN = 32, 64
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from blocks.mlstm import (
     AUTO_PARALLEL_MAX_CHUNKS,
     MLSTMBlock,
+    _decay,
+    _factored_choice,
     mlstm_chunkwise,
     mlstm_parallel,
     mlstm_recurrent,
@@ -62,12 +64,26 @@ def chunked(chunk_size):
     return run
 
 
+def matrix_only(form):
+    """The form with the decay always an explicit S x S matrix (never the factored product)."""
+
+    def run(*args, **kwargs):
+        return form(*args, factored=False, **kwargs)
+
+    return run
+
+
+# The default forms take the factored decay wherever its spread allows (most regimes at these
+# sizes; test_decay_takes_the_factored_form_where_it_is_safe checks which); the "_matrix" ones
+# never do, so both paths meet every test below.
 FORMS = {
     "recurrent": mlstm_recurrent,
     "parallel": mlstm_parallel,
+    "parallel_matrix": matrix_only(mlstm_parallel),
     "chunkwise16": chunked(16),
     "chunkwise64": chunked(64),
     "chunkwise7": chunked(7),
+    "chunkwise16_matrix": matrix_only(chunked(16)),
 }
 
 
@@ -235,6 +251,28 @@ def test_cell_low_precision_inputs_compute_in_float32():
         assert h.dtype == torch.bfloat16, name
         expected = form(*(t.float() for t in args)).to(torch.bfloat16)
         torch.testing.assert_close(h, expected, rtol=0, atol=0, msg=name)
+
+
+def test_decay_takes_the_factored_form_where_it_is_safe():
+    """Moderate gates: the factored decay g_t a_j, equal to the explicit matrix; closed forget
+    gates over 130 steps spread the stabiliser by hundreds: the explicit matrix."""
+    q, k, v, i_pre, f_pre = cell_inputs("moderate", 37)
+    log_f = F.logsigmoid(f_pre)
+    auto, matrix = _decay(log_f, i_pre), _decay(log_f, i_pre, factored=False)
+    assert auto.matrix is None and matrix.matrix is not None
+    product = (auto.g.unsqueeze(-1) * auto.a.unsqueeze(-2)).tril()
+    torch.testing.assert_close(product, matrix.matrix, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(auto.m, matrix.m, rtol=0, atol=0)
+    scores, qn = auto.scores(q, k)
+    scores_ref, qn_ref = matrix.scores(q, k)
+    torch.testing.assert_close(scores, scores_ref)
+    torch.testing.assert_close(qn, qn_ref)
+
+    _, _, _, i_pre, f_pre = cell_inputs("forget_closed", 130)
+    wide = _decay(F.logsigmoid(f_pre), i_pre)
+    assert wide.matrix is not None and wide.g is None
+    # a chunk shorter than the head size keeps the matrix (measured faster there)
+    assert _factored_choice(None, 16, 32) is False and _factored_choice(None, 32, 32) is None
 
 
 def test_chunkwise_handles_remainders_and_tiny_chunks():

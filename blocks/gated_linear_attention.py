@@ -17,8 +17,9 @@ Two forms of the cell, same arguments and result:
 - :func:`gla_recurrent_reference`: the recurrence above, one step at a time.
 - :func:`gla_chunked`: the fast path. Inside a chunk of L steps the cumulative log decays
   b_t = Σ_{s≤t, same chunk} log α_s give the intra-chunk scores exactly,
-  A_ts = Σ_k q_tk k_sk exp(b_tk - b_sk) for s ≤ t (an L × L × d_k tensor, never a quotient of
-  exponentials, so strong decays cannot overflow); the state is carried across chunks with
+  A_ts = Σ_k q_tk k_sk exp(b_tk - b_sk) for s ≤ t: one product (q e^b)(k e^-b)ᵀ while every
+  |b| ≤ 40, else an L × L × d_k tensor, never a quotient of exponentials, so strong decays
+  cannot overflow (:func:`blocks.ops.decayed_scores`); the state is carried across chunks with
   decays exp(b_L) and exp(b_L - b_s) ≤ 1.
 """
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blocks.base import Block
+from blocks.ops import decayed_scores
 from blocks.registry import BlockError, register
 
 
@@ -52,9 +54,11 @@ def gla_chunked(
     v: torch.Tensor,
     log_alpha: torch.Tensor,
     chunk: int = 16,
+    factored: bool | None = None,
 ) -> torch.Tensor:
     """GLA cell in chunked parallel form; same arguments and result as
-    :func:`gla_recurrent_reference`, any sequence length."""
+    :func:`gla_recurrent_reference`, any sequence length. ``factored``: see
+    :func:`blocks.ops.decayed_scores` (None: factored when the decays allow)."""
     batch, heads, seq, dk = q.shape
     dv = v.shape[-1]
     num_chunks = -(-seq // chunk)
@@ -66,10 +70,8 @@ def gla_chunked(
     q = q * dk**-0.5
     b = log_alpha.cumsum(dim=3)  # log decay from the chunk start up to and including step t
 
-    # intra-chunk: exact decays exp(b_t - b_s) for s <= t, per key dimension
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    log_decay = (b.unsqueeze(4) - b.unsqueeze(3)).masked_fill(~causal[..., None], float("-inf"))
-    scores = (q.unsqueeze(4) * k.unsqueeze(3) * log_decay.exp()).sum(-1)  # (B, H, nC, L, L)
+    # intra-chunk: decays exp(b_t - b_s) for s <= t, per key dimension
+    scores = decayed_scores(q, k, b, b, factored=factored)  # (B, H, nC, L, L)
     out = scores @ v
 
     # inter-chunk: state entering each chunk, read by the queries decayed from the chunk start

@@ -29,6 +29,7 @@ from torch import nn
 
 from blocks.base import Block
 from blocks.init import small_init_, wang_init_
+from blocks.ops import decayed_scores
 from blocks.registry import BlockError, register
 
 BRANCHES = 5  # w, k, v, r, g
@@ -57,9 +58,11 @@ def wkv6_chunked(
     log_w: torch.Tensor,
     u: torch.Tensor,
     chunk: int = 16,
+    factored: bool | None = None,
 ) -> torch.Tensor:
     """wkv cell in chunked parallel form; same arguments and result as
-    :func:`wkv6_recurrent_reference`, any sequence length."""
+    :func:`wkv6_recurrent_reference`, any sequence length. ``factored``: see
+    :func:`blocks.ops.decayed_scores` (None: factored when the decays allow)."""
     batch, heads, seq, n = r.shape
     nv = v.shape[-1]
     num_chunks = -(-seq // chunk)
@@ -72,9 +75,7 @@ def wkv6_chunked(
     b_read = F.pad(b[:, :, :, :-1], (0, 0, 1, 0))  # ... through t - 1: what y_t sees
 
     # intra-chunk: s < t decays by exp(b_read_t - b_s); s = t uses the bonus u instead
-    earlier = torch.ones(chunk, chunk, dtype=torch.bool, device=r.device).tril(-1)
-    log_decay = (b_read.unsqueeze(4) - b.unsqueeze(3)).masked_fill(~earlier[..., None], -torch.inf)
-    scores = (r.unsqueeze(4) * k.unsqueeze(3) * log_decay.exp()).sum(-1)
+    scores = decayed_scores(r, k, b_read, b, strict=True, factored=factored)
     out = scores @ v + (r * u[None, :, None, None] * k).sum(-1, keepdim=True) * v
 
     # inter-chunk: state entering each chunk, read through the decays since the chunk start

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import blocks
 from blocks.init import round_up
@@ -198,3 +199,34 @@ def test_causal_depthwise_conv_matches_the_direct_sum(K, with_bias):
     want = torch.autograd.grad((ref * weight).sum(), leaves)
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_decayed_scores_factored_equals_the_exact_form_and_strong_decays_stay_exact(strict):
+    """GLA's and RWKV-6's intra-chunk scores: mild decays take the factored product, which
+    equals the per-channel exponentials; decays beyond the limit keep the exact form (the
+    factored one would overflow to inf and NaN there)."""
+    from blocks.ops import DECAY_FACTOR_LIMIT, decayed_scores
+
+    L, d = 9, 5
+    q = torch.randn(2, 3, L, d, dtype=torch.float64)
+    k = torch.randn(2, 3, L, d, dtype=torch.float64)
+    mild = -torch.rand(2, 3, L, d, dtype=torch.float64).cumsum(-2)  # |b| <= 9
+    b_q = F.pad(mild[..., :-1, :], (0, 0, 1, 0)) if strict else mild
+    exact = decayed_scores(q, k, b_q, mild, strict=strict, factored=False)
+    direct = torch.zeros(2, 3, L, L, dtype=torch.float64)
+    for t in range(L):
+        for s in range(t if strict else t + 1):
+            decay = (b_q[..., t, :] - mild[..., s, :]).exp()
+            direct[..., t, s] = (q[..., t, :] * k[..., s, :] * decay).sum(-1)
+    torch.testing.assert_close(exact, direct)
+    torch.testing.assert_close(decayed_scores(q, k, b_q, mild, strict=strict), direct)
+
+    strong = mild * (3 * DECAY_FACTOR_LIMIT / mild.abs().amax())
+    b_q = F.pad(strong[..., :-1, :], (0, 0, 1, 0)) if strict else strong
+    q32, k32 = q.float(), k.float()
+    auto = decayed_scores(q32, k32, b_q.float(), strong.float(), strict=strict)
+    assert torch.isfinite(auto).all()
+    torch.testing.assert_close(
+        auto, decayed_scores(q32, k32, b_q.float(), strong.float(), strict=strict, factored=False)
+    )

@@ -18,11 +18,12 @@ def _cell_inputs(seq, dtype, gate_scale=1.0, dk=4, dv=5):
     return [t.requires_grad_() for t in (q, k, v, log_alpha)]
 
 
+@pytest.mark.parametrize("factored", [None, False])  # None: factored here (mild decays)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("seq,chunk", [(37, 8), (64, 16), (5, 16), (23, 1)])
-def test_chunked_gla_matches_recurrence(dtype, tol, seq, chunk):
+def test_chunked_gla_matches_recurrence(dtype, tol, seq, chunk, factored):
     inputs = _cell_inputs(seq, dtype)
-    y = gla_chunked(*inputs, chunk=chunk)
+    y = gla_chunked(*inputs, chunk=chunk, factored=factored)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, inputs, dy)
     y_ref = gla_recurrent_reference(*inputs)

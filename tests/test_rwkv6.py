@@ -18,8 +18,8 @@ def _cell_inputs(seq, dtype, decay_scale=1.0):
     return [t.requires_grad_() for t in (r, k, v, log_w, u)]
 
 
-def _compare(inputs, chunk, tol):
-    y = wkv6_chunked(*inputs, chunk=chunk)
+def _compare(inputs, chunk, tol, factored=None):
+    y = wkv6_chunked(*inputs, chunk=chunk, factored=factored)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, inputs, dy)
     y_ref = wkv6_recurrent_reference(*inputs)
@@ -30,10 +30,11 @@ def _compare(inputs, chunk, tol):
         torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * 10, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("factored", [None, False])  # None: factored here (mild decays)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("seq,chunk", [(37, 8), (64, 16), (5, 16), (23, 1)])
-def test_chunked_wkv_matches_recurrence(dtype, tol, seq, chunk):
-    _compare(_cell_inputs(seq, dtype), chunk, tol)
+def test_chunked_wkv_matches_recurrence(dtype, tol, seq, chunk, factored):
+    _compare(_cell_inputs(seq, dtype), chunk, tol, factored)
 
 
 def test_chunked_wkv_is_stable_under_strong_decay():

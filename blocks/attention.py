@@ -7,6 +7,8 @@ and a sliding window (each position attends to itself and the ``window - 1`` pos
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,8 +18,10 @@ from blocks.init import small_init_, wang_init_
 from blocks.registry import BlockError, register
 
 
+@functools.lru_cache(maxsize=32)
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, dtype=torch.float32):
-    """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position encoding."""
+    """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position encoding (cached:
+    the same few sizes come back every step; treat them as read-only)."""
     inv_freq = 1.0 / (
         base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
     )
@@ -26,7 +30,9 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, dtype=t
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: (B, H, S, D) by position-dependent angles."""
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x by position-dependent angles: cos and sin
+    broadcast against x[..., :d/2], e.g. x (B, H, S, D) with tables (S, D/2), or x (B, S, H, D)
+    with tables (S, 1, D/2)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -85,13 +91,13 @@ class AttentionBlock(Block):
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
         kv_dim = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([self.d_model, kv_dim, kv_dim], dim=-1)
-        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.position == "rope":
+        qk, v = self.qkv(x).split([self.d_model + kv_dim, kv_dim], dim=-1)
+        qk = qk.view(B, S, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.position == "rope":  # queries and keys rotated together: half the operations
             cos, sin = rotary_tables(S, self.head_dim, self.rope_base, x.device, x.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk = apply_rotary(qk, cos.unsqueeze(1), sin.unsqueeze(1))
+        q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         mask = self._mask(S, x.device)
         gqa = self.num_kv_heads != self.num_heads
         if mask is None:

@@ -244,6 +244,38 @@ class ExternalEmbedding(Protocol):
     def apply_update(self, lr_factor: float = 1.0) -> None: ...
 
 
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    emb_opt: torch.optim.Optimizer | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    grad_clip: float,
+    step: int,
+) -> torch.Tensor:
+    """One step on one batch: loss (plus any auxiliary loss), backward, gradient clipping and
+    the block optimiser's step (the embedding's own optimiser, if any, only gets its gradients
+    cleared: its step is the caller's). Returns the loss; raises :class:`Diverged` on a
+    non-finite loss or gradient norm (``step`` names it)."""
+    loss = loss_fn(model(x), y)
+    aux = aux_loss(model)
+    if aux is not None:
+        loss = loss + aux
+    if not torch.isfinite(loss):
+        raise Diverged(f"non-finite training loss at step {step}")
+    opt.zero_grad(set_to_none=True)
+    if emb_opt:
+        emb_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        if not torch.isfinite(norm):
+            raise Diverged(f"non-finite gradient norm at step {step}")
+    opt.step()
+    return loss
+
+
 def train_plan(
     plan: RunPlan,
     data: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -330,22 +362,7 @@ def train(
         )
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * factor
-        loss = loss_fn(model(x), y)
-        aux = aux_loss(model)
-        if aux is not None:
-            loss = loss + aux
-        if not torch.isfinite(loss):
-            raise Diverged(f"non-finite training loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        if emb_opt:
-            emb_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-            if not torch.isfinite(norm):
-                raise Diverged(f"non-finite gradient norm at step {step}")
-        opt.step()
+        loss = train_step(model, opt, emb_opt, x, y, cfg.grad_clip, step)
         emb_factor = lr_factor(
             step - 1,
             cfg.embedding_schedule,

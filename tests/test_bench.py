@@ -17,8 +17,18 @@ import blocks
 import mad_search.bench as bench
 from mad_search.bench import _official_xlstm
 
-TINY = ["d_model=32", "num_heads=4", "batch=2", "seq_lens=[16]", "warmup=0", "iters=1", "threads=1"]
-ROW_KEYS = {"block", "seq_len", "tokens_per_s", "ms_per_iter", "params", "state_size", "source"}
+TINY = [
+    "d_model=32",
+    "num_heads=4",
+    "batch=2",
+    "seq_lens=[16]",
+    "warmup=0",
+    "iters=1",
+    "threads=1",
+    "study_size=false",
+]
+ROW_KEYS = {"block", "d_model", "batch", "seq_len", "tokens_per_s", "ms_per_iter", "params"}
+ROW_KEYS |= {"state_size", "source"}
 
 
 def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -95,6 +105,24 @@ def test_blocks_benchmark_writes_a_row_per_block_and_length_and_official_ratios(
         assert official == set() and result["ratio_vs_official"] is None
 
 
+def test_blocks_benchmark_times_the_default_studys_size_first(tmp_path, capsys):
+    """study_size=true: rows at the default study's width, batch and input length (composed
+    from +sweep=layer_patterns), then the requested width; official blocks at the latter only."""
+    from mad_search.bench.blocks import _study_size
+
+    argv = ["blocks", *TINY[:-1], "blocks=[mlstm,swiglu]", "iters=1", f"out={tmp_path}"]
+    code, out, err = _run_cli(argv, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "bench_blocks.json").read_text())["rows"]
+    study = _study_size()
+    assert study == {"d_model": 32, "batch": 64, "seq_len": 47}  # conf/sweep/layer_patterns.yaml
+    sizes = [(r["block"], r["d_model"], r["batch"], r["seq_len"]) for r in rows]
+    assert sizes[:2] == [("mlstm", 32, 64, 47), ("swiglu", 32, 64, 47)]
+    assert ("mlstm", 32, 2, 16) in sizes and ("swiglu", 32, 2, 16) in sizes
+    assert all(r["seq_len"] == 16 for r in rows if r["source"] != "mad_search")
+    assert "d_model" in out and " 47 " in out
+
+
 def test_blocks_benchmark_says_so_when_the_official_package_is_missing(
     tmp_path, capsys, monkeypatch
 ):
@@ -148,3 +176,27 @@ def test_module_command_exits_2_without_traceback(tmp_path):
     assert "unknown benchmark 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_step_benchmark_profiles_a_step_by_kind_of_work(tmp_path, capsys):
+    """bench step: a row per pattern at the default study's sizes, the shares of every kind
+    adding up to 1, and the operator names sorted into the documented kinds."""
+    from mad_search.bench.step import KINDS, kind_of
+
+    argv = ["step", "patterns=[mlstm*2,attention swiglu]", "steps=2", "warmup=1", f"out={tmp_path}"]
+    code, out, err = _run_cli(argv, capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench_step.json").read_text())
+    assert [r["pattern"] for r in result["rows"]] == ["mlstm*2", "attention swiglu"]
+    assert result["config"]["d_model"] == 32 and result["config"]["batch_size"] == 64
+    for row in result["rows"]:
+        assert row["ms_per_step"] > 0 and set(row["share"]) == set(KINDS)
+        assert abs(sum(row["share"].values()) - 1) < 1e-9
+        assert row["share"]["matmul"] > 0 and row["share"]["optimiser"] > 0
+    mlstm, attention = result["rows"]
+    assert mlstm["share"]["conv"] > 0 and attention["share"]["attention"] > 0
+    assert "mlstm*2" in out and "optimiser" in out
+    assert kind_of("aten::bmm") == "matmul" and kind_of("aten::convolution_backward") == "conv"
+    assert kind_of("aten::_fused_adamw_") == "optimiser" and kind_of("aten::cat") == "copies"
+    assert kind_of("aten::exp") == "elementwise" and kind_of("aten::view") == "other"
+    assert kind_of("autograd::engine::evaluate_function: MulBackward0") == "other"

@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "agreement": "mad_search.bench.agreement",
     "storage": "mad_search.bench.storage",
     "faults": "mad_search.bench.faults",
+    "step": "mad_search.bench.step",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 

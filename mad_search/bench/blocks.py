@@ -1,9 +1,14 @@
 """Blocks benchmark: forward+backward throughput of every registered block, float32, CPU.
 
-    python -m mad_search.bench blocks [seq_lens=[128,256]] [iters=9] [threads=2] [out=PATH]
+    python -m mad_search.bench blocks [seq_lens=[128,256]] [iters=9] [threads=2]
+        [study_size=true] [out=PATH]
 
-For each sequence length: build every block, run ``warmup`` untimed forward+backward rounds on
-one (batch, seq_len, d_model) input, then ``iters`` timed rounds in which the blocks take turns
+Sizes: with ``study_size`` (the default), first the default study's (``+sweep=layer_patterns``:
+its width, batch and input length, where a study spends its time), then ``d_model`` and
+``batch`` at each of ``seq_lens`` (mad-lab's width 128 by default, where the official xLSTM
+blocks are timed too). For each size: build every block, run ``warmup`` untimed forward+backward
+rounds on one (batch, seq_len, d_model) input, then ``iters`` timed rounds in which the blocks
+take turns
 (so a burst of load from other processes hits them alike); report the median as tokens/s and
 ms/iter (and the minimum), with the block's parameter count and ``state_size(seq_len)``. The
 input requires grad, as it would inside a stack. On a loaded machine prefer ``threads=1``:
@@ -42,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "blocks": [],  # block names to time; empty = every registered block
     "block_options": {},  # extra constructor options per block, e.g. {mlstm: {cell: parallel}}
     "official": True,  # also time the official xlstm blocks, where installed
+    "study_size": True,  # also time every block at the default study's width, batch and length
     "seed": 0,
 }
 
@@ -62,18 +68,23 @@ def run(**options: Any) -> dict:
     previous_threads = torch.get_num_threads()
     threads = opts["threads"] or available_cores()
     torch.set_num_threads(threads)
+    sizes = [(opts, seq_len, official_names) for seq_len in opts["seq_lens"]]
+    if opts["study_size"]:
+        study = _study_size()
+        sizes.insert(0, ({**opts, **study}, study["seq_len"], []))
     try:
         rows = []
-        for seq_len in opts["seq_lens"]:
-            entries = [_build_ours(library, name, seq_len, opts) for name in names]
-            entries += [_build_official(name, seq_len, opts) for name in official_names]
+        for size_opts, seq_len, official in sizes:
+            entries = [_build_ours(library, name, seq_len, size_opts) for name in names]
+            entries += [_build_official(name, seq_len, size_opts) for name in official]
             print(
-                f"timing {len(entries)} blocks at seq_len {seq_len}: "
+                f"timing {len(entries)} blocks at d_model {size_opts['d_model']}, batch "
+                f"{size_opts['batch']}, seq_len {seq_len}: "
                 f"{opts['warmup']} + {opts['iters']} rounds ...",
                 file=sys.stderr,
                 flush=True,
             )
-            rows += _measure(entries, seq_len, opts)
+            rows += _measure(entries, seq_len, size_opts)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -91,24 +102,27 @@ def table(result: dict) -> str:
     cfg, machine = result["config"], result["machine"]
     ratios = result.get("ratio_vs_official") or {}
     head = (
-        f"blocks benchmark: forward+backward, float32, CPU, d_model {cfg['d_model']}, "
-        f"heads {cfg['num_heads']}, conv {cfg['conv_kernel']}, batch {cfg['batch']}, "
-        f"median of {cfg['iters']} "
+        f"blocks benchmark: forward+backward, float32, CPU, heads {cfg['num_heads']}, "
+        f"conv {cfg['conv_kernel']}, median of {cfg['iters']} "
         f"(warmup {cfg['warmup']}), {cfg['threads']} threads, torch {machine['torch']}"
     )
     lines = [head, f"official: {result['official']}", ""]
-    cols = ("block", "seq_len", "tokens/s", "ms/iter", "min ms", "params", "state_size")
-    cols += ("ours/official",)
+    cols = ("block", "d_model", "batch", "seq_len", "tokens/s", "ms/iter", "min ms", "params")
+    cols += ("state_size", "ours/official")
     width = max([22] + [len(row["block"]) for row in result["rows"]])
-    fmt = "{:<" + str(width) + "} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>13}"
+    fmt = "{:<" + str(width) + "} {:>7} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>13}"
     lines.append(fmt.format(*cols))
     lines.append("-" * len(fmt.format(*cols)))
     for row in result["rows"]:
-        ratio = ratios.get(row["block"], {}).get(str(row["seq_len"]))
+        ratio = None
+        if row["d_model"] == cfg["d_model"] and row["batch"] == cfg["batch"]:
+            ratio = ratios.get(row["block"], {}).get(str(row["seq_len"]))
         state = row["state_size"]
         lines.append(
             fmt.format(
                 row["block"],
+                row["d_model"],
+                row["batch"],
                 row["seq_len"],
                 f"{row['tokens_per_s']:,.0f}",
                 f"{row['ms_per_iter']:.1f}",
@@ -170,6 +184,8 @@ def _measure(entries: list[dict], seq_len: int, opts: dict) -> list[dict]:
         rows.append(
             {
                 "block": entry.pop("block"),
+                "d_model": opts["d_model"],
+                "batch": opts["batch"],
                 "seq_len": seq_len,
                 "tokens_per_s": opts["batch"] * seq_len / median,
                 "ms_per_iter": 1000 * median,
@@ -223,15 +239,35 @@ def _build_official(name: str, seq_len: int, opts: dict) -> dict:
 
 
 def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """ours / official tokens/s per block and sequence length (above 1: ours is faster)."""
-    speed = {(r["block"], r["seq_len"]): r["tokens_per_s"] for r in rows}
+    """ours / official tokens/s per block and sequence length (above 1: ours is faster), at the
+    size the official blocks ran at."""
+    speed = {(r["block"], r["d_model"], r["batch"], r["seq_len"]): r["tokens_per_s"] for r in rows}
     ratios: dict[str, dict[str, float]] = {}
-    for (block, seq_len), official in speed.items():
+    for (block, *size), official in speed.items():
         if block.startswith(OFFICIAL_PREFIX):
-            ours = speed.get((block[len(OFFICIAL_PREFIX) :], seq_len))
+            name = block[len(OFFICIAL_PREFIX) :]
+            ours = speed.get((name, *size))
             if ours is not None:
-                ratios.setdefault(block[len(OFFICIAL_PREFIX) :], {})[str(seq_len)] = ours / official
+                ratios.setdefault(name, {})[str(size[-1])] = ours / official
     return ratios
+
+
+def _study_size() -> dict[str, int]:
+    """The default study's width, batch and input length (in-context recall's inputs are one
+    token shorter than its sequence length: the last token is only a target)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose("config", overrides=["+sweep=layer_patterns"])
+    else:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose("config", overrides=["+sweep=layer_patterns"])
+    return {
+        "d_model": int(cfg.model.d_model),
+        "batch": int(cfg.train.batch_size),
+        "seq_len": int(cfg.task.seq_len) - 1,
+    }
 
 
 # --- options and environment --------------------------------------------------------------

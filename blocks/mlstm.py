@@ -112,22 +112,57 @@ class _Decay(NamedTuple):
     a: torch.Tensor | None = None
     matrix: torch.Tensor | None = None
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(q k^T * D, (q k^T * D) 1)``: the decayed causal scores (..., S, S) and their row
-        sums (..., S), q already scaled by 1/sqrt(d).
+    def read(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``((q k^T * D) v, (q k^T * D) 1)``: the decayed causal scores applied to the values
+        (..., S, DV) and their row sums (..., S), q already scaled by 1/sqrt(d).
 
-        Factored, ``q k^T * D = tril((g q)(a k)^T)``: the mask and the row sum are the only
-        S x S passes besides the products (and two in the backward), against six and six for an
-        explicit matrix, which is most of the cell's cost at MAD's sizes (the row sums from
-        ``(g q) . cumsum(a k)`` would trade one S x S pass for several S x DQK ones: slower).
+        Factored, ``q k^T * D = tril((g q)(a k)^T)`` (:class:`_CausalReadout`): the mask and the
+        row sum are the only S x S passes besides the products, and the backward has one (the
+        mask, in place), against six and six for an explicit matrix, which is most of the cell's
+        cost at MAD's sizes (the row sums from ``(g q) . cumsum(a k)`` would trade one S x S pass
+        for several S x DQK ones: slower).
         """
         if self.matrix is None:
             qs, ks = q * self.g.unsqueeze(-1), k * self.a.unsqueeze(-1)
-            # tril_ in place: the product's backward needs its inputs, not its output
-            scores = torch.matmul(qs, ks.transpose(-2, -1)).tril_()
-            return scores, scores.sum(dim=-1)
+            return _CausalReadout.apply(qs, ks, v)
         scores = torch.matmul(q, k.transpose(-2, -1)) * self.matrix
-        return scores, scores.sum(dim=-1)
+        return scores @ v, scores.sum(dim=-1)
+
+
+class _CausalReadout(torch.autograd.Function):
+    """``P = tril(q k^T)``; returns ``(P v, P 1)``, with a hand-written backward.
+
+    Autograd through ``matmul(...).tril_()``, ``@ v`` and ``.sum(-1)`` spends two full S x S
+    passes in the backward that this one does not: the row sums' gradient is added inside the
+    product that forms dP (``baddbmm``), and dP is masked in place instead of copied by tril.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        scores = torch.matmul(q, k.transpose(-2, -1)).tril_()
+        ctx.save_for_backward(q, k, v, scores)
+        return scores @ v, scores.sum(dim=-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out: torch.Tensor | None, d_sums: torch.Tensor | None):
+        q, k, v, scores = ctx.saved_tensors
+        lead, (S, DV) = q.shape[:-2], v.shape[-2:]
+        if d_out is None:
+            d_out = v.new_zeros(*lead, S, DV)
+        flat = (-1, S)  # bmm over every leading axis at once
+        d_scores = torch.baddbmm(
+            (d_sums if d_sums is not None else v.new_zeros(*lead, S)).reshape(-1, S, 1),
+            d_out.reshape(*flat, DV),
+            v.reshape(*flat, DV).transpose(1, 2),
+        ).tril_()
+        q3, k3 = q.reshape(*flat, q.shape[-1]), k.reshape(*flat, k.shape[-1])
+        d_q = torch.bmm(d_scores, k3).view(q.shape)
+        d_k = torch.bmm(d_scores.transpose(1, 2), q3).view(k.shape)
+        d_v = torch.bmm(scores.reshape(*flat, S).transpose(1, 2), d_out.reshape(*flat, DV))
+        return d_q, d_k, d_v.view(v.shape)
 
 
 def _factored_choice(factored: bool | None, size: int, dqk: int) -> bool | None:
@@ -252,8 +287,7 @@ def mlstm_parallel(
     log_f = F.logsigmoid(f_preact.to(dtype))
     factored = _factored_choice(factored, q.shape[-2], q.shape[-1])
     decay = _decay(log_f, i_preact.to(dtype), factored=factored)
-    scores, qn = decay.scores(q * q.shape[-1] ** -0.5, k)  # qn: q_t . n_t, stabilised scale
-    h_num = scores @ v
+    h_num, qn = decay.read(q * q.shape[-1] ** -0.5, k, v)  # qn: q_t . n_t, stabilised scale
     return (h_num * _inverse_normaliser(qn, decay.m, eps)[..., None]).to(out_dtype)
 
 
@@ -323,10 +357,10 @@ def mlstm_chunkwise(
 
     # Inside each chunk: the parallel form, plus the entering state read with weight w_start.
     decay = _decay(log_f, i_pre, m_prev, factored=_factored_choice(factored, L, DQK))
-    scores, qn_chunk = decay.scores(q, k)  # (B, NH, NC, L, L), (B, NH, NC, L)
+    h_num, qn = decay.read(q, k, v)  # (B, NH, NC, L, DV), (B, NH, NC, L)
     q_start = q * decay.w_start.unsqueeze(-1)
-    h_num = scores @ v + q_start @ C_prev  # (B, NH, NC, L, DV)
-    qn = qn_chunk + (q_start * n_prev.unsqueeze(-2)).sum(dim=-1)
+    h_num = h_num + q_start @ C_prev
+    qn = qn + (q_start * n_prev.unsqueeze(-2)).sum(dim=-1)
     h = h_num * _inverse_normaliser(qn, decay.m, eps).unsqueeze(-1)
     return h.reshape(B, NH, NC * L, DV)[:, :, :S].to(out_dtype)
 

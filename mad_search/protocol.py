@@ -45,6 +45,7 @@ LEVEL_KEYS = {
     "eval_every",
     "target_accuracy",
     "min_lr",
+    "warmup_steps",
     "accuracy",
 }
 
@@ -92,6 +93,7 @@ class Level:
     target_accuracy: float
     min_lr: float
     accuracy: str = "macro"  # mad-lab's average; micro for a level of your own
+    warmup_steps: int = 0  # linear warm-up before the cosine (mad-lab: none)
 
     @classmethod
     def from_config(cls, name: str, node: Any) -> Level:
@@ -133,6 +135,9 @@ class Level:
         min_lr = node.get("min_lr", 1e-6)
         if not isinstance(min_lr, (int, float)) or min_lr < 0:
             raise ConfigError(f"{where}.min_lr must be >= 0, got {min_lr!r}")
+        warmup = node.get("warmup_steps", 0)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ConfigError(f"{where}.warmup_steps must be an integer >= 0, got {warmup!r}")
         accuracy = node.get("accuracy", "macro")
         if accuracy not in ("macro", "micro"):
             raise ConfigError(f"{where}.accuracy must be macro or micro, got {accuracy!r}")
@@ -160,6 +165,7 @@ class Level:
             target_accuracy=float(target),
             min_lr=float(min_lr),
             accuracy=accuracy,
+            warmup_steps=warmup,
         )
 
     def steps(self, num_train_examples: int) -> int:

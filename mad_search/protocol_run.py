@@ -146,7 +146,7 @@ def expand_runs(
                     "batch_size": level.batch_size,
                     "max_steps": level.steps(settings["num_train_examples"]),
                     "schedule": "cosine",
-                    "warmup_steps": 0,
+                    "warmup_steps": level.warmup_steps,
                     "min_lr": level.min_lr,
                     "betas": list(ADAMW_BETAS),
                     "eval_every": level.eval_every

@@ -136,6 +136,8 @@ def test_cheap_level_caps_sizes_and_filters_settings():
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"speed": "fast"}, "unknown setting 'speed' in protocol.levels.x"),
         ({"accuracy": "weighted"}, "accuracy must be macro or micro"),
+        ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+        ({"warmup_steps": 1.5}, "warmup_steps must be an integer >= 0"),
     ],
 )
 def test_bad_levels_are_one_line_errors(change, fragment):
@@ -171,3 +173,15 @@ def test_runs_score_with_the_levels_average_not_the_single_run_default():
         level = Level.from_config("x", node)
         runs, _ = expand_runs(level, {"pattern": "mlstm"}, {"accuracy": train_avg})
         assert runs and {r.plan.train.accuracy for r in runs} == {level_avg}
+
+
+def test_a_levels_warm_up_reaches_every_run_and_mad_labs_levels_have_none():
+    from mad_search.protocol_run import expand_runs
+
+    warmup = random.randint(1, 200)
+    cheap = {**FULL, "settings": ["in_context_recall/baseline"], "max_steps": 5, "d_model": 16}
+    level = Level.from_config("x", {**cheap, "warmup_steps": warmup})
+    runs, _ = expand_runs(level, {"pattern": "mlstm"}, {})
+    assert runs and {r.plan.train.warmup_steps for r in runs} == {warmup}
+    runs, _ = expand_runs(Level.from_config("x", cheap), {"pattern": "mlstm"}, {})
+    assert {r.plan.train.warmup_steps for r in runs} == {0}

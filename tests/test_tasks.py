@@ -424,7 +424,7 @@ BAD_SETTINGS = [
     ("mqar", dict(seq_len=63), "seq_len"),
     ("mqar", dict(power_a=0), "power_a"),
     ("mqar", dict(vocab_size=2**31), "vocab_size"),
-    ("text", dict(tokenizer="bpe"), "tokenizer"),
+    ("text", dict(tokenizer="sentencepiece"), "tokenizer"),
     ("text", dict(vocab_size=300), "vocab_size"),
     ("text", dict(tokenizer="word", vocab_size=2), "vocab_size"),
     ("text", dict(files="/nonexistent/corpus.txt"), "files"),
@@ -972,3 +972,69 @@ def test_a_registered_task_without_yaml_can_be_listed_in_a_sweep(scratch_tasks):
     assert overridden == {**plain, "vocab_size": vocab}
     plans = plans_for(cfg, [plain, overridden], {"model.pattern": ["attention"]})
     assert [p.task_info.vocab_size for p in plans] == [8, vocab]
+
+
+def test_text_bpe_tokenizer_round_trips_text_and_is_cached(tmp_path, monkeypatch):
+    """Byte-level BPE: any text (unicode, words never seen) decodes back exactly; the vocabulary
+    stays within vocab_size; the trained tokenizer is cached and reused without retraining."""
+    from mad_search.tasks import text as text_task
+
+    monkeypatch.setenv("MAD_SEARCH_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "c.txt")
+    vocab = random.randint(280, 400)
+    settings = tasks.validate("text", files=str(corpus), tokenizer="bpe", vocab_size=vocab)
+    tok = text_task.bpe_tokenizer(settings)
+    assert 257 < tok.get_vocab_size() <= vocab and tok.token_to_id("<eos>") == 0
+    r = random.Random(fresh_seed())
+    samples = ["the river mill, quiet north wind.", "Grüße aus Zürich: 東京 ☃ ñ — ok?"]
+    samples.append("".join(chr(r.randint(32, 0x2FFF)) for _ in range(200)))
+    for text in samples:
+        assert tok.decode(tok.encode(text).ids) == text
+    assert len(tok.encode("the river mill stone").ids) < len("the river mill stone")  # merges
+
+    cached = list((tmp_path / "cache" / "bpe").glob("*.json"))
+    assert len(cached) == 1
+    import tokenizers.trainers
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained instead of loading the cached tokenizer")
+
+    monkeypatch.setattr(tokenizers.trainers, "BpeTrainer", no_training)
+    assert text_task.bpe_tokenizer(settings).get_vocab() == tok.get_vocab()
+    other = tasks.validate("text", files=str(corpus), tokenizer="bpe", vocab_size=vocab + 1)
+    with pytest.raises(AssertionError, match="retrained"):
+        text_task.bpe_tokenizer(other)  # another vocab_size is another tokenizer
+
+
+def test_text_bpe_windows_are_next_token_prediction_and_learn_only_from_training_text(
+    tmp_path, monkeypatch
+):
+    """The BPE merges come from the training region alone: a word that only the test region
+    holds (hundreds of times) is never merged into one token; windows decode to corpus text."""
+    from mad_search.tasks import text as text_task
+
+    monkeypatch.setenv("MAD_SEARCH_CACHE", str(tmp_path / "cache"))
+    corpus = write_corpus(tmp_path / "c.txt", 300)
+    secret = "zqxjvkw"
+    tail = "\n\n".join(" ".join([secret] * 20) + "." for _ in range(40))
+    corpus.write_text(corpus.read_text() + "\n\n" + tail, encoding="utf-8")
+    extra = dict(files=str(corpus), tokenizer="bpe", vocab_size=512, seq_len=16)
+    settings = tasks.validate("text", **small("text", **extra))
+    data = build("text", fresh_seed(), **extra)
+    tok = text_task.bpe_tokenizer(settings)
+    assert not any("zq" in piece or "xj" in piece for piece in tok.get_vocab())
+    for split, (x, y) in data.items():
+        assert np.array_equal(x[:, 1:], y[:, :-1]), split
+        assert x.max() < settings["vocab_size"] and (y != IGNORE).all()
+    text = corpus.read_text()
+    for row in data["train"][0][:20].tolist():
+        pieces = tok.decode(row, skip_special_tokens=False).split("<eos>")
+        assert all(p in text for p in pieces)
+    assert secret in tok.decode(data["test"][0].reshape(-1).tolist())
+
+
+def test_text_bpe_vocab_size_must_hold_the_bytes():
+    with pytest.raises(TaskError, match="vocab_size") as err:
+        tasks.validate("text", tokenizer="bpe", vocab_size=100)
+    assert "\n" not in str(err.value)
+    assert tasks.validate("text", tokenizer="bpe")["vocab_size"] == 4096

@@ -6,13 +6,20 @@ project, see ``data/README.md``). Every file must exist and be non-empty. Files 
 sorted order, split into paragraphs (blank-line separated, ``sample_by="paragraph"``), and each
 paragraph becomes its tokens followed by ``<eos>``; all paragraphs form one token stream.
 
-Tokenizers: ``byte`` (UTF-8 bytes 0..255, ``<eos>`` = 256, vocab_size fixed at 257) or ``word``
+Tokenizers: ``byte`` (UTF-8 bytes 0..255, ``<eos>`` = 256, vocab_size fixed at 257), ``word``
 (lower-cased words and single punctuation marks; ids 0 ``<unk>``, 1 ``<eos>``, then the
 ``vocab_size - 2`` most frequent words of the training region, ties broken alphabetically; no
-padding is ever needed).
+padding is ever needed) or ``bpe`` (byte-level BPE, GPT-2 style, trained with Hugging Face
+``tokenizers`` on the training region's text only: id 0 ``<eos>``, the 256 byte symbols, then
+merges up to ``vocab_size`` (default 4096; fewer if the text has no more pairs to merge); every
+text encodes without ``<unk>`` and decodes back exactly. The trained tokenizer is cached on disk
+beside the task data, see :func:`bpe_tokenizer`).
 
 Splits are contiguous regions of the stream, so they share no text: the last ``test_fraction``
-of the tokens is test, the ``valid_fraction`` before it validation, the rest train. Examples are
+of the tokens is test, the ``valid_fraction`` before it validation, the rest train (for ``bpe``
+the fractions are of the characters, because the tokenizer must be trained before any text is
+tokenized and may only see the training region). Contiguous regions of one corpus can differ in
+topic (a book's last tenth is its ending): compare losses across corpora with care. Examples are
 windows of ``seq_len + 1`` tokens: inputs the first ``seq_len``, targets the last ``seq_len``
 (next-token prediction, every position scored). Training windows start at uniform random offsets
 in the train region (seeded); validation and test windows are evenly spaced over their region
@@ -24,6 +31,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,9 +46,12 @@ NAME = "text"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BYTE_VOCAB = 257  # 256 byte values + <eos>
 DEFAULT_WORD_VOCAB = 2048
-TOKENIZERS = ("byte", "word")
+DEFAULT_BPE_VOCAB = 4096
+BPE_ALPHABET = 256  # byte-level BPE starts from every byte value
+TOKENIZERS = ("byte", "word", "bpe")
 WORD = re.compile(r"\w+|[^\w\s]")
 SPECIALS = ("<unk>", "<eos>")
+EOS = "<eos>"
 
 DEFAULTS = {
     "files": None,
@@ -103,6 +114,10 @@ def _check(settings: dict) -> dict:
                              f"+ <eos>), got vocab_size={settings['vocab_size']!r}; leave it "
                              "unset or use tokenizer word")
         settings["vocab_size"] = BYTE_VOCAB
+    elif tokenizer == "bpe":
+        if settings["vocab_size"] is None:
+            settings["vocab_size"] = DEFAULT_BPE_VOCAB
+        as_int(NAME, settings, "vocab_size", minimum=BPE_ALPHABET + 1)  # the bytes and <eos>
     else:
         if settings["vocab_size"] is None:
             settings["vocab_size"] = DEFAULT_WORD_VOCAB
@@ -147,6 +162,9 @@ def tokenize(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, in
         valid, test = _regions(settings, len(stream))
         return stream, valid, test
 
+    if settings["tokenizer"] == "bpe":
+        return _bpe_stream(settings, paragraphs)
+
     words: list[str] = []
     for p in paragraphs:
         words += WORD.findall(p.lower())
@@ -158,6 +176,88 @@ def tokenize(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, in
     ids = {w: i for i, w in enumerate(SPECIALS + tuple(ranked))}
     stream = np.fromiter((ids.get(w, 0) for w in words), np.int32, len(words))
     return stream, valid, test
+
+
+def _character_regions(settings: dict, paragraphs: list[str]) -> list[list[tuple[str, bool]]]:
+    """The paragraphs cut into train, validation and test text by character fractions: per
+    region, its pieces ``(text, ends_paragraph)`` (a paragraph the cut falls in is split)."""
+    total = sum(len(p) for p in paragraphs)
+    cuts = [
+        round(total * (1 - settings["valid_fraction"] - settings["test_fraction"])),
+        round(total * (1 - settings["test_fraction"])),
+    ]
+    regions: list[list[tuple[str, bool]]] = [[], [], []]
+    offset = 0
+    for p in paragraphs:
+        start = 0
+        for r in range(3):
+            lo = 0 if r == 0 else cuts[r - 1]
+            hi = total if r == 2 else cuts[r]
+            a, b = max(start, lo - offset), min(len(p), hi - offset)
+            if a < b:
+                regions[r].append((p[a:b], b == len(p)))
+                start = b
+        offset += len(p)
+    return regions
+
+
+def bpe_tokenizer(settings: dict, train_texts: list[str] | None = None):
+    """The byte-level BPE tokenizer of the text task's settings (a ``tokenizers.Tokenizer``).
+
+    Trained on the training region's text (``train_texts``; read from the files when None) and
+    cached as JSON under the task cache (``<cache>/bpe/<key>.json``, the key hashing the files'
+    identity, ``vocab_size`` and the split fractions), so every run, worker and benchmark of the
+    same corpus uses the same vocabulary; ``settings`` must be checked (``vocab_size`` set).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mad_search.tasks.cache import cache_key
+
+    pinned = {k: settings[k] for k in ("files", "vocab_size", "test_fraction", "valid_fraction")}
+    path = cache_dir() / "bpe" / f"{cache_key('text-bpe', pinned, 0, _identity(settings))}.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    if train_texts is None:
+        paragraphs = read_paragraphs(resolve_files(settings["files"]))
+        train_texts = [text for text, _ in _character_regions(settings, paragraphs)[0]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=settings["vocab_size"],
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(train_texts, trainer=trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    os.close(fd)
+    tok.save(tmp)
+    os.replace(tmp, path)  # atomic: concurrent builders never read a half-written file
+    return tok
+
+
+def _bpe_stream(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, int]:
+    regions = _character_regions(settings, paragraphs)
+    tok = bpe_tokenizer(settings, [text for text, _ in regions[0]])
+    eos = tok.token_to_id(EOS)
+    parts = []
+    for pieces in regions:
+        ids: list[int] = []
+        encoded = tok.encode_batch([text for text, _ in pieces]) if pieces else []
+        for (_, ends), enc in zip(pieces, encoded):
+            ids += enc.ids
+            if ends:
+                ids.append(eos)
+        parts.append(np.asarray(ids, np.int32))
+    window = settings["seq_len"] + 1
+    if min(len(p) for p in parts) < window:
+        raise fail(NAME, f"the corpus's bpe regions hold {', '.join(str(len(p)) for p in parts)} "
+                         f"tokens (train, validation, test), too few for seq_len="
+                         f"{settings['seq_len']}: each needs at least seq_len + 1; add text, "
+                         "lower seq_len or raise the split fractions")
+    return np.concatenate(parts), len(parts[1]), len(parts[2])
 
 
 def _regions(settings: dict, total: int) -> tuple[int, int]:

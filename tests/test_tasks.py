@@ -1038,3 +1038,56 @@ def test_text_bpe_vocab_size_must_hold_the_bytes():
         tasks.validate("text", tokenizer="bpe", vocab_size=100)
     assert "\n" not in str(err.value)
     assert tasks.validate("text", tokenizer="bpe")["vocab_size"] == 4096
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "word", "bpe"])
+def test_text_document_split_keeps_each_file_in_one_split(tmp_path, monkeypatch, tokenizer):
+    """split=document: whole files go to train, validation and test (a seeded shuffle); every
+    window comes from its own split's files; the word vocabulary knows the training files only."""
+    from mad_search.tasks import text as text_task
+
+    monkeypatch.setenv("MAD_SEARCH_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(5):  # each document has its own marker word, repeated
+        body = write_corpus(folder / f"d{i}.txt", 60).read_text()
+        marker = f"qz{i}x"  # no marker is a prefix of another
+        (folder / f"d{i}.txt").write_text(body.replace("river", marker), encoding="utf-8")
+    seed = fresh_seed()
+    extra = dict(files=str(folder), tokenizer=tokenizer, seq_len=16, split="document")
+    if tokenizer != "byte":
+        extra["vocab_size"] = 300 if tokenizer == "bpe" else 40
+    settings = tasks.validate("text", **small("text", **extra))
+    train, valid, test = text_task.document_files(settings, seed)
+    assert len(valid) == len(test) == 1 and len(train) == 3
+    assert sorted(train + valid + test) == sorted(folder.glob("*.txt"))
+    assert text_task.document_files(settings, seed) == [train, valid, test]  # seeded
+    data = build("text", seed, **extra)
+    texts = {name: " ".join(p.read_text() for p in files)
+             for name, files in (("train", train), ("validation", valid), ("test", test))}
+    if tokenizer == "word":
+        words_of = {n: set(text_task._words(text_task.read_paragraphs(f)))
+                    for n, f in (("train", train), ("test", test))}
+        vocab = text_task._word_ids(settings, text_task._words(text_task.read_paragraphs(train)))
+        test_only = words_of["test"] - words_of["train"]
+        assert test_only and not test_only & set(vocab)  # held-out markers are <unk>
+        assert (data["test"][0] == 0).any()
+    else:
+        decode = (
+            (lambda row: bytes(t if t < 256 else 32 for t in row).decode("utf-8", "replace"))
+            if tokenizer == "byte"
+            else (
+                lambda row: text_task.bpe_tokenizer(settings, seed)
+                .decode(row, skip_special_tokens=False)
+                .replace("<eos>", " ")
+            )
+        )
+        for split, (x, _) in data.items():
+            for row in x[:10].tolist():
+                words = [w for w in decode(row).split() if w.startswith("q")]
+                assert all(w.strip(".") in texts[split] for w in words), (split, words)
+    with pytest.raises(TaskError, match="at least 3 files") as err:
+        tasks.validate("text", files=[str(train[0]), str(test[0])], split="document")
+    assert "\n" not in str(err.value)
+    with pytest.raises(TaskError, match="split must be one of region, document"):
+        tasks.validate("text", split="chapter")

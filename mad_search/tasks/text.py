@@ -24,6 +24,11 @@ windows of ``seq_len + 1`` tokens: inputs the first ``seq_len``, targets the las
 (next-token prediction, every position scored). Training windows start at uniform random offsets
 in the train region (seeded); validation and test windows are evenly spaced over their region
 (overlapping when more are asked for than fit), so they do not depend on the seed.
+
+``split=document`` instead gives whole files to the splits: a seeded shuffle of the files (at
+least 3), ``test_fraction`` and ``valid_fraction`` of them (rounded, at least one each) for test
+and validation, the rest for training; vocabularies come from the training files alone. Use it
+where files are documents of one kind (articles, chapters), so that the splits share a topic mix.
 """
 
 from __future__ import annotations
@@ -63,7 +68,9 @@ DEFAULTS = {
     "num_valid_examples": None,
     "test_fraction": 0.1,
     "valid_fraction": 0.1,
+    "split": "region",
 }
+SPLITS = ("region", "document")
 
 
 def resolve_files(files) -> list[Path]:
@@ -130,7 +137,34 @@ def _check(settings: dict) -> dict:
                          "sum below 1 (the rest is train)")
     files = resolve_files(settings["files"])
     settings["files"] = None if settings["files"] is None else [str(p) for p in files]
+    if settings["split"] not in SPLITS:
+        raise fail(NAME, f"split must be one of {', '.join(SPLITS)}, got {settings['split']!r}")
+    if settings["split"] == "document":
+        _document_counts(settings, len(files))
     return settings
+
+
+def _document_counts(settings: dict, n_files: int) -> tuple[int, int, int]:
+    """Files per split (train, validation, test) for ``split=document``: the fractions of the
+    files, rounded, at least one each."""
+    n_test = max(1, round(n_files * settings["test_fraction"]))
+    n_valid = max(1, round(n_files * settings["valid_fraction"]))
+    if n_files - n_test - n_valid < 1:
+        raise fail(NAME, f"split=document gives whole files to train, validation and test, so it "
+                         f"needs at least 3 files; got {n_files} (name a folder or a list of "
+                         "files, or use split=region)")
+    return n_files - n_valid - n_test, n_valid, n_test
+
+
+def document_files(settings: dict, seed: int) -> list[list[Path]]:
+    """``split=document``: the files of the train, validation and test splits, a seeded shuffle
+    of the files cut by the fractions (whole files: no document is in two splits)."""
+    files = resolve_files(settings["files"])
+    counts = _document_counts(settings, len(files))
+    order = np.random.default_rng(np.random.SeedSequence([seed, 1])).permutation(len(files))
+    shuffled = [files[i] for i in order]
+    return [shuffled[: counts[0]], shuffled[counts[0] : counts[0] + counts[1]],
+            shuffled[counts[0] + counts[1] :]]
 
 
 def _identity(settings: dict) -> list:
@@ -151,31 +185,46 @@ def read_paragraphs(paths: list[Path]) -> list[str]:
     return [p.strip() for p in loaded["text"] if p.strip()]
 
 
-def tokenize(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, int]:
-    """The token stream and the sizes of its validation and test regions (at its end)."""
+def tokenize(
+    settings: dict, paragraphs: list[str], whole: bool = False
+) -> tuple[np.ndarray, int, int]:
+    """The token stream and the sizes of its validation and test regions (at its end); with
+    ``whole`` (byte tokenizer only) the stream alone, no regions (0, 0)."""
     if settings["tokenizer"] == "byte":
         eos = np.array([BYTE_VOCAB - 1], np.int32)
         pieces = []
         for p in paragraphs:
             pieces += [np.frombuffer(p.encode("utf-8"), np.uint8).astype(np.int32), eos]
         stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        if whole:
+            return stream, 0, 0
         valid, test = _regions(settings, len(stream))
         return stream, valid, test
 
     if settings["tokenizer"] == "bpe":
         return _bpe_stream(settings, paragraphs)
 
+    words = _words(paragraphs)
+    valid, test = _regions(settings, len(words))
+    ids = _word_ids(settings, words[: len(words) - valid - test])
+    stream = np.fromiter((ids.get(w, 0) for w in words), np.int32, len(words))
+    return stream, valid, test
+
+
+def _words(paragraphs: list[str]) -> list[str]:
     words: list[str] = []
     for p in paragraphs:
         words += WORD.findall(p.lower())
         words.append(SPECIALS[1])
-    valid, test = _regions(settings, len(words))
-    counts = Counter(words[: len(words) - valid - test])
+    return words
+
+
+def _word_ids(settings: dict, train_words: list[str]) -> dict[str, int]:
+    """<unk>, <eos>, then the ``vocab_size - 2`` most frequent training words (ties by name)."""
+    counts = Counter(train_words)
     counts.pop(SPECIALS[1], None)
     ranked = sorted(counts, key=lambda w: (-counts[w], w))[: settings["vocab_size"] - 2]
-    ids = {w: i for i, w in enumerate(SPECIALS + tuple(ranked))}
-    stream = np.fromiter((ids.get(w, 0) for w in words), np.int32, len(words))
-    return stream, valid, test
+    return {w: i for i, w in enumerate(SPECIALS + tuple(ranked))}
 
 
 def _character_regions(settings: dict, paragraphs: list[str]) -> list[list[tuple[str, bool]]]:
@@ -201,23 +250,29 @@ def _character_regions(settings: dict, paragraphs: list[str]) -> list[list[tuple
     return regions
 
 
-def bpe_tokenizer(settings: dict, train_texts: list[str] | None = None):
+def bpe_tokenizer(settings: dict, seed: int = 0, train_texts: list[str] | None = None):
     """The byte-level BPE tokenizer of the text task's settings (a ``tokenizers.Tokenizer``).
 
-    Trained on the training region's text (``train_texts``; read from the files when None) and
-    cached as JSON under the task cache (``<cache>/bpe/<key>.json``, the key hashing the files'
-    identity, ``vocab_size`` and the split fractions), so every run, worker and benchmark of the
+    Trained on the training split's text only (``train_texts``; read from the files when None)
+    and cached as JSON under the task cache (``<cache>/bpe/<key>.json``, the key hashing the
+    files' identity, ``vocab_size``, the split and its fractions, and for ``split=document`` the
+    data ``seed``, which chooses the training files), so every run, worker and benchmark of the
     same corpus uses the same vocabulary; ``settings`` must be checked (``vocab_size`` set).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from mad_search.tasks.cache import cache_key
 
-    pinned = {k: settings[k] for k in ("files", "vocab_size", "test_fraction", "valid_fraction")}
-    path = cache_dir() / "bpe" / f"{cache_key('text-bpe', pinned, 0, _identity(settings))}.json"
+    keys = ("files", "vocab_size", "test_fraction", "valid_fraction", "split")
+    pinned = {k: settings.get(k, DEFAULTS[k]) for k in keys}
+    document = pinned["split"] == "document"
+    key = cache_key("text-bpe", pinned, seed if document else 0, _identity(settings))
+    path = cache_dir() / "bpe" / f"{key}.json"
     if path.is_file():
         return Tokenizer.from_file(str(path))
-    if train_texts is None:
+    if train_texts is None and document:
+        train_texts = read_paragraphs(document_files(settings, seed)[0])
+    elif train_texts is None:
         paragraphs = read_paragraphs(resolve_files(settings["files"]))
         train_texts = [text for text, _ in _character_regions(settings, paragraphs)[0]]
     tok = Tokenizer(models.BPE())
@@ -240,7 +295,7 @@ def bpe_tokenizer(settings: dict, train_texts: list[str] | None = None):
 
 def _bpe_stream(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, int]:
     regions = _character_regions(settings, paragraphs)
-    tok = bpe_tokenizer(settings, [text for text, _ in regions[0]])
+    tok = bpe_tokenizer(settings, train_texts=[text for text, _ in regions[0]])
     eos = tok.token_to_id(EOS)
     parts = []
     for pieces in regions:
@@ -276,12 +331,44 @@ def _windows(stream: np.ndarray, starts: np.ndarray, seq_len: int):
     return stream[index], stream[index + 1]
 
 
+def _document_streams(settings: dict, seed: int) -> list[np.ndarray]:
+    """``split=document``: one token stream per split from its own files; the word and BPE
+    vocabularies come from the training files alone."""
+    parts = [read_paragraphs(files) for files in document_files(settings, seed)]
+    kind = settings["tokenizer"]
+    if kind == "bpe":
+        tok = bpe_tokenizer(settings, seed, train_texts=parts[0])
+        eos = tok.token_to_id(EOS)
+        streams = [np.asarray([i for enc in tok.encode_batch(ps) for i in (*enc.ids, eos)],
+                              np.int32) for ps in parts]
+    elif kind == "byte":
+        streams = [tokenize(settings, ps, whole=True)[0] for ps in parts]
+    else:
+        words = [_words(ps) for ps in parts]
+        ids = _word_ids(settings, words[0])
+        streams = [np.fromiter((ids.get(w, 0) for w in ws), np.int32, len(ws)) for ws in words]
+    window = settings["seq_len"] + 1
+    if min(len(st) for st in streams) < window:
+        raise fail(NAME, f"the documents' splits hold {', '.join(str(len(st)) for st in streams)} "
+                         f"{kind} tokens (train, validation, test), too few for seq_len="
+                         f"{settings['seq_len']}: each needs at least seq_len + 1")
+    return streams
+
+
 def _splits(settings: dict, seed: int) -> dict:
-    stream, n_valid, n_test = tokenize(settings, read_paragraphs(resolve_files(settings["files"])))
     seq_len = settings["seq_len"]
-    train_end = len(stream) - n_valid - n_test
-    regions = {"train": (0, train_end), "validation": (train_end, train_end + n_valid),
-               "test": (train_end + n_valid, len(stream))}
+    if settings["split"] == "document":
+        streams = _document_streams(settings, seed)
+        stream = np.concatenate(streams)
+        ends = np.cumsum([len(st) for st in streams])
+        regions = {"train": (0, ends[0]), "validation": (ends[0], ends[1]),
+                   "test": (ends[1], ends[2])}
+    else:
+        stream, n_valid, n_test = tokenize(
+            settings, read_paragraphs(resolve_files(settings["files"])))
+        train_end = len(stream) - n_valid - n_test
+        regions = {"train": (0, train_end), "validation": (train_end, train_end + n_valid),
+                   "test": (train_end + n_valid, len(stream))}
     rng = np.random.default_rng(np.random.SeedSequence(seed))
     out = {}
     for split, (lo, hi) in regions.items():

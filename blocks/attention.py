@@ -21,12 +21,13 @@ from blocks.registry import BlockError, register
 @functools.lru_cache(maxsize=32)
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, dtype=torch.float32):
     """cos/sin tables of shape (seq_len, head_dim // 2) for rotary position encoding (cached:
-    the same few sizes come back every step; treat them as read-only)."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
-    )
-    angles = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    the same few sizes come back every step; treat them as read-only). Built outside any
+    inference mode, so tables first made during evaluation still serve training."""
+    with torch.inference_mode(False), torch.no_grad():
+        steps = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64)
+        inv_freq = 1.0 / (base ** (steps / head_dim))
+        angles = torch.arange(seq_len, device=device, dtype=torch.float64)[:, None] * inv_freq
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -230,3 +230,17 @@ def test_decayed_scores_factored_equals_the_exact_form_and_strong_decays_stay_ex
     torch.testing.assert_close(
         auto, decayed_scores(q32, k32, b_q.float(), strong.float(), strict=strict, factored=False)
     )
+
+
+def test_rotary_tables_first_built_in_inference_mode_still_train():
+    """The rotary tables are cached per size; a size first seen under torch.inference_mode (an
+    evaluation) must not poison training at that size (inference tensors cannot be saved for
+    backward)."""
+    seq = int(torch.randint(150, 190, ()))  # a size no other test caches
+    block = blocks.build("attention", 32, seq)
+    x = torch.randn(2, seq, 32)
+    with torch.inference_mode():
+        block(x)
+    y = block(x.requires_grad_())
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -131,6 +131,22 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def compose_config(overrides: list[str]):
+    """The package's ``config`` composed with Hydra overrides (Hydra's compose API; works
+    whether or not Hydra is initialised), struct mode off so benchmarks can set their keys."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose("config", overrides=overrides)
+    else:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
 def _load(name: str):
     if name not in BENCHMARKS:
         raise BenchError(f"unknown benchmark {name!r}; valid: {', '.join(sorted(BENCHMARKS))}")

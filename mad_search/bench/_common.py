@@ -30,7 +30,7 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mad_search.bench import BenchError
+from mad_search.bench import BenchError, compose_config
 from mad_search.settings import available_cores
 
 # --- configs -------------------------------------------------------------------------------
@@ -38,19 +38,10 @@ from mad_search.settings import available_cores
 
 def compose_base(sweep: str | None = "layer_patterns", task: str | None = None) -> DictConfig:
     """``config`` composed with ``+sweep=<sweep>`` and ``task=<task>`` (Hydra's compose API)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
     overrides = [f"+sweep={sweep}"] if sweep else []
     if task:
         overrides.append(f"task={task}")
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose("config", overrides=overrides)
-    else:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    OmegaConf.set_struct(cfg, False)
-    return cfg
+    return compose_config(overrides)
 
 
 def compose_study_config(

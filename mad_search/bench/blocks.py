@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mad_search.bench import BenchError, _official_xlstm
+from mad_search.bench import BenchError, _official_xlstm, compose_config
 from mad_search.settings import available_cores
 
 DEFAULTS: dict[str, Any] = {
@@ -253,20 +253,18 @@ def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def _study_size() -> dict[str, int]:
-    """The default study's width, batch and input length (in-context recall's inputs are one
-    token shorter than its sequence length: the last token is only a target)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """The default study's width, batch and input length (its task's, which may be shorter
+    than ``task.seq_len``: in-context recall's last token is only a target)."""
+    from omegaconf import OmegaConf
 
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose("config", overrides=["+sweep=layer_patterns"])
-    else:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
-            cfg = compose("config", overrides=["+sweep=layer_patterns"])
+    from mad_search import tasks
+
+    cfg = compose_config(["+sweep=layer_patterns"])
+    task = OmegaConf.to_container(cfg.task, resolve=True)
     return {
         "d_model": int(cfg.model.d_model),
         "batch": int(cfg.train.batch_size),
-        "seq_len": int(cfg.task.seq_len) - 1,
+        "seq_len": tasks.info(task.pop("name"), **task).seq_len,
     }
 
 

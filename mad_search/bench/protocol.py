@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mad_search.bench import BenchError
+from mad_search.bench import BenchError, compose_config
 from mad_search.bench import _common as common
 
 PANEL = [
@@ -46,15 +46,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _config(pattern: str, level: str, opts: dict, storage: str):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        cfg = compose("config", overrides=["+protocol=mad"])
-    else:
-        with initialize_config_module(config_module="conf", version_base="1.3"):
-            cfg = compose("config", overrides=["+protocol=mad"])
-    OmegaConf.set_struct(cfg, False)
+    cfg = compose_config(["+protocol=mad"])
     values = {
         "model.pattern": pattern,
         "protocol.level": level,

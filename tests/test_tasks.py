@@ -1091,3 +1091,13 @@ def test_text_document_split_keeps_each_file_in_one_split(tmp_path, monkeypatch,
     assert "\n" not in str(err.value)
     with pytest.raises(TaskError, match="split must be one of region, document"):
         tasks.validate("text", split="chapter")
+
+
+@pytest.mark.parametrize("extra", [{"tokenizer": "bpe"}, {"split": "document"}])
+def test_text_too_little_text_is_one_line_for_bpe_and_documents(tmp_path, monkeypatch, extra):
+    monkeypatch.setenv("MAD_SEARCH_CACHE", str(tmp_path / "cache"))
+    for i in range(3):
+        (tmp_path / f"t{i}.txt").write_text(f"just a few words here, file {i}.")
+    with pytest.raises(TaskError, match="too few for seq_len=128") as err:
+        tasks.build("text", files=str(tmp_path), cache=False, **extra)
+    assert "\n" not in str(err.value)

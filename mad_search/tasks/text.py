@@ -185,19 +185,10 @@ def read_paragraphs(paths: list[Path]) -> list[str]:
     return [p.strip() for p in loaded["text"] if p.strip()]
 
 
-def tokenize(
-    settings: dict, paragraphs: list[str], whole: bool = False
-) -> tuple[np.ndarray, int, int]:
-    """The token stream and the sizes of its validation and test regions (at its end); with
-    ``whole`` (byte tokenizer only) the stream alone, no regions (0, 0)."""
+def tokenize(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, int]:
+    """The token stream and the sizes of its validation and test regions (at its end)."""
     if settings["tokenizer"] == "byte":
-        eos = np.array([BYTE_VOCAB - 1], np.int32)
-        pieces = []
-        for p in paragraphs:
-            pieces += [np.frombuffer(p.encode("utf-8"), np.uint8).astype(np.int32), eos]
-        stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-        if whole:
-            return stream, 0, 0
+        stream = _byte_stream(paragraphs)
         valid, test = _regions(settings, len(stream))
         return stream, valid, test
 
@@ -209,6 +200,15 @@ def tokenize(
     ids = _word_ids(settings, words[: len(words) - valid - test])
     stream = np.fromiter((ids.get(w, 0) for w in words), np.int32, len(words))
     return stream, valid, test
+
+
+def _byte_stream(paragraphs: list[str]) -> np.ndarray:
+    """UTF-8 bytes of each paragraph followed by ``<eos>`` (256)."""
+    eos = np.array([BYTE_VOCAB - 1], np.int32)
+    pieces = []
+    for p in paragraphs:
+        pieces += [np.frombuffer(p.encode("utf-8"), np.uint8).astype(np.int32), eos]
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
 
 
 def _words(paragraphs: list[str]) -> list[str]:
@@ -293,36 +293,39 @@ def bpe_tokenizer(settings: dict, seed: int = 0, train_texts: list[str] | None =
     return tok
 
 
+def _bpe_ids(tok, pieces: list[tuple[str, bool]]) -> np.ndarray:
+    """The BPE ids of text pieces ``(text, ends_paragraph)``, ``<eos>`` after each paragraph."""
+    eos = tok.token_to_id(EOS)
+    ids: list[int] = []
+    encoded = tok.encode_batch([text for text, _ in pieces]) if pieces else []
+    for (_, ends), enc in zip(pieces, encoded):
+        ids += enc.ids
+        if ends:
+            ids.append(eos)
+    return np.asarray(ids, np.int32)
+
+
 def _bpe_stream(settings: dict, paragraphs: list[str]) -> tuple[np.ndarray, int, int]:
     regions = _character_regions(settings, paragraphs)
     tok = bpe_tokenizer(settings, train_texts=[text for text, _ in regions[0]])
-    eos = tok.token_to_id(EOS)
-    parts = []
-    for pieces in regions:
-        ids: list[int] = []
-        encoded = tok.encode_batch([text for text, _ in pieces]) if pieces else []
-        for (_, ends), enc in zip(pieces, encoded):
-            ids += enc.ids
-            if ends:
-                ids.append(eos)
-        parts.append(np.asarray(ids, np.int32))
-    window = settings["seq_len"] + 1
-    if min(len(p) for p in parts) < window:
-        raise fail(NAME, f"the corpus's bpe regions hold {', '.join(str(len(p)) for p in parts)} "
-                         f"tokens (train, validation, test), too few for seq_len="
-                         f"{settings['seq_len']}: each needs at least seq_len + 1; add text, "
-                         "lower seq_len or raise the split fractions")
+    parts = [_bpe_ids(tok, pieces) for pieces in regions]
+    _require_windows(settings, [len(p) for p in parts], "regions")
     return np.concatenate(parts), len(parts[1]), len(parts[2])
+
+
+def _require_windows(settings: dict, sizes: list[int], what: str) -> None:
+    """Each split (train, validation, test: ``sizes`` tokens) must hold one window."""
+    if min(sizes) < settings["seq_len"] + 1:
+        raise fail(NAME, f"the corpus's {what} hold {', '.join(map(str, sizes))} "
+                         f"{settings['tokenizer']} tokens (train, validation, test), too few for "
+                         f"seq_len={settings['seq_len']}: each split needs at least seq_len + 1 "
+                         "tokens; add text, lower seq_len or raise the split fractions")
 
 
 def _regions(settings: dict, total: int) -> tuple[int, int]:
     test = int(round(total * settings["test_fraction"]))
     valid = int(round(total * settings["valid_fraction"]))
-    window = settings["seq_len"] + 1
-    if min(test, valid, total - test - valid) < window:
-        raise fail(NAME, f"the corpus has {total} {settings['tokenizer']} tokens, too few for "
-                         f"seq_len={settings['seq_len']}: each split needs at least seq_len + 1 "
-                         "tokens; add text, lower seq_len or raise the split fractions")
+    _require_windows(settings, [total - test - valid, valid, test], "regions")
     return valid, test
 
 
@@ -338,20 +341,14 @@ def _document_streams(settings: dict, seed: int) -> list[np.ndarray]:
     kind = settings["tokenizer"]
     if kind == "bpe":
         tok = bpe_tokenizer(settings, seed, train_texts=parts[0])
-        eos = tok.token_to_id(EOS)
-        streams = [np.asarray([i for enc in tok.encode_batch(ps) for i in (*enc.ids, eos)],
-                              np.int32) for ps in parts]
+        streams = [_bpe_ids(tok, [(p, True) for p in ps]) for ps in parts]
     elif kind == "byte":
-        streams = [tokenize(settings, ps, whole=True)[0] for ps in parts]
+        streams = [_byte_stream(ps) for ps in parts]
     else:
         words = [_words(ps) for ps in parts]
         ids = _word_ids(settings, words[0])
         streams = [np.fromiter((ids.get(w, 0) for w in ws), np.int32, len(ws)) for ws in words]
-    window = settings["seq_len"] + 1
-    if min(len(st) for st in streams) < window:
-        raise fail(NAME, f"the documents' splits hold {', '.join(str(len(st)) for st in streams)} "
-                         f"{kind} tokens (train, validation, test), too few for seq_len="
-                         f"{settings['seq_len']}: each needs at least seq_len + 1")
+    _require_windows(settings, [len(st) for st in streams], "documents")
     return streams
 
 

@@ -87,19 +87,21 @@ def load_module(path: str) -> None:
 
 
 def names(backend: str = "torch") -> list[str]:
-    """Every registered block type, sorted."""
+    """Every registered block type of ``backend`` ("torch" or "mlx"), sorted."""
     load_entry_points()
+    _check_backend(backend)
+    if backend == "mlx":
+        _import_mlx_twins()
     return sorted(_REGISTRY if backend == "torch" else _MLX_REGISTRY)
 
 
 def get(name: str, backend: str = "torch") -> Callable[..., Any]:
     """The class registered under ``name``; a clear error listing valid names otherwise."""
     load_entry_points()
+    _check_backend(backend)
     if backend == "mlx":
         _import_mlx_twins()
     table = _REGISTRY if backend == "torch" else _MLX_REGISTRY
-    if backend not in ("torch", "mlx"):
-        raise BlockError(f"unknown backend {backend!r}; valid: torch, mlx")
     if name not in table:
         raise BlockError(f"unknown block {name!r}; valid blocks: {', '.join(sorted(table))}")
     return table[name]
@@ -146,6 +148,11 @@ def _check_contract_once(name: str, cls: Callable, block: Any, d_model: int, max
         return
     contract.check_block(name, block, d_model, max_len, origin=cls)
     _CHECKED.add(key)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("torch", "mlx"):
+        raise BlockError(f"unknown backend {backend!r}; valid: torch, mlx")
 
 
 def _import_mlx_twins() -> None:

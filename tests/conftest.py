@@ -6,6 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+try:  # the MLX twins first, so their fast BLAS is loaded before MLX (blocks.mlx.blas)
+    import blocks.mlx  # noqa: E402, F401
+except ImportError:  # no mlx extra: the MLX tests skip themselves
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _few_threads():

@@ -8,7 +8,11 @@ contract is in :mod:`blocks.mlx.base`.
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-import mlx.core  # noqa: F401  (fail here, with ImportError, when the extra is missing)
+from blocks.mlx import blas as _blas
+
+_blas.load()  # before MLX itself: a fast BLAS on Linux (see blocks.mlx.blas)
+
+import mlx.core  # noqa: E402, F401  (fail here, with ImportError, when the extra is missing)
 
 _NOT_BLOCKS = {"base", "ops", "blas"}
 for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):

@@ -108,6 +108,58 @@ def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
     return cfg
 
 
+BACKENDS = ("torch", "mlx")
+
+
+def mlx_status() -> str | None:
+    """None when the MLX twins can be imported here, else why not (one line)."""
+    try:
+        import blocks.mlx  # noqa: F401
+    except ImportError as exc:
+        return f"backend=mlx needs the mlx extra (pip install 'mad-search[mlx]'): {exc}"
+    return None
+
+
+def check_mlx_layers(layers: list[str], where: str = "backend=mlx") -> None:
+    """Every block of ``layers`` has an MLX twin (one line naming those that do not)."""
+    twins = set(blocks.names("mlx"))
+    missing = sorted(set(layers) - twins)
+    if missing:
+        raise ConfigError(
+            f"{where}: block(s) {missing} have no MLX twin (register one with "
+            f"@register(name, backend='mlx')); blocks with twins: {', '.join(sorted(twins))}"
+        )
+
+
+def check_pool_backends(hogwild: Any, plans: list[RunPlan]) -> None:
+    """A pool of MLX workers only must be able to run every pattern on MLX (one line naming
+    the blocks without a twin); a mixed pool sends such patterns to its torch workers."""
+    if hogwild.backends and "torch" not in hogwild.backends:
+        check_mlx_layers(sorted({name for p in plans for name in p.layers}),
+                         "hogwild.backends has only MLX workers")
+
+
+def resolve_backend(backend: Any, layers: list[str], train: TrainConfig, device: str) -> str:
+    """Check the ``backend`` key: torch, or mlx with its extra installed, a twin for every block,
+    the embedding trained by AdamW and the CPU device (MLX picks its own device)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "mlx":
+        problem = mlx_status()
+        if problem:
+            raise ConfigError(problem)
+        check_mlx_layers(layers)
+        if train.embedding_optimizer != "adamw":
+            raise ConfigError(
+                f"backend=mlx trains the embedding with AdamW only; got "
+                f"train.embedding_optimizer={train.embedding_optimizer}"
+            )
+        if device != "cpu":
+            raise ConfigError("backend=mlx chooses its own device (the CPU on Linux, the GPU on "
+                              f"macOS); leave device=cpu, got device={device}")
+    return backend
+
+
 def resolve(cfg: DictConfig | dict) -> RunPlan:
     """Validate a composed config (or the same tree as plain containers) into a
     :class:`RunPlan`; raises a :class:`~mad_search.errors.UserError`."""
@@ -135,7 +187,9 @@ def resolve(cfg: DictConfig | dict) -> RunPlan:
             "train.embedding_optimizer=sparse_adam needs model.sparse_embedding=true "
             "(SparseAdam takes sparse gradients only); or pick adamw, sgd or adagrad"
         )
+    backend = resolve_backend(cfg.get("backend", "torch"), layers, train, device)
     return RunPlan(
+        backend=backend,
         layers=layers,
         pattern=spec_mod.format_layers(layers),
         d_model=d_model,

@@ -23,25 +23,37 @@ if TYPE_CHECKING:
     from mad_search.plan import RunPlan
 
 
+def block_list(
+    layers: Sequence[str],
+    d_model: int,
+    max_len: int,
+    block_options: Mapping[str, Mapping] | None = None,
+    backend: str = "torch",
+) -> list:
+    """One block per name in ``layers`` (torch blocks or their MLX twins); ``block_options[name]``
+    are passed to that block type, and its place in the stack to types that take it."""
+    block_options = block_options or {}
+    out = []
+    for i, name in enumerate(layers):
+        opts = dict(block_options.get(name, {}) or {})
+        cls = blocks.get(name, backend)
+        params = inspect.signature(cls).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        for key, value in (("block_index", i), ("num_blocks", len(layers))):
+            if takes_any or key in params:
+                opts.setdefault(key, value)
+        out.append(blocks.build(name, d_model, max_len, backend=backend, **opts))
+    return out
+
+
 def build_blocks(
     layers: Sequence[str],
     d_model: int,
     max_len: int,
     block_options: Mapping[str, Mapping] | None = None,
 ) -> nn.ModuleList:
-    """One block per name in ``layers``; ``block_options[name]`` are passed to that block type."""
-    block_options = block_options or {}
-    out = nn.ModuleList()
-    for i, name in enumerate(layers):
-        opts = dict(block_options.get(name, {}) or {})
-        cls = blocks.get(name)
-        params = inspect.signature(cls).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        for key, value in (("block_index", i), ("num_blocks", len(layers))):
-            if takes_any or key in params:
-                opts.setdefault(key, value)
-        out.append(blocks.build(name, d_model, max_len, **opts))
-    return out
+    """The torch blocks of ``layers`` (see :func:`block_list`)."""
+    return nn.ModuleList(block_list(layers, d_model, max_len, block_options))
 
 
 class SequenceModel(nn.Module):

@@ -26,3 +26,4 @@ class RunPlan:
     device: str
     threads: int | None
     budget: dict | None = None  # what model.budget chose: d_model, params, state, reached
+    backend: str = "torch"  # torch | mlx (the blocks' MLX twins, mad_search.mlx_train)

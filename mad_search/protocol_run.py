@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 import blocks
 from mad_search import space as space_mod
 from mad_search import tasks
-from mad_search.config import resolve, to_plain
+from mad_search.config import check_pool_backends, resolve, to_plain
 from mad_search.errors import ConfigError, RunDirError
 from mad_search.jobs import JobSource, TrialOutcome
 from mad_search.plan import RunPlan
@@ -202,6 +202,7 @@ def validate_protocol(cfg: DictConfig) -> ProtocolPlan:
     hogwild = dataclasses.replace(
         HogwildSettings.from_config(cfg.get("hogwild")), embedding="private"
     )
+    check_pool_backends(hogwild, probes)
     return ProtocolPlan(
         level=level,
         pattern=pattern,

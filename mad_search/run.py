@@ -26,15 +26,18 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     t0 = time.perf_counter()
     data = tasks.as_tensors(tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))
     data_seconds = time.perf_counter() - t0
-    print(f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model}")
+    print(f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model}"
+          + (f" | backend {plan.backend}" if plan.backend != "torch" else ""))
     model, result = train_plan(plan, data)
+    params = model.num_params() if plan.backend == "mlx" else count_params(model)
     out = {
+        "backend": plan.backend,
         "task": plan.task_name,
         "task_settings": plan.task_settings,
         "pattern": plan.pattern,
         "layers": plan.layers,
         "d_model": plan.d_model,
-        "params": count_params(model),
+        "params": params,
         "state_size": model.state_size(plan.task_info.seq_len),
         "seed": plan.seed,
         "budget": plan.budget,

@@ -72,10 +72,17 @@ class HogwildSettings:
     lr: float
     max_nonfinite: int
     seed: int
+    backends: tuple[str, ...] = ()  # per worker slot: torch | mlx (empty: every slot torch)
+
+    def backend_of(self, slot: int) -> str:
+        return self.backends[slot] if self.backends else "torch"
 
     @classmethod
     def from_config(cls, node: Any) -> HogwildSettings:
         s = _settings("hogwild", node, "hogwild/default.yaml")
+        backends = _backends(s["backends"], s["workers"])
+        if backends:
+            s["workers"] = len(backends)
         workers = available_cores() if s["workers"] in ("auto", None) else s["workers"]
         workers = _positive_int(workers, "hogwild.workers", " or auto")
         threads = s["threads_per_worker"]
@@ -119,7 +126,41 @@ class HogwildSettings:
             lr=float(lr),
             max_nonfinite=max_nonfinite,
             seed=s["seed"],
+            backends=backends,
         )
+
+
+def _backends(node: Any, workers: Any) -> tuple[str, ...]:
+    """``hogwild.backends`` ({torch: N, mlx: M}) as one backend name per worker slot, torch
+    slots first; () when unset (every worker torch, ``hogwild.workers`` of them)."""
+    if node is None:
+        return ()
+    if not isinstance(node, dict) or not node:
+        raise ConfigError(
+            f"hogwild.backends must map backend to worker count, e.g. {{torch: 1, mlx: 1}}, "
+            f"got {node!r}"
+        )
+    unknown = sorted(set(node) - {"torch", "mlx"})
+    if unknown:
+        raise ConfigError(f"hogwild.backends: unknown backend {unknown[0]!r}; valid: torch, mlx")
+    for name, count in node.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigError(f"hogwild.backends.{name} must be an integer >= 0, got {count!r}")
+    slots = ("torch",) * node.get("torch", 0) + ("mlx",) * node.get("mlx", 0)
+    if not slots:
+        raise ConfigError("hogwild.backends asks for no workers at all; give at least one")
+    if workers not in ("auto", None) and workers != len(slots):
+        raise ConfigError(
+            f"hogwild.workers={workers} disagrees with hogwild.backends ({len(slots)} workers); "
+            "set one of them"
+        )
+    if "mlx" in slots:
+        from mad_search.config import mlx_status
+
+        problem = mlx_status()
+        if problem:
+            raise ConfigError(f"hogwild.backends: {problem}")
+    return slots
 
 
 def _heartbeat(node: Any) -> dict | None:

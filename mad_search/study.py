@@ -11,6 +11,7 @@ one study.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
+import blocks
 from mad_search import report, tasks
 from mad_search.display import Progress
 from mad_search.errors import RunDirError, UserError
@@ -86,7 +88,8 @@ def run_jobs(source: JobSource, out_dir: Path) -> Outcome:
     """Start the pool and run ``source``'s trials through it."""
     # The workers import torch and the trial code while the coordinator builds the task data,
     # opens the study and creates the shared tables.
-    pool = WorkerPool(source.hogwild.workers, source.hogwild.threads_per_worker)
+    hog = source.hogwild
+    pool = WorkerPool(hog.workers, hog.threads_per_worker, hog.backends)
     try:
         return Coordinator(source, pool, out_dir).run()
     finally:
@@ -109,6 +112,9 @@ class Coordinator:
         self.task_data: dict[tuple, dict] = {}
         self.tables: dict[str, SharedTable] = {}
         self.running: dict[int, optuna.Trial] = {}  # trial number -> trial, while a worker has it
+        # asked trials an MLX worker cannot run (a block without an MLX twin), waiting for a
+        # torch worker of this mixed pool
+        self.deferred: list[tuple[optuna.Trial, list[RunPlan]]] = []
         self.logs: dict[int, TrialLog] = {}  # trial number -> what to write, until recorded
         self.ended: list[TrialLog] = []  # worker free, result not yet recorded
         self.labels: dict[int, str] = {}  # trial number -> how the display names it
@@ -298,6 +304,7 @@ class Coordinator:
                 if (
                     not self.running
                     and not self.ended
+                    and not self.deferred
                     and (self.started >= self.n_trials or timed_out)
                 ):
                     break
@@ -314,8 +321,15 @@ class Coordinator:
 
     def _start_trial(self, slot: Slot) -> bool:
         """Ask for a trial and hand it to ``slot``'s worker; False if the storage did not
-        answer the ask (nothing started)."""
-        source, study, progress = self.source, self.study, self.progress
+        answer the ask (nothing started). A trial whose blocks lack MLX twins waits for a torch
+        worker (an MLX slot meanwhile asks for nothing more)."""
+        if self.deferred:
+            if slot.backend == "mlx":
+                return True
+            trial, plans = self.deferred.pop(0)
+            self._launch(slot, trial, [dataclasses.replace(p, backend="torch") for p in plans])
+            return True
+        source, study = self.source, self.study
         asked, trial = self._call(study.ask)
         if not asked:
             return False
@@ -328,6 +342,16 @@ class Coordinator:
             log.end("FAIL", event=f"trial {trial.number} failed: invalid suggestion: {exc}")
             self.ended.append(log)
             return True
+        if slot.backend == "mlx" and not _has_twins(plans):
+            self.deferred.append((trial, plans))
+            return True
+        self._launch(slot, trial, [dataclasses.replace(p, backend=slot.backend) for p in plans])
+        return True
+
+    def _launch(self, slot: Slot, trial: optuna.Trial, plans: list[RunPlan]) -> None:
+        """Send ``trial``'s job to ``slot``'s worker and record its start."""
+        source, progress = self.source, self.progress
+        log = self.logs[trial.number]
         keys = [self._table(p) for p in plans]
         job = TrialJob(
             number=trial.number,
@@ -359,8 +383,8 @@ class Coordinator:
         progress.workers[slot.index] = f"#{trial.number} {label}"
         progress.event(
             f"trial {trial.number} -> worker {slot.index}: {label} (d_model {plan.d_model})"
+            + (f" [{slot.backend}]" if slot.backend != "torch" else "")
         )
-        return True
 
     def _handle(self, slot: Slot, msg: Ready | Report | TrialEnd | None) -> None:
         """Act on one worker message. A trial's end frees its worker at once; its result is
@@ -495,7 +519,7 @@ class Coordinator:
         With the storage away they stay RUNNING: the next coordinator fails them as stale."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.pool.kill_all()
-        for number in list(self.running):
+        for number in [*self.running, *(t.number for t, _ in self.deferred)]:
             log = self.logs[number]
             log.set_attrs({"fail_reason": "interrupted (Ctrl-C); rerun the command to resume"})
             log.end("FAIL", event=f"trial {number} interrupted")
@@ -613,6 +637,12 @@ class Coordinator:
             + f"{len(self.running)} unfinished trial(s) stopped: the next coordinator fails them "
             "as stale and retries them"
         )
+
+
+def _has_twins(plans: list[RunPlan]) -> bool:
+    """Whether every block of ``plans`` has an MLX twin (an MLX worker can train them)."""
+    twins = set(blocks.names("mlx"))
+    return all(set(p.layers) <= twins for p in plans)
 
 
 def _flat_attrs(result: dict) -> dict:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import blocks
 from mad_search import space as space_mod
 from mad_search import tasks
-from mad_search.config import resolve, to_plain
+from mad_search.config import check_pool_backends, resolve, to_plain
 from mad_search.errors import ConfigError
 from mad_search.jobs import JobSource
 from mad_search.plan import RunPlan
@@ -244,6 +244,7 @@ def validate_sweep(cfg: DictConfig, plans=None) -> SweepPlan:
             if settings:
                 layers = space_mod.parse(spec, blocks.names())
                 probe_plans += plans(cfg, tasks_, {"model.pattern": layers, **settings})
+    check_pool_backends(hogwild, probe_plans)
     return SweepPlan(
         cfg=cfg,
         space=search,

@@ -285,6 +285,7 @@ def train_plan(
     seed: int | None = None,
     device: str | None = None,
     build_lock: contextlib.AbstractContextManager | None = None,
+    mlx_init: str = "mlx",
 ) -> tuple[nn.Module, TrainResult]:
     """Build ``plan``'s model and train it on ``data``; returns the trained model and the result.
 
@@ -292,8 +293,16 @@ def train_plan(
     ``build_lock`` is held while seeding and building, for callers that build models in several
     threads of one process (the RNG is process-wide). ``embedding`` replaces the model's own
     embedding and its ``apply_update`` replaces the embedding optimiser's step. ``device``
-    defaults to ``plan.device``.
+    defaults to ``plan.device``. A plan with ``backend="mlx"`` is trained by
+    :func:`mad_search.mlx_train.train_plan_mlx` (``embedding`` then an MLX table embedding;
+    ``mlx_init="torch"``: the weights the torch model would start from with this seed).
     """
+    if plan.backend == "mlx":
+        from mad_search.mlx_train import train_plan_mlx
+
+        with build_lock or contextlib.nullcontext():
+            return train_plan_mlx(plan, data, embedding=embedding, on_eval=on_eval, seed=seed,
+                                  init=mlx_init)
     with build_lock or contextlib.nullcontext():
         torch.manual_seed(plan.seed if seed is None else seed)
         model = build_model(plan)
@@ -327,15 +336,82 @@ def train(
     step when the caller manages the table itself (the Hogwild pool's shared embedding).
     """
     cfg.validate()
-    model.to(device).train()
+    return run_loop(TorchSteps(model, cfg, num_classes, device, embedding_step), data, cfg,
+                    on_eval)
+
+
+class Steps(Protocol):
+    """What the training loop needs from a backend (torch here, MLX in
+    :mod:`mad_search.mlx_train`): one optimiser step on a batch, evaluation of a split, and a
+    copy of the weights to return to (the best validation checkpoint)."""
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, factor: float, emb_factor: float,
+             step: int) -> float: ...
+
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict: ...
+
+    def snapshot(self) -> object: ...
+
+    def restore(self, state: object) -> None: ...
+
+
+class TorchSteps:
+    """The torch backend of :func:`run_loop`: AdamW (plus the embedding's own optimiser or the
+    caller's ``embedding_step``), gradient clipping, :func:`evaluate`."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, num_classes: int,
+                 device: str | torch.device = "cpu",
+                 embedding_step: Callable[[float], None] | None = None):
+        self.model, self.cfg, self.num_classes, self.device = model, cfg, num_classes, device
+        self.embedding_step = embedding_step
+        model.to(device).train()
+        self.opt, self.emb_opt = make_optimizers(model, cfg)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.emb_base_lrs = [g["lr"] for g in self.emb_opt.param_groups] if self.emb_opt else []
+
+    def step(self, inputs, targets, factor, emb_factor, step):
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * factor
+        x, y = inputs.to(self.device), targets.to(self.device)
+        loss = train_step(self.model, self.opt, self.emb_opt, x, y, self.cfg.grad_clip, step)
+        if self.embedding_step is not None:
+            self.embedding_step(emb_factor)
+        elif self.emb_opt:
+            for g, base in zip(self.emb_opt.param_groups, self.emb_base_lrs):
+                g["lr"] = base * emb_factor
+            self.emb_opt.step()
+        return loss.item()
+
+    def evaluate(self, inputs, targets):
+        cfg = self.cfg
+        return evaluate(self.model, inputs, targets, self.num_classes, cfg.eval_batch_size,
+                        cfg.accuracy, self.device)
+
+    def snapshot(self):
+        return copy.deepcopy(self.model.state_dict())
+
+    def restore(self, state):
+        self.model.load_state_dict(state)
+
+
+def run_loop(
+    steps: Steps,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    on_eval: EvalCallback | None = None,
+) -> TrainResult:
+    """The training loop every backend shares: seeded batch order, the step-size schedule,
+    validation every ``cfg.eval_every`` steps, early stop at the target accuracy or when
+    ``on_eval`` says so, and test metrics at the best validation checkpoint."""
     x_train, y_train = data["train"]
-    n_train, seq_len = x_train.shape
-    opt, emb_opt = make_optimizers(model, cfg)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    emb_base_lrs = [g["lr"] for g in emb_opt.param_groups] if emb_opt else []
+    n_train = x_train.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
     perm, cursor = torch.randperm(n_train, generator=gen), 0
     min_ratio = cfg.min_lr / cfg.lr
+
+    def factor_of(schedule: str, step: int) -> float:
+        return lr_factor(step - 1, schedule, cfg.max_steps, cfg.warmup_steps, min_ratio,
+                         cfg.backoff_steps, cfg.backoff_beta)
 
     best = {"accuracy": -1.0, "step": 0, "state": None, "metrics": None}
     history: list[dict] = []
@@ -349,54 +425,22 @@ def train(
             perm, cursor = torch.randperm(n_train, generator=gen), 0
         idx = perm[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        x, y = x_train[idx].to(device), y_train[idx].to(device)
-
-        factor = lr_factor(
-            step - 1,
-            cfg.schedule,
-            cfg.max_steps,
-            cfg.warmup_steps,
-            min_ratio,
-            cfg.backoff_steps,
-            cfg.backoff_beta,
-        )
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * factor
-        loss = train_step(model, opt, emb_opt, x, y, cfg.grad_clip, step)
-        emb_factor = lr_factor(
-            step - 1,
-            cfg.embedding_schedule,
-            cfg.max_steps,
-            cfg.warmup_steps,
-            min_ratio,
-            cfg.backoff_steps,
-            cfg.backoff_beta,
-        )
-        if embedding_step is not None:
-            embedding_step(emb_factor)
-        elif emb_opt:
-            for g, base in zip(emb_opt.param_groups, emb_base_lrs):
-                g["lr"] = base * emb_factor
-            emb_opt.step()
+        x, y = x_train[idx], y_train[idx]
+        loss = steps.step(x, y, factor_of(cfg.schedule, step),
+                          factor_of(cfg.embedding_schedule, step), step)
         train_time += time.perf_counter() - t0
         tokens += x.numel()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / train_time:,.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / train_time:,.0f}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            metrics = evaluate(
-                model, *data["validation"], num_classes, cfg.eval_batch_size, cfg.accuracy, device
-            )
-            metrics.update(step=step, train_loss=loss.item(), tokens_per_s=tokens / train_time)
+            metrics = steps.evaluate(*data["validation"])
+            metrics.update(step=step, train_loss=loss, tokens_per_s=tokens / train_time)
             history.append(metrics)
             if metrics["accuracy"] > best["accuracy"]:
-                best.update(
-                    accuracy=metrics["accuracy"],
-                    step=step,
-                    metrics=metrics,
-                    state=copy.deepcopy(model.state_dict()),
-                )
+                best.update(accuracy=metrics["accuracy"], step=step, metrics=metrics,
+                            state=steps.snapshot())
             if bar is not None:
                 bar.write(
                     f"step {step}: val_loss {metrics['loss']:.4f} val_acc {metrics['accuracy']:.4f}"
@@ -414,8 +458,8 @@ def train(
         bar.close()
 
     if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    test = evaluate(model, *data["test"], num_classes, cfg.eval_batch_size, cfg.accuracy, device)
+        steps.restore(best["state"])
+    test = steps.evaluate(*data["test"])
     val = best["metrics"] or {"accuracy": float("nan"), "loss": float("nan")}
     return TrainResult(
         val_accuracy=val["accuracy"],

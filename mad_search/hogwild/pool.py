@@ -34,19 +34,22 @@ class Slot:
     pid: int | None = None
     ready: bool = False
     failed_starts: int = 0  # consecutive deaths before "ready"
+    backend: str = "torch"  # torch | mlx: what this slot's worker trains with
 
 
 class WorkerPool:
-    """``workers`` spawned processes, ``threads`` torch threads each. Shared tables and task data
-    travel with each job (torch shares their memory; nothing is copied).
+    """``workers`` spawned processes, ``threads`` threads each (torch's, or OpenBLAS's for an
+    MLX worker: ``backends`` names each slot's backend, all torch by default). Shared tables and
+    task data travel with each job (torch shares their memory; nothing is copied).
 
     Creating a pool returns at once: the workers import while the coordinator goes on setting up.
     """
 
-    def __init__(self, workers: int, threads: int):
+    def __init__(self, workers: int, threads: int, backends: tuple[str, ...] = ()):
         self.ctx = multiprocessing.get_context("spawn")
         self.workers, self.threads = workers, threads
-        self.slots = [Slot(i) for i in range(workers)]
+        self.slots = [Slot(i, backend=backends[i] if backends else "torch")
+                      for i in range(workers)]
         self.restarts = 0
         for slot in self.slots:
             self._start(slot)
@@ -56,7 +59,7 @@ class WorkerPool:
         proc = self.ctx.Process(
             target=worker_main,
             name=f"mad-search-worker-{slot.index}",
-            args=(slot.index, child, self.threads),
+            args=(slot.index, child, self.threads, slot.backend),
             daemon=True,
         )
         proc.start()

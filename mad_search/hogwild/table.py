@@ -163,54 +163,66 @@ class TableEmbedding(nn.Module):
         """Write ``-lr * grad`` for the rows of the last forward pass, lock-free."""
         if self._emb is None or self._emb.grad is None:
             return
-        t = self.table
-        rows, grad = self._rows, self._emb.grad.detach().to("cpu", torch.float32)
+        grad = self._emb.grad.detach().to("cpu", torch.float32)
         self._emb = None
-        lr = self.lr * lr_factor
-        acc = m = v = None
-        if t.rule == "adagrad":
-            acc = t.accum.index_select(0, rows) + grad.square().mean(dim=1)
-            delta = -lr * grad / (acc.sqrt()[:, None] + self.eps)
-        elif t.rule == "adam":  # lazy Adam: each touched row's k-th update, k from touches
-            (b1, b2), k = ADAM_BETAS, (t.touches.index_select(0, rows) + 1).to(torch.float32)
-            m = b1 * t.exp_avg.index_select(0, rows) + (1 - b1) * grad
-            v = b2 * t.exp_avg_sq.index_select(0, rows) + (1 - b2) * grad.square()
-            m_hat, v_hat = m / (1 - b1**k)[:, None], v / (1 - b2**k)[:, None]
-            delta = -lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
-        else:
-            delta = -lr * grad
-        new_rows = t.weight.index_select(0, rows) + delta
-        state = [x for x in (acc, m, v) if x is not None]
-        if not (torch.isfinite(new_rows).all() and all(torch.isfinite(x).all() for x in state)):
-            t.skipped[self.slot] += 1
-            self.stats.skipped_nonfinite += 1
-            if self.stats.skipped_nonfinite > self.max_nonfinite:
-                raise NonFiniteUpdate(
-                    f"{self.stats.skipped_nonfinite} embedding updates refused: they would have "
-                    f"written non-finite values into the shared table"
-                )
-            return
-        # Measure before writing: rows another worker wrote since our read are collisions.
-        clock = t.clock()
-        lw = t.last_writer.index_select(0, rows)
-        collided = (
-            (lw >= 0) & (lw != self.slot) & (t.last_write.index_select(0, rows) >= self._read_clock)
-        )
-        staleness = clock - self._read_clock  # updates by others between our read and our write
-        # The lock-free write (Hogwild!): per-row adds, no lock, other workers may interleave.
-        t.weight.index_add_(0, rows, delta)
-        if acc is not None:
-            t.accum.index_add_(0, rows, grad.square().mean(dim=1))
-        if m is not None:  # moments written whole: a row another worker moved since is stale
-            t.exp_avg.index_copy_(0, rows, m)
-            t.exp_avg_sq.index_copy_(0, rows, v)
-        t.last_writer.index_fill_(0, rows, self.slot)
-        t.last_write.index_fill_(0, rows, clock)
-        t.touches.index_add_(0, rows, torch.ones_like(rows))
-        t.writes[self.slot] += 1
-        s = self.stats
-        s.steps += 1
-        s.rows += rows.numel()
-        s.collided_rows += int(collided.sum())
-        s.staleness_sum += staleness
-        s.staleness_max = max(s.staleness_max, staleness)
+        write_update(self.table, self.slot, self._rows, grad, self.lr * lr_factor,
+                     self._read_clock, self.stats, self.max_nonfinite, self.eps)
+
+
+@torch.no_grad()
+def write_update(table: SharedTable, slot: int, rows: torch.Tensor, grad: torch.Tensor, lr: float,
+                 read_clock: int, stats: UpdateStats, max_nonfinite: int = 3,
+                 eps: float = 1e-10) -> None:
+    """The table's update rule for the gradient ``grad`` (len(rows), D) of the rows ``rows`` a
+    worker read at global clock ``read_clock``, written lock-free from worker slot ``slot``: the
+    one rule every worker uses, torch and MLX alike. Nothing non-finite is ever written: such an
+    update is refused and counted, and after ``max_nonfinite`` refusals
+    :class:`NonFiniteUpdate` stops the trial."""
+    t = table
+    acc = m = v = None
+    if t.rule == "adagrad":
+        acc = t.accum.index_select(0, rows) + grad.square().mean(dim=1)
+        delta = -lr * grad / (acc.sqrt()[:, None] + eps)
+    elif t.rule == "adam":  # lazy Adam: each touched row's k-th update, k from touches
+        (b1, b2), k = ADAM_BETAS, (t.touches.index_select(0, rows) + 1).to(torch.float32)
+        m = b1 * t.exp_avg.index_select(0, rows) + (1 - b1) * grad
+        v = b2 * t.exp_avg_sq.index_select(0, rows) + (1 - b2) * grad.square()
+        m_hat, v_hat = m / (1 - b1**k)[:, None], v / (1 - b2**k)[:, None]
+        delta = -lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+    else:
+        delta = -lr * grad
+    new_rows = t.weight.index_select(0, rows) + delta
+    state = [x for x in (acc, m, v) if x is not None]
+    if not (torch.isfinite(new_rows).all() and all(torch.isfinite(x).all() for x in state)):
+        t.skipped[slot] += 1
+        stats.skipped_nonfinite += 1
+        if stats.skipped_nonfinite > max_nonfinite:
+            raise NonFiniteUpdate(
+                f"{stats.skipped_nonfinite} embedding updates refused: they would have "
+                f"written non-finite values into the shared table"
+            )
+        return
+    # Measure before writing: rows another worker wrote since our read are collisions.
+    clock = t.clock()
+    lw = t.last_writer.index_select(0, rows)
+    collided = (
+        (lw >= 0) & (lw != slot) & (t.last_write.index_select(0, rows) >= read_clock)
+    )
+    staleness = clock - read_clock  # updates by others between our read and our write
+    # The lock-free write (Hogwild!): per-row adds, no lock, other workers may interleave.
+    t.weight.index_add_(0, rows, delta)
+    if acc is not None:
+        t.accum.index_add_(0, rows, grad.square().mean(dim=1))
+    if m is not None:  # moments written whole: a row another worker moved since is stale
+        t.exp_avg.index_copy_(0, rows, m)
+        t.exp_avg_sq.index_copy_(0, rows, v)
+    t.last_writer.index_fill_(0, rows, slot)
+    t.last_write.index_fill_(0, rows, clock)
+    t.touches.index_add_(0, rows, torch.ones_like(rows))
+    t.writes[slot] += 1
+    s = stats
+    s.steps += 1
+    s.rows += rows.numel()
+    s.collided_rows += int(collided.sum())
+    s.staleness_sum += staleness
+    s.staleness_max = max(s.staleness_max, staleness)

@@ -43,7 +43,6 @@ def share_task_data(data: dict) -> dict:
 def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
-    from mad_search.model import count_params
     from mad_search.train import Diverged, train_plan
 
     hog = job.hogwild
@@ -55,7 +54,7 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "device": hog.device,
-        "backend": "torch",
+        "backend": job.plans[0].backend,
         "tasks": per_task,
     }
     offset = 0
@@ -68,7 +67,12 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
                 info.vocab_size, plan.d_model, 1, seed=hog.seed, rule=hog.rule, share=False
             )
             writer = 0
-        emb = TableEmbedding(table, writer, hog.lr, hog.max_nonfinite)
+        if plan.backend == "mlx":  # reads and writes the same table through a NumPy view
+            from mad_search.mlx_train import MLXTableEmbedding
+
+            emb = MLXTableEmbedding(table, writer, hog.lr, hog.max_nonfinite)
+        else:
+            emb = TableEmbedding(table, writer, hog.lr, hog.max_nonfinite)
 
         def on_eval(step: int, metrics: dict, _off=offset) -> bool:
             conn.send(Report(job.number, _off + step, float(metrics["accuracy"])))
@@ -83,6 +87,7 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
                 on_eval=on_eval,
                 seed=plan.seed + job.number if job.model_seed is None else job.model_seed,
                 device=hog.device,
+                mlx_init="torch",  # a trial starts from the same weights on either backend
             )
         except (Diverged, NonFiniteUpdate) as exc:
             if not job.diverged_is_zero:
@@ -104,13 +109,13 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
                 "tokens_per_s": res.tokens_per_s,
                 "train_seconds": res.train_seconds,
                 "stopped": res.stopped,
-                "params": count_params(model) + table.weight.numel(),
+                "params": _params(model) + table.weight.numel(),
                 "state_size": model.state_size(plan.task_info.seq_len),
                 **stats,
             }
         )
         # Hogwild's split, checked rather than assumed: blocks private, table shared.
-        result["shared_block_params"] = sum(p.numel() for p in model.parameters() if p.is_shared())
+        result["shared_block_params"] = _shared_block_params(model)
         result["table_is_shared"] = bool(table.weight.is_shared())
         if res.stopped == "callback":
             pruned = True
@@ -125,6 +130,23 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
         hogwild={k: sum(s[k] for s in stats_all) / n for k in stats_all[0]},
     )
     return ("pruned" if pruned else "done"), result
+
+
+def _params(model) -> int:
+    """Trainable parameters of a trial's model (torch or MLX), the shared table left out."""
+    if hasattr(model, "num_params"):  # the MLX model
+        return model.num_params()
+    from mad_search.model import count_params
+
+    return count_params(model)
+
+
+def _shared_block_params(model) -> int:
+    """Parameters of the trial's own model that sit in shared memory (0 when blocks are
+    private, as Hogwild's split wants; an MLX model's arrays are always its own)."""
+    if not hasattr(model, "named_parameters"):
+        return 0
+    return sum(p.numel() for p in model.parameters() if p.is_shared())
 
 
 def _diverged(plan, reason: str) -> dict:
@@ -146,11 +168,17 @@ def _diverged(plan, reason: str) -> dict:
     }
 
 
-def worker_main(slot: int, conn, threads: int) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(slot: int, conn, threads: int, backend: str = "torch") -> None:
+    """Entry point of a spawned worker process (``backend`` torch or mlx)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C for everyone
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+    if backend == "mlx":  # MLX's matrix products: OpenBLAS on Linux, this many threads
+        import blocks.mlx  # noqa: F401
+        import mad_search.mlx_train  # noqa: F401
+        from blocks.mlx import blas
+
+        blas.set_threads(threads)
     # Import everything a trial needs before saying ready (the coordinator is still setting up
     # meanwhile), so the first trial does not pay for it.
     import blocks  # noqa: F401

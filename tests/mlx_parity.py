@@ -42,6 +42,7 @@ def compare(tblock, mblock, x: torch.Tensor, *, rtol: float = 2e-4, atol: float 
     cotangent."""
     from mlx.utils import tree_flatten
 
+    tblock.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     y = tblock(x)
     cot = torch.randn_like(y)

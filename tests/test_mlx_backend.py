@@ -173,3 +173,49 @@ def test_mlx_worker_starts_from_the_torch_weights_of_its_seed():
     got = dict(tree_flatten(model.parameters()))
     for k, v in ref.items():
         np.testing.assert_allclose(np.array(got[k]), v.numpy(), atol=1e-6, err_msg=k)
+
+
+def _bench(name, tmp_path, *args):
+    from mad_search import bench
+
+    out = tmp_path / f"bench_{name}.json"
+    assert bench.main([name, *args, f"out={out}"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_mixed_benchmark_runs_every_setup_and_checks_parity(tmp_path):
+    from mad_search.bench import mixed
+
+    result = _bench("mixed", tmp_path, "trials=2", "max_steps=4",
+                    "task_settings={seq_len: 32, num_train_examples: 256, num_test_examples: 64}",
+                    "train={batch_size: 8}", "patterns=[attention swiglu]")
+    setups = result["setups"]
+    assert set(setups) == {"torch", "mlx", "mixed"}
+    assert setups["torch"]["trials_by_backend"] == {"torch": 2}
+    assert setups["mlx"]["trials_by_backend"] == {"mlx": 2}
+    assert setups["mixed"]["trials_by_backend"] == {"torch": 1, "mlx": 1}
+    for rec in setups.values():
+        (table,) = rec["tables"].values()
+        assert table["finite"] and min(table["writes_per_worker"]) > 0
+        assert rec["complete"] == 2
+    assert isinstance(result["mixed_vs_torch_accuracy"], float)
+    assert set(result["parity"]) == {"attention", "swiglu"}
+    assert all(p["max_rel_diff"] < 1e-4 for p in result["parity"].values())
+    assert "mixed - torch" in mixed.table(result)
+
+
+def test_blocks_benchmark_times_mlx_twins_beside_torch_blocks(tmp_path):
+    from mad_search.bench import blocks as bench_blocks
+
+    result = _bench("blocks", tmp_path, "backend=mlx", "blocks=[attention,mlstm]", "d_model=32",
+                    "batch=2", "seq_lens=[16]", "iters=1", "warmup=0", "threads=1",
+                    "study_size=false", "official=false")
+    rows = {(r["block"], r["backend"]): r for r in result["rows"]}
+    assert set(rows) == {(b, k) for b in ("attention", "mlstm") for k in ("torch", "mlx")}
+    for name in ("attention", "mlstm"):
+        twin = rows[(name, "mlx")]
+        assert twin["params"] == rows[(name, "torch")]["params"]
+        assert twin["tokens_per_s"] > 0 and twin["max_output_diff"] < 1e-3
+        assert result["mlx_vs_torch"][name]["d32_b2_s16"] > 0
+    assert result["mlx"]["matmul_gflops"]["mlx"] > 0
+    assert "mlx/torch" in bench_blocks.table(result)

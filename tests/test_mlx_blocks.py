@@ -94,7 +94,9 @@ def test_twin_initialisation_matches_torch(name):
             continue
         tol = 6 * sd / np.sqrt(n) + 1e-6
         assert abs(a.mean() - b.mean()) <= tol, f"{name}.{k}: mean {a.mean():.4g} vs {b.mean():.4g}"
-        assert abs(a.std() - b.std()) <= 0.15 * sd + 1e-6, (
+        # 15% plus sampling error: a few-value parameter (mh_hyena's filter_bias: 8 values) has a
+        # noisy standard deviation even between two torch draws
+        assert abs(a.std() - b.std()) <= (0.15 + 3 / np.sqrt(n)) * sd + 1e-6, (
             f"{name}.{k}: std {a.std():.4g} vs {b.std():.4g}")
 
 

@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, str] = {
     "storage": "mad_search.bench.storage",
     "faults": "mad_search.bench.faults",
     "step": "mad_search.bench.step",
+    "mixed": "mad_search.bench.mixed",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 

@@ -181,6 +181,7 @@ def run_pool(cfg: DictConfig, workdir: Path) -> dict:
         for k in ("rows_per_step", "collision_rate", "staleness_mean")
     }
     rec["worker_restarts"] = summary.get("worker_restarts")
+    rec["tables"] = summary.get("tables")
     return rec
 
 

@@ -1,7 +1,7 @@
 """Blocks benchmark: forward+backward throughput of every registered block, float32, CPU.
 
     python -m mad_search.bench blocks [seq_lens=[128,256]] [iters=9] [threads=2]
-        [study_size=true] [out=PATH]
+        [study_size=true] [backend=torch|mlx] [out=PATH]
 
 Sizes: with ``study_size`` (the default), first the default study's (``+sweep=layer_patterns``:
 its width, batch and input length, where a study spends its time), then ``d_model`` and
@@ -17,6 +17,13 @@ multi-threaded kernels slow down far more than single-threaded ones when cores a
 In the same rounds, the official xLSTM package's mLSTM block (pure-PyTorch parallel backend) and
 sLSTM block (``vanilla`` backend) are timed at the same sizes; ``ratio_vs_official`` is
 ours / official tokens/s (above 1: ours is faster).
+
+``backend=mlx`` adds, in the same rounds, every block's MLX twin holding the torch block's weights
+(forward + backward: gradients of the parameters and the input, evaluated), as rows with
+``backend: mlx``; ``mlx_vs_torch`` is MLX / torch tokens/s per block and size, and
+``max_output_diff`` the largest difference between the two blocks' outputs on the timed input.
+The result also records the matrix-product rates that explain the gaps (``matmul_gflops``: torch
+and MLX, 512 x 512 float32, on the benchmark's threads) and which BLAS MLX used.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "block_options": {},  # extra constructor options per block, e.g. {mlstm: {cell: parallel}}
     "official": True,  # also time the official xlstm blocks, where installed
     "study_size": True,  # also time every block at the default study's width, batch and length
+    "backend": "torch",  # torch | mlx: mlx also times every block's MLX twin beside it
     "seed": 0,
 }
 
@@ -68,6 +76,7 @@ def run(**options: Any) -> dict:
     previous_threads = torch.get_num_threads()
     threads = opts["threads"] or available_cores()
     torch.set_num_threads(threads)
+    mlx = _mlx_setup(threads) if opts["backend"] == "mlx" else None
     sizes = [(opts, seq_len, official_names) for seq_len in opts["seq_lens"]]
     if opts["study_size"]:
         study = _study_size()
@@ -77,6 +86,8 @@ def run(**options: Any) -> dict:
         for size_opts, seq_len, official in sizes:
             entries = [_build_ours(library, name, seq_len, size_opts) for name in names]
             entries += [_build_official(name, seq_len, size_opts) for name in official]
+            if mlx is not None:
+                entries += [_build_twin(e) for e in entries if e["source"] == "mad_search"]
             print(
                 f"timing {len(entries)} blocks at d_model {size_opts['d_model']}, batch "
                 f"{size_opts['batch']}, seq_len {seq_len}: "
@@ -94,6 +105,7 @@ def run(**options: Any) -> dict:
         "official": official_status,
         "rows": rows,
         "ratio_vs_official": _ratios(rows) if official_ok else None,
+        **({"mlx": mlx, "mlx_vs_torch": _mlx_ratios(rows)} if mlx is not None else {}),
     }
 
 
@@ -106,21 +118,34 @@ def table(result: dict) -> str:
         f"conv {cfg['conv_kernel']}, median of {cfg['iters']} "
         f"(warmup {cfg['warmup']}), {cfg['threads']} threads, torch {machine['torch']}"
     )
-    lines = [head, f"official: {result['official']}", ""]
-    cols = ("block", "d_model", "batch", "seq_len", "tokens/s", "ms/iter", "min ms", "params")
-    cols += ("state_size", "ours/official")
+    lines = [head, f"official: {result['official']}"]
+    mlx = result.get("mlx")
+    if mlx:
+        rates = mlx["matmul_gflops"]
+        lines.append(
+            f"mlx {mlx['version']}, BLAS: {mlx['blas']}; 512x512 float32 products: torch "
+            f"{rates['torch']:.1f} GFLOP/s, mlx {rates['mlx']:.1f} GFLOP/s; ratio column of mlx "
+            "rows: mlx/torch"
+        )
+    lines.append("")
+    cols = ("block", "backend", "d_model", "batch", "seq_len", "tokens/s", "ms/iter", "min ms")
+    cols += ("params", "state_size", "ratio")
     width = max([22] + [len(row["block"]) for row in result["rows"]])
-    fmt = "{:<" + str(width) + "} {:>7} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>13}"
+    fmt = "{:<" + str(width) + "} {:>7} {:>7} {:>5} {:>7} {:>10} {:>9} {:>9} {:>9} {:>11} {:>9}"
+    mlx_ratios = result.get("mlx_vs_torch") or {}
     lines.append(fmt.format(*cols))
     lines.append("-" * len(fmt.format(*cols)))
     for row in result["rows"]:
         ratio = None
-        if row["d_model"] == cfg["d_model"] and row["batch"] == cfg["batch"]:
+        if row.get("backend") == "mlx":
+            ratio = mlx_ratios.get(row["block"], {}).get(_size_key(row))
+        elif row["d_model"] == cfg["d_model"] and row["batch"] == cfg["batch"]:
             ratio = ratios.get(row["block"], {}).get(str(row["seq_len"]))
         state = row["state_size"]
         lines.append(
             fmt.format(
                 row["block"],
+                row.get("backend", "torch"),
                 row["d_model"],
                 row["batch"],
                 row["seq_len"],
@@ -159,6 +184,8 @@ def time_rounds(
 
 
 def _one_pass(module: nn.Module, x: torch.Tensor) -> float:
+    if isinstance(module, _Twin):
+        return module.one_pass()
     module.zero_grad(set_to_none=True)
     x.grad = None
     start = time.perf_counter()
@@ -177,6 +204,9 @@ def _measure(entries: list[dict], seq_len: int, opts: dict) -> list[dict]:
     torch.manual_seed(opts["seed"] + seq_len)
     x = torch.randn(opts["batch"], seq_len, opts["d_model"], requires_grad=True)
     modules = [entry.pop("module") for entry in entries]
+    for module in modules:
+        if isinstance(module, _Twin):
+            module.bind(x)
     all_times = time_rounds(modules, x, opts["warmup"], opts["iters"])
     rows = []
     for entry, module, times in zip(entries, modules, all_times):
@@ -184,13 +214,17 @@ def _measure(entries: list[dict], seq_len: int, opts: dict) -> list[dict]:
         rows.append(
             {
                 "block": entry.pop("block"),
+                "backend": entry.pop("backend", "torch"),
                 "d_model": opts["d_model"],
                 "batch": opts["batch"],
                 "seq_len": seq_len,
                 "tokens_per_s": opts["batch"] * seq_len / median,
                 "ms_per_iter": 1000 * median,
                 "ms_min": 1000 * min(times),
-                "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+                "params": module.num_params() if isinstance(module, _Twin) else sum(
+                    p.numel() for p in module.parameters() if p.requires_grad),
+                **({"max_output_diff": module.max_output_diff(x)}
+                   if isinstance(module, _Twin) else {}),
                 **entry,
             }
         )
@@ -215,6 +249,108 @@ def _build_ours(library, name: str, seq_len: int, opts: dict) -> dict:
         "source": "mad_search",
         "options": kwargs,
     }
+
+
+class _Twin:
+    """An MLX twin holding a torch block's weights, timed like a torch module: one pass is the
+    forward and the gradients of its parameters and of the input, evaluated."""
+
+    def __init__(self, torch_block: nn.Module, name: str, seq_len: int, options: dict):
+        import blocks
+        from mad_search.mlx_train import load_torch_state
+
+        self.torch_block = torch_block
+        self.block = blocks.build(name, torch_block.d_model, seq_len, backend="mlx", **options)
+        load_torch_state(self.block, torch_block.state_dict())
+        self.x = None
+
+    def train(self) -> None:
+        pass
+
+    def num_params(self) -> int:
+        return self.block.num_params()
+
+    def bind(self, x: torch.Tensor) -> None:
+        import mlx.core as mx
+
+        block = self.block
+
+        def loss(params, inp):
+            block.update(params)
+            return block(inp).sum()
+
+        self.x = mx.array(x.detach().numpy())
+        self.grad = mx.value_and_grad(loss, argnums=(0, 1))
+
+    def one_pass(self) -> float:
+        import mlx.core as mx
+
+        start = time.perf_counter()
+        value, grads = self.grad(self.block.trainable_parameters(), self.x)
+        mx.eval(value, grads)
+        return time.perf_counter() - start
+
+    def max_output_diff(self, x: torch.Tensor) -> float:
+        import numpy as np
+
+        with torch.no_grad():
+            want = self.torch_block(x).numpy()
+        return float(np.abs(np.array(self.block(self.x)) - want).max())
+
+
+def _build_twin(entry: dict) -> dict:
+    options = {k: v for k, v in entry["options"].items() if k != "cell_used"}
+    return {
+        "block": entry["block"],
+        "backend": "mlx",
+        "module": _Twin(entry["module"], entry["block"], entry["module"].max_len, options),
+        "state_size": entry["state_size"],
+        "source": "mad_search",
+        "options": options,
+    }
+
+
+def _mlx_setup(threads: int) -> dict:
+    """Import the twins (OpenBLAS first, on the benchmark's threads); the version, BLAS and
+    512 x 512 float32 matrix-product rates of torch and MLX."""
+    try:
+        import blocks.mlx  # noqa: F401
+    except ImportError as exc:
+        raise BenchError(f"backend=mlx needs the mlx extra (pip install 'mad-search[mlx]'): "
+                         f"{exc}") from None
+    import mlx.core as mx
+
+    from blocks.mlx import blas
+
+    blas.set_threads(threads)
+    n, reps = 512, 20
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    am, bm = mx.array(a.numpy()), mx.array(b.numpy())
+    rates = {}
+    for name, product in (("torch", lambda: a @ b), ("mlx", lambda: mx.eval(am @ bm))):
+        product()
+        start = time.perf_counter()
+        for _ in range(reps):
+            product()
+        rates[name] = 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    return {"version": mx.__version__, "blas": blas.status, "matmul_gflops": rates}
+
+
+def _size_key(row: dict) -> str:
+    return f"d{row['d_model']}_b{row['batch']}_s{row['seq_len']}"
+
+
+def _mlx_ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """MLX / torch tokens/s per block and size (above 1: the MLX twin is faster)."""
+    torch_rows = {(r["block"], _size_key(r)): r["tokens_per_s"] for r in rows
+                  if r.get("backend", "torch") == "torch"}
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r.get("backend") == "mlx":
+            ref = torch_rows.get((r["block"], _size_key(r)))
+            if ref:
+                out.setdefault(r["block"], {})[_size_key(r)] = r["tokens_per_s"] / ref
+    return out
 
 
 def _build_official(name: str, seq_len: int, opts: dict) -> dict:
@@ -278,6 +414,8 @@ def _validate(opts: dict) -> dict:
     for key in ("warmup", "threads", "conv_kernel"):
         if opts[key] < 0:
             raise BenchError(f"option {key} must be 0 or more, got {opts[key]}")
+    if opts["backend"] not in ("torch", "mlx"):
+        raise BenchError(f"option backend must be torch or mlx, got {opts['backend']!r}")
     if not opts["seq_lens"] or any(s < 1 for s in opts["seq_lens"]):
         raise BenchError(f"option seq_lens must be positive integers, got {opts['seq_lens']}")
     return dict(opts)

@@ -22,11 +22,28 @@ def _recall_data(seed):
     return tasks.as_tensors(ds), tasks.info("in_context_recall", vocab_size=16, seq_len=128)
 
 
-def _train(layers, d_model, lr, max_steps, seed):
+BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.mlx)]
+
+
+def _train(layers, d_model, lr, max_steps, seed, backend="torch"):
+    """Train on recall with either backend: the torch model and :func:`train`, or the MLX
+    model (the blocks' twins) through the same loop (:class:`mad_search.mlx_train.MLXSteps`)."""
     data, info = _recall_data(seed)
+    cfg = _config(lr, max_steps, seed)
+    if backend == "mlx":
+        mlx_train = pytest.importorskip("mad_search.mlx_train")
+        from mad_search.train import run_loop
+
+        mlx_train.mx.random.seed(seed)
+        model = mlx_train.SequenceModel(info.vocab_size, d_model, layers, info.seq_len)
+        return run_loop(mlx_train.MLXSteps(model, cfg, info.num_classes), data, cfg)
     torch.manual_seed(seed)
     model = SequenceModel(info.vocab_size, d_model, layers, info.seq_len)
-    cfg = TrainConfig(
+    return train(model, data, cfg, info.num_classes)
+
+
+def _config(lr, max_steps, seed):
+    return TrainConfig(
         max_steps=max_steps,
         batch_size=32,
         lr=lr,
@@ -41,7 +58,6 @@ def _train(layers, d_model, lr, max_steps, seed):
         progress=False,
         seed=seed,
     )
-    return train(model, data, cfg, info.num_classes)
 
 
 @pytest.mark.slow
@@ -57,18 +73,20 @@ def _train(layers, d_model, lr, max_steps, seed):
         (["mlstm", "mlstm"], 64, 2e-3, 1500),
     ],
 )
-def test_model_learns_in_context_recall(layers, d_model, lr, max_steps):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_model_learns_in_context_recall(layers, d_model, lr, max_steps, backend):
     seed = random.randrange(1000)
-    result = _train(layers, d_model, lr, max_steps, seed)
-    assert result.test_accuracy >= 0.9, (layers, seed, result.history[-3:])
+    result = _train(layers, d_model, lr, max_steps, seed, backend)
+    assert result.test_accuracy >= 0.9, (layers, backend, seed, result.history[-3:])
 
 
 @pytest.mark.slow
-def test_short_convolutions_alone_cannot_recall():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_short_convolutions_alone_cannot_recall(backend):
     """The control for the hybrid above: without attention the model cannot look back far."""
     seed = random.randrange(1000)
-    result = _train(["short_conv", "short_conv"], 64, 3e-3, 300, seed)
-    assert result.test_accuracy < 0.5, (seed, result.history[-3:])
+    result = _train(["short_conv", "short_conv"], 64, 3e-3, 300, seed, backend)
+    assert result.test_accuracy < 0.5, (backend, seed, result.history[-3:])
 
 
 def test_training_reduces_loss_quickly():

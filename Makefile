@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) requirements/bench.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" -c $(CONSTRAINTS)
-	$(PY) -m pip install --quiet -e ".[dev]" -c $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -e ".[dev,mlx]" -c $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --no-deps -r requirements/bench.txt -c $(CONSTRAINTS)
 	touch $@
 

@@ -13,6 +13,9 @@ mx = None  # set by load(): tests skip cleanly when the mlx extra is missing
 
 def load():
     global mx
+    import blocks.mlx  # noqa: F401  (its fast BLAS before MLX)
+
+    # isort: split
     import mlx.core
 
     mx = mlx.core

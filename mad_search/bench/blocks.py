@@ -377,7 +377,8 @@ def _build_official(name: str, seq_len: int, opts: dict) -> dict:
 def _ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
     """ours / official tokens/s per block and sequence length (above 1: ours is faster), at the
     size the official blocks ran at."""
-    speed = {(r["block"], r["d_model"], r["batch"], r["seq_len"]): r["tokens_per_s"] for r in rows}
+    speed = {(r["block"], r["d_model"], r["batch"], r["seq_len"]): r["tokens_per_s"] for r in rows
+             if r.get("backend", "torch") == "torch"}
     ratios: dict[str, dict[str, float]] = {}
     for (block, *size), official in speed.items():
         if block.startswith(OFFICIAL_PREFIX):

@@ -10,15 +10,20 @@ from pathlib import Path
 import torch
 
 from mad_search import tasks
+from mad_search.backend import train_plan
 from mad_search.model import count_params
 from mad_search.plan import RunPlan
-from mad_search.train import train_plan
 
 
 def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     """Train ``plan``'s layer sequence on its task; write and return ``results.json``'s content."""
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    if plan.backend == "mlx":  # MLX's matrix products (OpenBLAS on Linux): the same threads
+        from blocks.mlx import blas
+        from mad_search.settings import available_cores
+
+        blas.set_threads(plan.threads or available_cores())
     if plan.device.startswith("cuda") and not torch.cuda.is_available():
         from mad_search.config import ConfigError
 

@@ -285,7 +285,6 @@ def train_plan(
     seed: int | None = None,
     device: str | None = None,
     build_lock: contextlib.AbstractContextManager | None = None,
-    mlx_init: str = "mlx",
 ) -> tuple[nn.Module, TrainResult]:
     """Build ``plan``'s model and train it on ``data``; returns the trained model and the result.
 
@@ -293,16 +292,9 @@ def train_plan(
     ``build_lock`` is held while seeding and building, for callers that build models in several
     threads of one process (the RNG is process-wide). ``embedding`` replaces the model's own
     embedding and its ``apply_update`` replaces the embedding optimiser's step. ``device``
-    defaults to ``plan.device``. A plan with ``backend="mlx"`` is trained by
-    :func:`mad_search.mlx_train.train_plan_mlx` (``embedding`` then an MLX table embedding;
-    ``mlx_init="torch"``: the weights the torch model would start from with this seed).
+    defaults to ``plan.device``. (:func:`mad_search.backend.train_plan` picks this or the MLX
+    trainer by ``plan.backend``.)
     """
-    if plan.backend == "mlx":
-        from mad_search.mlx_train import train_plan_mlx
-
-        with build_lock or contextlib.nullcontext():
-            return train_plan_mlx(plan, data, embedding=embedding, on_eval=on_eval, seed=seed,
-                                  init=mlx_init)
     with build_lock or contextlib.nullcontext():
         torch.manual_seed(plan.seed if seed is None else seed)
         model = build_model(plan)

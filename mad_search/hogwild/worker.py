@@ -2,7 +2,7 @@
 
 Each trial builds its own blocks, norms and head (private to this process) and attaches the shared
 embedding table of its task (:class:`~mad_search.hogwild.table.TableEmbedding`), through
-:func:`mad_search.train.train_plan` like every other run. Workers never open the Optuna storage:
+:func:`mad_search.backend.train_plan` like every other run. Workers never open the Optuna storage:
 everything goes through their pipe to the coordinator, in the messages of
 :mod:`mad_search.hogwild.messages`.
 """
@@ -43,7 +43,8 @@ def share_task_data(data: dict) -> dict:
 def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
-    from mad_search.train import Diverged, train_plan
+    from mad_search.backend import train_plan
+    from mad_search.train import Diverged
 
     hog = job.hogwild
     for module in job.block_modules:

@@ -286,5 +286,5 @@ def train_plan_mlx(
         model.embedding = embedding
     plan.train.validate()
     result = run_loop(MLXSteps(model, plan.train, plan.task_info.num_classes), data, plan.train,
-                      on_eval)
+                      on_eval, plan.task_info)
     return model, result

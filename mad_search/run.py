@@ -52,9 +52,15 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / "results.json"
     path.write_text(json.dumps(out, indent=2))
+    judged = (
+        f"val_loss {out['val_loss']:.4f} | perplexity {out['val_perplexity']:.2f}"
+        + (f" | bits/byte {out['val_bits_per_byte']:.3f}" if out["val_bits_per_byte"] else "")
+        + f" | test_loss {out['test_loss']:.4f}"
+        if out["selected_by"] == "loss"
+        else f"val_accuracy {out['val_accuracy']:.4f} | test_accuracy {out['test_accuracy']:.4f}"
+    )
     print(
-        f"params {out['params']:,} | state {out['state_size']:,} floats | "
-        f"val_accuracy {out['val_accuracy']:.4f} | test_accuracy {out['test_accuracy']:.4f} | "
+        f"params {out['params']:,} | state {out['state_size']:,} floats | {judged} | "
         f"steps {out['steps']} | {out['tokens_per_s']:,.0f} tokens/s | results: {path}"
     )
     return out

@@ -49,6 +49,10 @@ class TrainConfig:
     eval_every: int = 100
     eval_batch_size: int = 256
     target_accuracy: float = 0.999
+    # what picks the checkpoint and stops early: auto (the task's objective: validation accuracy
+    # for the MAD tasks, validation loss for language modelling) | accuracy | loss
+    select: str = "auto"
+    target_loss: float | None = None  # with loss selection: stop once validation loss <= this
     accuracy: str = "macro"  # macro (mad-lab) | micro
     embedding_optimizer: str = (
         "adamw"  # adamw (dense, in the block optimiser) | sgd | adagrad | sparse_adam
@@ -90,6 +94,14 @@ class TrainConfig:
             )
         if not 0 < self.backoff_beta < 1:
             raise ValueError(f"train.backoff_beta must be in (0, 1), got {self.backoff_beta!r}")
+        if self.select not in ("auto", "accuracy", "loss"):
+            raise ValueError(
+                f"train.select must be auto, accuracy or loss, got {self.select!r}"
+            )
+        if self.target_loss is not None and not self.target_loss > 0:
+            raise ValueError(
+                f"train.target_loss must be positive or null, got {self.target_loss!r}"
+            )
         if self.accuracy not in ("macro", "micro"):
             raise ValueError(f"train.accuracy must be 'macro' or 'micro', got {self.accuracy!r}")
         if self.warmup_steps < 0 or self.min_lr < 0 or self.grad_clip < 0:
@@ -142,11 +154,17 @@ class TrainResult:
     best_step: int
     tokens_per_s: float
     train_seconds: float
-    stopped: str  # max_steps | target_accuracy | callback
+    stopped: str  # max_steps | target_accuracy | target_loss | callback
     history: list[dict] = field(default_factory=list)
     # the test split under both averages (``test_accuracy`` is the configured one)
     test_accuracy_macro: float | None = None
     test_accuracy_micro: float | None = None
+    selected_by: str = "accuracy"  # what picked the checkpoint: accuracy | loss
+    # language modelling: exp(loss) and, where a token is a fixed number of bytes, bits per byte
+    val_perplexity: float | None = None
+    test_perplexity: float | None = None
+    val_bits_per_byte: float | None = None
+    test_bits_per_byte: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -308,6 +326,7 @@ def train_plan(
         on_eval=on_eval,
         device=plan.device if device is None else device,
         embedding_step=embedding.apply_update if embedding is not None else None,
+        task_info=plan.task_info,
     )
     return model, result
 
@@ -320,6 +339,7 @@ def train(
     on_eval: EvalCallback | None = None,
     device: str | torch.device = "cpu",
     embedding_step: Callable[[float], None] | None = None,
+    task_info: object | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data['train']``, select on ``validation``, report ``test``.
 
@@ -329,7 +349,7 @@ def train(
     """
     cfg.validate()
     return run_loop(TorchSteps(model, cfg, num_classes, device, embedding_step), data, cfg,
-                    on_eval)
+                    on_eval, task_info)
 
 
 class Steps(Protocol):
@@ -391,10 +411,15 @@ def run_loop(
     data: dict[str, tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     on_eval: EvalCallback | None = None,
+    task_info: object | None = None,
 ) -> TrainResult:
     """The training loop every backend shares: seeded batch order, the step-size schedule,
-    validation every ``cfg.eval_every`` steps, early stop at the target accuracy or when
-    ``on_eval`` says so, and test metrics at the best validation checkpoint."""
+    validation every ``cfg.eval_every`` steps, early stop at the target accuracy (or, selecting
+    by loss, the target loss) or when ``on_eval`` says so, and test metrics at the best
+    validation checkpoint: the highest accuracy, or the lowest loss where ``cfg.select`` (or, on
+    auto, the task's objective in ``task_info``) says loss."""
+    by_loss = selects_by_loss(cfg, task_info)
+    bytes_per_token = getattr(task_info, "bytes_per_token", None)
     x_train, y_train = data["train"]
     n_train = x_train.shape[0]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -405,7 +430,7 @@ def run_loop(
         return lr_factor(step - 1, schedule, cfg.max_steps, cfg.warmup_steps, min_ratio,
                          cfg.backoff_steps, cfg.backoff_beta)
 
-    best = {"accuracy": -1.0, "step": 0, "state": None, "metrics": None}
+    best = {"score": -math.inf, "step": 0, "state": None, "metrics": None}
     history: list[dict] = []
     stopped = "max_steps"
     train_time, tokens = 0.0, 0
@@ -427,12 +452,12 @@ def run_loop(
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / train_time:,.0f}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            metrics = steps.evaluate(*data["validation"])
+            metrics = lm_metrics(steps.evaluate(*data["validation"]), bytes_per_token)
             metrics.update(step=step, train_loss=loss, tokens_per_s=tokens / train_time)
             history.append(metrics)
-            if metrics["accuracy"] > best["accuracy"]:
-                best.update(accuracy=metrics["accuracy"], step=step, metrics=metrics,
-                            state=steps.snapshot())
+            score = -metrics["loss"] if by_loss else metrics["accuracy"]
+            if score > best["score"]:
+                best.update(score=score, step=step, metrics=metrics, state=steps.snapshot())
             if bar is not None:
                 bar.write(
                     f"step {step}: val_loss {metrics['loss']:.4f} val_acc {metrics['accuracy']:.4f}"
@@ -440,7 +465,10 @@ def run_loop(
             # Every validation is reported (the learning curve ends where training did); a
             # run that reached the target stops for that reason, whatever the callback says.
             stop = on_eval is not None and on_eval(step, metrics)
-            if metrics["accuracy"] >= cfg.target_accuracy:
+            if by_loss and cfg.target_loss is not None and metrics["loss"] <= cfg.target_loss:
+                stopped = "target_loss"
+                break
+            if not by_loss and metrics["accuracy"] >= cfg.target_accuracy:
                 stopped = "target_accuracy"
                 break
             if stop:
@@ -451,7 +479,7 @@ def run_loop(
 
     if best["state"] is not None:
         steps.restore(best["state"])
-    test = steps.evaluate(*data["test"])
+    test = lm_metrics(steps.evaluate(*data["test"]), bytes_per_token)
     val = best["metrics"] or {"accuracy": float("nan"), "loss": float("nan")}
     return TrainResult(
         val_accuracy=val["accuracy"],
@@ -466,7 +494,30 @@ def run_loop(
         history=history,
         test_accuracy_macro=test["accuracy_macro"],
         test_accuracy_micro=test["accuracy_micro"],
+        selected_by="loss" if by_loss else "accuracy",
+        val_perplexity=val.get("perplexity"),
+        test_perplexity=test.get("perplexity"),
+        val_bits_per_byte=val.get("bits_per_byte"),
+        test_bits_per_byte=test.get("bits_per_byte"),
     )
+
+
+def selects_by_loss(cfg: TrainConfig, task_info: object | None = None) -> bool:
+    """Whether the validation loss (not accuracy) picks the checkpoint and stops early."""
+    if cfg.select != "auto":
+        return cfg.select == "loss"
+    return getattr(task_info, "objective", "accuracy") == "loss"
+
+
+def lm_metrics(metrics: dict, bytes_per_token: float | None = None) -> dict:
+    """``metrics`` plus perplexity (exp of the mean cross entropy in nats), bits per token and,
+    where a token is a fixed number of bytes, bits per byte."""
+    loss = metrics["loss"]
+    metrics["perplexity"] = math.exp(min(loss, 700.0))
+    metrics["bits_per_token"] = loss / math.log(2)
+    if bytes_per_token:
+        metrics["bits_per_byte"] = metrics["bits_per_token"] / bytes_per_token
+    return metrics
 
 
 def _progress(cfg: TrainConfig):

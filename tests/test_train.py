@@ -138,3 +138,90 @@ def test_the_validation_that_reaches_the_target_is_reported_too():
     seen = []
     res = train(model, _tiny_data(), cfg, 8, on_eval=lambda step, m: seen.append(step) or True)
     assert res.stopped == "target_accuracy" and seen == [5] and res.steps == 5
+
+
+class _ScriptedSteps:
+    """A backend whose validation metrics follow a script (fake results for the loop's
+    selection logic); the state is the step of the last training step."""
+
+    def __init__(self, script):
+        self.script, self.evals, self.at = list(script), 0, 0
+
+    def step(self, inputs, targets, factor, emb_factor, step):
+        self.at = step
+        return 1.0
+
+    def evaluate(self, inputs, targets):
+        if inputs.shape[0] == 7:  # the test split: report where the weights are
+            return {"accuracy": 0.0, "accuracy_macro": 0.0, "accuracy_micro": 0.0,
+                    "loss": float(self.at)}
+        acc, loss = self.script[self.evals]
+        self.evals += 1
+        return {"accuracy": acc, "accuracy_macro": acc, "accuracy_micro": acc, "loss": loss}
+
+    def snapshot(self):
+        return self.at
+
+    def restore(self, state):
+        self.at = state
+
+
+def _scripted_data():
+    x = torch.zeros(16, 4, dtype=torch.long)
+    return {"train": (x, x), "validation": (x[:5], x[:5]), "test": (x[:7], x[:7])}
+
+
+@pytest.mark.parametrize("select,objective,want_step", [
+    ("auto", "accuracy", 20), ("auto", "loss", 40), ("loss", "accuracy", 40),
+    ("accuracy", "loss", 20),
+])
+def test_the_loop_selects_by_the_tasks_objective_or_the_setting(select, objective, want_step):
+    """Accuracy peaks at step 20, loss bottoms out at step 40: the checkpoint (and the test
+    metrics) follow the configured choice, and the result says which."""
+    import random
+
+    from mad_search.tasks.task import TaskInfo
+    from mad_search.train import run_loop
+
+    script = [(0.5, 3.0), (0.9, 2.5), (0.6, 2.0), (0.4, 1.5), (0.3, 1.9)]
+    lift = random.uniform(0, 0.05)  # fresh numbers, same order
+    script = [(a + lift, b + lift) for a, b in script]
+    script[4] = (script[4][0], script[3][1] + 0.4)
+    cfg = TrainConfig(max_steps=50, batch_size=4, eval_every=10, select=select, progress=False,
+                      target_accuracy=2.0)
+    info = TaskInfo(vocab_size=8, seq_len=4, objective=objective)
+    result = run_loop(_ScriptedSteps(script), _scripted_data(), cfg, task_info=info)
+    # the scripted minimum of the loss is at the 4th validation (step 40)
+    want = 40 if (select == "loss" or (select == "auto" and objective == "loss")) else 20
+    assert want == want_step
+    assert result.best_step == want and result.test_loss == float(want)
+    assert result.selected_by == ("loss" if want == 40 else "accuracy")
+    assert result.val_perplexity == pytest.approx(math.exp(result.val_loss))
+
+
+def test_target_loss_stops_training_and_bits_per_byte_follow_the_loss():
+    from mad_search.tasks.task import TaskInfo
+    from mad_search.train import run_loop
+
+    script = [(0.1, 3.0), (0.1, 2.0), (0.1, 0.9), (0.1, 0.5)]
+    cfg = TrainConfig(max_steps=40, batch_size=4, eval_every=10, target_loss=1.0, progress=False)
+    info = TaskInfo(vocab_size=257, seq_len=4, objective="loss", bytes_per_token=1.0)
+    result = run_loop(_ScriptedSteps(script), _scripted_data(), cfg, task_info=info)
+    assert result.stopped == "target_loss" and result.steps == 30
+    assert result.val_bits_per_byte == pytest.approx(0.9 / math.log(2))
+    assert [h["bits_per_token"] for h in result.history] == pytest.approx(
+        [v / math.log(2) for _, v in script[:3]])
+
+
+def test_text_task_is_judged_by_loss_and_knows_bytes_per_token():
+    from mad_search import tasks
+
+    assert tasks.info("text").objective == "loss"
+    assert tasks.info("text").bytes_per_token == 1.0
+    assert tasks.info("text", tokenizer="word", vocab_size=512).bytes_per_token is None
+    assert tasks.info("in_context_recall").objective == "accuracy"
+
+
+def test_bad_select_setting_is_one_line():
+    with pytest.raises(ValueError, match="train.select must be auto, accuracy or loss"):
+        TrainConfig(select="perplexity").validate()

@@ -36,12 +36,19 @@ class TaskInfo:
     ``seq_len``: length of every ``inputs`` row (and ``targets`` row).
     ``encoder_decoder``: True only for compression (reconstruct the whole input).
     ``num_classes``: classes for the accuracy metric (mad-lab: the model's vocabulary).
+    ``objective``: what judges a run: ``accuracy`` (validation accuracy, higher is better: the
+    MAD tasks) or ``loss`` (validation cross entropy, lower is better: language modelling, where
+    accuracy over thousands of word classes says little).
+    ``bytes_per_token``: bytes of text per token where it is fixed (1 for the byte tokenizer), for
+    bits per byte; None where it varies (words, BPE).
     """
 
     vocab_size: int
     seq_len: int
     encoder_decoder: bool = False
     num_classes: int = 0
+    objective: str = "accuracy"
+    bytes_per_token: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes == 0:

@@ -386,7 +386,10 @@ def text() -> Task:
         name=NAME,
         defaults=DEFAULTS,
         check=_check,
-        info=lambda s: TaskInfo(vocab_size=s["vocab_size"], seq_len=s["seq_len"]),
+        info=lambda s: TaskInfo(
+            vocab_size=s["vocab_size"], seq_len=s["seq_len"], objective="loss",
+            bytes_per_token=1.0 if s["tokenizer"] == "byte" else None,
+        ),
         splits=_splits,
         identity=_identity,
     )

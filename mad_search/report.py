@@ -49,13 +49,21 @@ def first_value(t: optuna.trial.FrozenTrial) -> float | None:
     return t.values[0] if t.values else None
 
 
+def _sign(study: optuna.Study) -> float:
+    """+1 where the (first) objective is maximised, -1 where it is minimised (a loss)."""
+    return -1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else 1.0
+
+
 def leaderboard(
-    study: optuna.Study, top: int = 15, labels: tuple[str, str] = ("val acc", "test acc")
+    study: optuna.Study, top: int = 15, labels: tuple[str, str] = ("val acc", "test acc"),
+    test_key: str = "test_accuracy",
 ) -> str:
-    """The best complete trials by (first) objective; ``labels`` name its value and the test
-    column (``MAD val`` / ``MAD test`` for a protocol-scored sweep)."""
+    """The best complete trials by (first) objective, in its direction; ``labels`` name its
+    value and the test column (``MAD val`` / ``MAD test`` for a protocol-scored sweep, ``val
+    loss`` / ``test loss`` for language modelling), ``test_key`` the user attr of the latter."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    done.sort(key=lambda t: (-(first_value(t) or 0.0), t.number))
+    sign = _sign(study)
+    done.sort(key=lambda t: (-sign * (first_value(t) or 0.0), t.number))
     header = (
         f"{'#':>4}  {'pattern':<34} {'params':>9} {'state':>9} {labels[0]:>8} "
         f"{labels[1]:>8} {'tok/s':>8}"
@@ -66,7 +74,7 @@ def leaderboard(
         lines.append(
             f"{t.number:>4}  {str(a.get('pattern', '?'))[:34]:<34} {a.get('params', 0):>9,} "
             f"{a.get('state_size', 0):>9,} {first_value(t):>8.4f} "
-            f"{a.get('test_accuracy', float('nan')):>8.4f} "
+            f"{a.get(test_key, float('nan')):>8.4f} "
             f"{a.get('tokens_per_s', 0):>8,.0f}"
         )
     counts = {
@@ -196,7 +204,8 @@ def write_learning_curves(study: optuna.Study, path: Path) -> list[str]:
         if t.intermediate_values
     ]
     last = {t.number: t.intermediate_values[max(t.intermediate_values)] for t in curves}
-    named = set(sorted(last, key=lambda n: -last[n])[:LEGEND_MAX])
+    sign = _sign(study)
+    named = set(sorted(last, key=lambda n: -sign * last[n])[:LEGEND_MAX])
     colours = plt.get_cmap("tab20")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = []
@@ -264,9 +273,12 @@ def finish(
     interrupted: bool = False,
 ) -> dict:
     protocol = sweep.objectives[0] == "mad_score"
-    board = leaderboard(
-        study, labels=("MAD val", "MAD test") if protocol else ("val acc", "test acc")
-    )
+    if protocol:
+        board = leaderboard(study, labels=("MAD val", "MAD test"))
+    elif sweep.objectives[0] == "val_loss":
+        board = leaderboard(study, labels=("val loss", "test loss"), test_key="test_loss")
+    else:
+        board = leaderboard(study)
     print("\n" + board)
     write_csv(study, out_dir / "results.csv")
     plots = write_plots(study, out_dir)

@@ -650,6 +650,8 @@ def _flat_attrs(result: dict) -> dict:
     for key in (
         "val_accuracy",
         "test_accuracy",
+        "val_loss",
+        "test_loss",
         "tokens_per_s",
         "params",
         "state_size",
@@ -667,7 +669,8 @@ def _flat_attrs(result: dict) -> dict:
     for key, value in (result.get("hogwild") or {}).items():
         out[f"hogwild.{key}"] = value
     for t in result.get("tasks") or []:
-        for key in ("val_accuracy", "test_accuracy", "steps", "tokens_per_s", "stopped"):
+        for key in ("val_accuracy", "test_accuracy", "val_loss", "steps", "tokens_per_s",
+                    "stopped"):
             out[f"{t['task']}.{key}"] = t[key]
     return out
 

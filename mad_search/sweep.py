@@ -25,10 +25,11 @@ from mad_search import space as space_mod
 from mad_search import tasks
 from mad_search.config import check_pool_backends, resolve, to_plain
 from mad_search.errors import ConfigError
-from mad_search.jobs import JobSource
+from mad_search.jobs import JobSource, TrialOutcome
 from mad_search.plan import RunPlan
 from mad_search.settings import HogwildSettings, StudySettings, packaged_config
 from mad_search.storage import StudyStorage
+from mad_search.train import selects_by_loss
 
 # Settings a single run honours that a sweep does not (the pool decides them), with the value
 # that means "not set" and what to use instead. Setting one in a sweep is refused, not ignored.
@@ -77,6 +78,26 @@ class SweepPlan(JobSource):
         """The trial's run plans (one per task) from the sampler's suggestions; a
         ``UserError`` for a suggestion that cannot be built."""
         return plans_for(self.cfg, self.task_cfgs, space_mod.suggest(trial, self.space))
+
+    def outcome(self, trial: optuna.Trial, result: dict) -> TrialOutcome:
+        """Validation accuracy, or validation loss where the tasks are judged by loss (the mean
+        over the trial's tasks either way)."""
+        return TrialOutcome(values=[result[self.objectives[0]]])
+
+
+def sweep_objective(plans: list[RunPlan]) -> tuple[str, str]:
+    """(objective, direction) of a sweep whose trials train ``plans``: validation accuracy
+    (maximise), or validation loss (minimise) where every task is judged by loss (language
+    modelling, or ``train.select=loss``); tasks judged differently cannot share one study."""
+    by_loss = {selects_by_loss(p.train, p.task_info) for p in plans}
+    if len(by_loss) > 1:
+        names = sorted({p.task_name for p in plans if selects_by_loss(p.train, p.task_info)})
+        raise ConfigError(
+            f"study.tasks mixes tasks judged by loss ({', '.join(names)}) with tasks judged by "
+            "accuracy; one study has one objective: run them as separate studies, or set "
+            "train.select for all"
+        )
+    return ("val_loss", "minimize") if by_loss == {True} else ("val_accuracy", "maximize")
 
 
 def _params(trial: optuna.trial.FrozenTrial) -> dict:
@@ -245,7 +266,10 @@ def validate_sweep(cfg: DictConfig, plans=None) -> SweepPlan:
                 layers = space_mod.parse(spec, blocks.names())
                 probe_plans += plans(cfg, tasks_, {"model.pattern": layers, **settings})
     check_pool_backends(hogwild, probe_plans)
+    objective, direction = sweep_objective(probe_plans)
     return SweepPlan(
+        objectives=(objective,),
+        directions=(direction,),
         cfg=cfg,
         space=search,
         task_cfgs=tasks_,

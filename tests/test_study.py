@@ -437,3 +437,34 @@ def test_cuda_workers_keep_the_table_in_cpu_shared_memory(tmp_path):
     assert all(t.user_attrs["device"] == "cuda" and t.user_attrs["table_is_shared"] for t in done)
     (table,) = summary["tables"].values()
     assert table["finite"] and min(table["writes_per_worker"]) > 0
+
+
+def test_language_modelling_study_minimises_validation_loss(tmp_path, capsys):
+    """On the text task a trial is judged, pruned and ranked by validation loss (lower is
+    better): the study minimises it, each trial's value is its val_loss attr, intermediate
+    values are losses, and the leaderboard lists the lowest first."""
+    cfg = _cfg(tmp_path, "task=text", "train.max_steps=20", "search.params={}", n_trials=3,
+               search={"pattern": {"kind": "choice", "choices": ["attention", "short_conv",
+                                                                 "swiglu"]}})
+    run_study(cfg, tmp_path / "run")
+    study = _study(tmp_path)
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3
+    for t in done:
+        assert t.value == pytest.approx(t.user_attrs["val_loss"])
+        assert t.value == pytest.approx(min(t.intermediate_values.values()))  # the best checkpoint
+        assert t.value > 1.0  # a loss in nats, not an accuracy
+    board = capsys.readouterr().out
+    assert "val loss" in board
+    ranked = sorted(done, key=lambda t: t.value)
+    positions = [board.index(f"\n{t.number:>4}  ") for t in ranked]
+    assert positions == sorted(positions)
+
+
+def test_tasks_judged_differently_cannot_share_a_study(tmp_path):
+    cfg = _cfg(tmp_path, "search.params={}")
+    with open_dict(cfg):
+        cfg.study.tasks = ["in_context_recall", "text"]
+    with pytest.raises(ConfigError, match="mixes tasks judged by loss \\(text\\)"):
+        validate_sweep(cfg)

@@ -50,7 +50,8 @@ class Ready:
 
 @dataclass(frozen=True)
 class Report:
-    """Validation accuracy of trial ``number`` at ``step`` (steps count across its tasks)."""
+    """Validation accuracy (validation loss for a task judged by loss) of trial ``number`` at
+    ``step`` (steps count across its tasks)."""
 
     number: int
     step: int

@@ -44,7 +44,7 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     """Train every task of ``job``; returns (status, result) with status done | pruned."""
     import blocks
     from mad_search.backend import train_plan
-    from mad_search.train import Diverged
+    from mad_search.train import Diverged, selects_by_loss
 
     hog = job.hogwild
     for module in job.block_modules:
@@ -75,8 +75,10 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
         else:
             emb = TableEmbedding(table, writer, hog.lr, hog.max_nonfinite)
 
-        def on_eval(step: int, metrics: dict, _off=offset) -> bool:
-            conn.send(Report(job.number, _off + step, float(metrics["accuracy"])))
+        judged_by = "loss" if selects_by_loss(plan.train, plan.task_info) else "accuracy"
+
+        def on_eval(step: int, metrics: dict, _off=offset, _key=judged_by) -> bool:
+            conn.send(Report(job.number, _off + step, float(metrics[_key])))
             verdict: Verdict = conn.recv()
             return verdict.prune
 
@@ -106,6 +108,7 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
                 "val_accuracy": res.val_accuracy,
                 "test_accuracy": res.test_accuracy,
                 "val_loss": res.val_loss,
+                "test_loss": res.test_loss,
                 "steps": res.steps,
                 "tokens_per_s": res.tokens_per_s,
                 "train_seconds": res.train_seconds,
@@ -125,6 +128,8 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
     result.update(
         val_accuracy=sum(t["val_accuracy"] for t in per_task) / n,
         test_accuracy=sum(t["test_accuracy"] for t in per_task) / n,
+        val_loss=sum(t["val_loss"] for t in per_task) / n,
+        test_loss=sum(t.get("test_loss", float("nan")) for t in per_task) / n,
         tokens_per_s=sum(t["tokens_per_s"] for t in per_task) / n,
         params=per_task[0]["params"],
         state_size=per_task[0]["state_size"],

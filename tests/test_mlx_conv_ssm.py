@@ -198,6 +198,138 @@ def test_selective_scan_matches_torch_reference(chunk):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+# --- the mamba twin's fast paths: custom VJPs against MLX autodiff, kernels against float64 ---
+
+def _scan_inputs(batch, seq, inner, state, strong):
+    """Random scan inputs; ``strong``: steps up to 6 and |A| up to e^4 (decays down to underflow
+    inside one step), else the mild decays of a freshly initialised block."""
+    def draw(*shape):
+        return RNG.standard_normal(shape).astype(np.float32)
+
+    delta = RNG.uniform(0.0, 6.0 if strong else 0.2, (batch, seq, inner)).astype(np.float32)
+    A = -np.exp(RNG.uniform(-3.0, 4.0 if strong else 1.0, (inner, state))).astype(np.float32)
+    u, D = draw(batch, seq, inner), draw(inner)
+    B, C = draw(batch, seq, state), draw(batch, seq, state)
+    return [mx.array(v) for v in (u, delta, A, B, C, D)]
+
+
+def _assert_close_to(want, got, what, rtol=1e-4):
+    want, got = P.to_np(want), P.to_np(got)
+    assert want.shape == got.shape, what
+    scale = max(float(np.abs(want).max()), 1e-12)
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["mild", "strong"])
+@pytest.mark.parametrize("seq", [1, 2, 17, 46])
+def test_mamba_scan_backward_matches_autodiff(seq, strong):
+    """The twin's step-by-step scan (compiled kernels, hand-written backward) against MLX
+    autodiff of the plain step loop: the value and every gradient, for chunk lengths that do
+    and do not divide the length (the twin's result does not depend on the chunk)."""
+    args = _scan_inputs(2, seq, 5, 4, strong)
+    cot = mx.array(RNG.standard_normal((2, seq, 5)).astype(np.float32))
+
+    def loss(scan):
+        return lambda *a: (scan(*a) * cot).sum()
+
+    argnums = tuple(range(len(args)))
+    want_value, want = mx.value_and_grad(loss(mlx_mamba.selective_scan_reference), argnums)(*args)
+    for chunk in (None, 1, 3, 7):
+        scan = loss(lambda *a, chunk=chunk: mlx_mamba.selective_scan(*a, chunk=chunk))
+        value, got = mx.value_and_grad(scan, argnums)(*args)
+        _assert_close_to(want_value, value, f"value, chunk {chunk}")
+        for name, w, g in zip(("u", "delta", "A", "B", "C", "D"), want, got):
+            _assert_close_to(w, g, f"gradient of {name}, chunk {chunk}")
+
+
+def test_mamba_fast_exp_and_activations_match_float64():
+    """exp(x <= 0) from float32 arithmetic, and SiLU, softplus and y * SiLU(z) built on it (values
+    and gradients), against float64, compiled and as a plain graph of ops: relative error a few
+    1e-6 at most, no overflow or NaN at the ends of the float32 range."""
+    ends = [0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 20, -20, 87, -87, 88, -88, 90, -90, 1e4, -1e4,
+            3e38, -3e38]
+    x32 = np.concatenate([RNG.standard_normal(3000) * 10, ends]).astype(np.float32)
+    x = x32.astype(np.float64)
+    with np.errstate(over="ignore"):
+        sig = 1.0 / (1.0 + np.exp(-x))
+    want_exp = np.exp(-np.abs(x))
+    for exp in (mlx_mamba._exp_nonpositive, mx.compile(mlx_mamba._exp_nonpositive)):
+        got = P.to_np(exp(mx.array(-np.abs(x32)))).astype(np.float64)
+        assert np.all(np.abs(got - want_exp) <= 4e-6 * want_exp + 1e-7)
+        assert np.all(got[np.abs(x) > 88] == 0)
+
+    def check(fn, args, want_value, want_grads):
+        grads = mx.grad(lambda *a: fn(*a).sum(), list(range(len(args))))(*args)
+        grads = grads if len(args) > 1 else [grads]  # one argument: the gradient comes bare
+        for what, w, g in (("value", want_value, fn(*args)), *zip(("grad", "grad"), want_grads,
+                                                                    grads)):
+            g = P.to_np(g).astype(np.float64)
+            ok = np.abs(w) < 3e38  # (y * silu(z) can overflow float32 at z ~ 3e38)
+            assert np.all(np.isfinite(g[ok])), f"{fn.__name__} {what}"
+            # values: relative error, even where tiny; derivatives: also float32's cancellation
+            # in 1 + z (1 - sigmoid(z)) near its zero
+            floor = 1e-30 if what == "value" else 3e-8
+            np.testing.assert_array_less(np.abs(g - w)[ok], 5e-6 * np.abs(w)[ok] + floor,
+                                         err_msg=f"{fn.__name__} {what}")
+
+    silu = x * sig
+    dsilu = sig * (1 + x * (1 - sig))
+    softplus = np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+    y32 = RNG.standard_normal(x32.shape).astype(np.float32)
+    y = y32.astype(np.float64)
+    xm, ym = mx.array(x32), mx.array(y32)
+    plain = {k: v for k, v in mlx_mamba._KERNELS.items()}
+    compiled = mlx_mamba._compiled
+    try:
+        for kernels in (plain, None):
+            if kernels is not None:
+                mlx_mamba._compiled = kernels
+            check(mlx_mamba.silu, [xm], silu, [dsilu])
+            check(mlx_mamba.softplus, [xm], softplus, [sig])
+            check(mlx_mamba.gate, [ym, xm], y * silu, [silu, y * dsilu])
+            mlx_mamba._compiled = compiled
+    finally:
+        mlx_mamba._compiled = compiled
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 4, 7])
+def test_mamba_conv_backward_matches_autodiff(kernel):
+    from blocks.mlx.ops import causal_depthwise_conv
+
+    for seq in (3, _odd_length()):
+        x = mx.array(RNG.standard_normal((2, seq, 6)).astype(np.float32))
+        w = mx.array(RNG.standard_normal((6, 1, kernel)).astype(np.float32))
+        c = mx.array(RNG.standard_normal((2, seq, 6)).astype(np.float32))
+        want = mx.value_and_grad(lambda a, b, c: (causal_depthwise_conv(a, b) * c).sum(), (0, 1))
+        got = mx.value_and_grad(lambda a, b, c: (mlx_mamba.causal_conv(a, b) * c).sum(), (0, 1))
+        (wv, (wx, ww)), (gv, (gx, gw)) = want(x, w, c), got(x, w, c)
+        for what, a, b in (("value", wv, gv), ("dx", wx, gx), ("dweight", ww, gw)):
+            _assert_close_to(a, b, f"{what}, kernel {kernel}, seq {seq}", rtol=1e-5)
+
+
+def test_mamba_matches_torch_without_compiled_kernels():
+    """Where mx.compile cannot run (no C++ compiler), the same kernels run as plain ops."""
+    compiled = mlx_mamba._compiled
+    mlx_mamba._compiled = dict(mlx_mamba._KERNELS)
+    try:
+        _check("mamba", {}, lengths=(_odd_length(),))
+    finally:
+        mlx_mamba._compiled = compiled
+
+
+def test_mamba_inside_mx_compile_matches_eager():
+    """Inside mx.compile nothing can be evaluated early: the traced path, same output and input
+    gradient."""
+    mblock = blocks.build("mamba", D_MODEL, MAX_LEN, backend="mlx")
+    x = mx.array(RNG.standard_normal((2, _odd_length(), D_MODEL)).astype(np.float32))
+
+    def grad(v):
+        return mx.grad(lambda a: (mblock(a) ** 2).sum())(v)
+
+    _assert_close_to(mblock(x), mx.compile(mblock)(x), "output", rtol=1e-5)
+    _assert_close_to(grad(x), mx.compile(grad)(x), "input gradient", rtol=1e-5)
+
+
 # --- initialisation under non-default options ---------------------------------------------------
 
 def _flat(tree):

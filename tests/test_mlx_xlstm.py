@@ -352,6 +352,150 @@ def test_slstm_cell_gate_order_is_i_f_z_o():
     assert_close_rel("output", y, ms.slstm_scan(P.to_mx(wx), P.to_mx(R), P.to_mx(b), NH))
 
 
+# gate regimes of the sLSTM cell: (mean, spread) of the pre-activations ĩ, f̃, z̃, õ
+SLSTM_REGIMES = {
+    "moderate": ((0.0, 3.0), (0.0, 3.0), (0.0, 1.0), (0.0, 1.0)),
+    "input_+100": ((100.0, 3.0), (0.0, 3.0), (0.0, 1.0), (0.0, 1.0)),
+    "input_-100": ((-100.0, 3.0), (0.0, 3.0), (0.0, 1.0), (0.0, 1.0)),
+    "input_switching": ((-30.0, 3.0), (0.0, 3.0), (0.0, 1.0), (0.0, 1.0)),  # m switches source
+    "forget_closed": ((0.0, 3.0), (-30.0, 5.0), (0.0, 1.0), (0.0, 1.0)),
+    "forget_-200": ((0.0, 3.0), (-200.0, 3.0), (0.0, 1.0), (0.0, 1.0)),
+    "forget_open": ((0.0, 3.0), (30.0, 5.0), (0.0, 1.0), (0.0, 1.0)),
+    "saturated_z_o": ((0.0, 3.0), (0.0, 3.0), (0.0, 40.0), (0.0, 40.0)),
+}
+
+
+def slstm_regime_inputs(regime, S, NH, DH, B=2):
+    """float64 numpy ``wx (S, NH, B, 4, DH)`` (the block's time-major layout, no bias),
+    ``R ~ N(0, 1/DH)``, ``b ~ N(0, 4)``, drawn fresh."""
+    gen = rng()
+    wx = np.stack([mean + spread * gen.standard_normal((S, NH, B, DH))
+                   for mean, spread in SLSTM_REGIMES[regime]], axis=3)
+    R = gen.standard_normal((NH, DH, 4, DH)) * DH**-0.5
+    b = 2.0 * gen.standard_normal(4 * NH * DH)
+    return wx, R, b
+
+
+def _mx(a, dtype=None):
+    return mx.array(a, dtype=dtype or mx.float32)
+
+
+def mlx_scan_out_and_grads(scan, args, cot):
+    y = scan(*args)
+    grads = mx.grad(lambda *a: (scan(*a) * cot).sum(), argnums=(0, 1, 2))(*args)
+    return y, grads
+
+
+@pytest.mark.parametrize("regime", sorted(SLSTM_REGIMES))
+def test_slstm_fast_scan_matches_autodiff_reference(regime):
+    """The fast path (its own stabiliser, the hand-written backward through time) against MLX's
+    autodiff of the plain loop, float32, fresh inputs: outputs and the gradients of wx, R and b
+    agree to float32 rounding and are finite, at extreme gates too."""
+    NH = int(rng().choice([1, 2, 4]))
+    S, DH = seq_len(2, 60), int(rng().integers(2, 9))
+    wx, R, b = (_mx(a) for a in slstm_regime_inputs(regime, S, NH, DH))
+    cot = _mx(rng().standard_normal((S, NH, 2, DH)))
+    y, grads = mlx_scan_out_and_grads(ms.slstm_scan_time_major, (wx, R, b), cot)
+    y_ref, grads_ref = mlx_scan_out_and_grads(ms.slstm_scan_time_major_reference, (wx, R, b), cot)
+    # pre-activations near +-100 carry float32 rounding of 1e-5 in every exponent
+    rtol = 1e-4 if "100" in regime else 2e-5
+    for what, a, ref in zip(("output", "wx", "R", "b"), (y, *grads), (y_ref, *grads_ref)):
+        a, ref = P.to_np(a), P.to_np(ref)
+        assert np.isfinite(a).all(), what
+        err = np.abs(a - ref).max() / max(np.abs(ref).max(), 1e-30)
+        assert err <= rtol, f"{what}: relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("regime", sorted(SLSTM_REGIMES))
+def test_slstm_fast_scan_float64_matches_torch_reference(regime):
+    """In float64 the fast path equals the torch block's step-by-step autograd reference
+    (stabiliser with logsigmoid, gradient through the max) to double rounding: its stabiliser
+    and backward are the same maths, not an approximation."""
+    NH = int(rng().choice([1, 2, 4]))
+    S, DH = seq_len(2, 50), int(rng().integers(2, 9))
+    wx, R, b = slstm_regime_inputs(regime, S, NH, DH)
+    cot = rng().standard_normal((S, NH, 2, DH))
+    leaves = [torch.tensor(a, requires_grad=True) for a in (wx, R, b)]
+    wx_bs = leaves[0].permute(2, 0, 3, 1, 4).reshape(2, S, 4 * NH * DH)  # (B, S, 4H)
+    y_ref = ts.slstm_recurrent_reference(wx_bs, leaves[1], leaves[2], NH)
+    y_ref = y_ref.view(2, S, NH, DH).permute(1, 2, 0, 3)  # (S, NH, B, DH)
+    (y_ref * torch.tensor(cot)).sum().backward()
+    args = [_mx(a, mx.float64) for a in (wx, R, b)]
+    y, grads = mlx_scan_out_and_grads(ms.slstm_scan_time_major, args, _mx(cot, mx.float64))
+    assert y.dtype == mx.float64 and all(g.dtype == mx.float64 for g in grads)
+    for what, a, ref in zip(("output", "wx", "R", "b"), (y, *grads),
+                            (y_ref, *(t.grad for t in leaves))):
+        assert_close_rel(what, ref, a, rtol=1e-11)
+
+
+def test_slstm_fast_scan_without_values_inside_compile():
+    """Inside ``mx.compile`` the fast path has no values to copy and runs its maths uncompiled:
+    same outputs and gradients; one- and two-step sequences included."""
+    NH, DH = 2, 4
+
+    def out_and_grads(wx, R, b, cot):
+        return mlx_scan_out_and_grads(ms.slstm_scan_time_major, (wx, R, b), cot)
+
+    compiled = mx.compile(out_and_grads)
+    for S in (1, 2, seq_len(5, 30)):
+        wx, R, b = (_mx(a) for a in slstm_regime_inputs("moderate", S, NH, DH))
+        cot = _mx(rng().standard_normal((S, NH, 2, DH)))
+        y, grads = out_and_grads(wx, R, b, cot)
+        y_c, grads_c = compiled(wx, R, b, cot)
+        y_ref, grads_ref = mlx_scan_out_and_grads(
+            ms.slstm_scan_time_major_reference, (wx, R, b), cot)
+        for a, c, ref in zip((y, *grads), (y_c, *grads_c), (y_ref, *grads_ref)):
+            np.testing.assert_allclose(P.to_np(c), P.to_np(a), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(P.to_np(a), P.to_np(ref), rtol=1e-4, atol=1e-5)
+
+
+def grad_of_sum(fn, x):
+    return mx.grad(lambda a: fn(a).sum())(x)
+
+
+def test_slstm_block_elementwise_functions_match_nn():
+    """The block's GELU-gated product and SiLU (written with libm's pow, their backward by
+    hand) against ``nn.gelu`` and ``nn.silu``: values and gradients, float32, from 0 to
+    +-1e4; in float64 against the exact functions (GELU to the 1.5e-7 of the erf
+    approximation MLX and torch use)."""
+    import math
+
+    import mlx.nn as mnn
+
+    x = np.concatenate([[0.0, 1e-3, -1e-3, 5.0, -5.0, 30.0, -30.0, 88.0, -88.0, 100.0, -100.0,
+                         1e4, -1e4], 4.0 * rng().standard_normal(200)])
+    b = rng().standard_normal(x.size)
+    cases = [
+        ("gelu_gated", lambda a: ms.gelu_gated(a, _mx(b, a.dtype)),
+         lambda a: mnn.gelu(a) * _mx(b, a.dtype)),
+        ("silu", ms.silu, mnn.silu),
+    ]
+    for name, fast, ref in cases:
+        xm = _mx(x)
+        for got, want in ((fast(xm), ref(xm)), (grad_of_sum(fast, xm), grad_of_sum(ref, xm))):
+            got, want = P.to_np(got), P.to_np(want)
+            assert np.isfinite(got).all(), name
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=3e-7, err_msg=name)
+    # float64: exact GELU and SiLU, and their derivatives
+    with np.errstate(over="ignore"):
+        sig = 1.0 / (1.0 + np.exp(-x))
+    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    exact = {"gelu_gated": (x * cdf * b, (cdf + x * pdf) * b),
+             "silu": (x * sig, sig * (1 + x * (1 - sig)))}
+    for name, fast, _ in cases:
+        xm = _mx(x, mx.float64)
+        value, grad = fast(xm), grad_of_sum(fast, xm)
+        assert value.dtype == grad.dtype == mx.float64
+        for what, got, want in (("value", value, exact[name][0]),
+                                ("gradient", grad, exact[name][1])):
+            err = np.abs(P.to_np(got) - want)
+            if name == "gelu_gated":  # Phi off by at most 0.75e-7, scaled by |x b| and |b|
+                assert (err <= 1e-7 * (1.0 + np.abs(x)) * np.abs(b) + 1e-300).all(), what
+            else:
+                assert (err <= 1e-13 * (1.0 + np.abs(want))).all(), f"silu {what}"
+
+
 # --------------------------------------------------------------------------------------------
 # both blocks
 

@@ -31,7 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from blocks.mlx.base import small_init
+from blocks.mlx.base import linear, small_init
 from mad_search.model import block_list
 from mad_search.tasks.metrics import AccuracyMeter
 from mad_search.tasks.task import IGNORE_INDEX
@@ -86,9 +86,8 @@ class EncoderDecoder(SequenceModel):
         # not a parameter (the torch model's is a non-persistent buffer): kept off the tree
         object.__setattr__(self, "_positions", mx.array(sinusoidal_positions(max_len, d_model)
                                                          .numpy()))
-        self.decoder = [nn.LayerNorm(d_model, bias=False), _torch_linear(d_model, d_model),
-                        nn.GELU(), nn.LayerNorm(d_model, bias=False),
-                        _torch_linear(d_model, d_model), nn.GELU()]
+        self.decoder = [nn.LayerNorm(d_model, bias=False), linear(d_model, d_model), nn.GELU(),
+                        nn.LayerNorm(d_model, bias=False), linear(d_model, d_model), nn.GELU()]
         self.dec_norm = nn.LayerNorm(d_model, bias=False)
 
     def __call__(self, tokens: mx.array) -> mx.array:
@@ -97,12 +96,6 @@ class EncoderDecoder(SequenceModel):
         for layer in self.decoder:
             h = layer(h)
         return self.head(self.dec_norm(h))
-
-
-def _torch_linear(d_in: int, d_out: int) -> nn.Linear:
-    from blocks.mlx.base import linear
-
-    return linear(d_in, d_out, bias=True)
 
 
 def build_model(plan: RunPlan) -> SequenceModel:
@@ -204,9 +197,8 @@ class MLXSteps:
         if self.table is not None:
             self.table.read(x_np)
         loss, grads = self.loss_and_grad(mx.array(x_np), mx.array(targets.numpy()))
-        emb_grad = grads["embedding"].pop("rows") if self.table is not None else None
-        if self.table is not None:
-            grads.pop("embedding")
+        # the table's rows are written by the table's own rule, not by the optimiser
+        emb_grad = grads.pop("embedding")["rows"] if self.table is not None else None
         if self.cfg.grad_clip:
             grads, norm = optim.clip_grad_norm(grads, self.cfg.grad_clip)
         else:
@@ -214,7 +206,8 @@ class MLXSteps:
         for opt in self.opts:
             opt.learning_rate = self.cfg.lr * factor
         mx.eval(loss, norm)
-        if not math.isfinite(loss.item()):
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             raise Diverged(f"non-finite training loss at step {step}")
         if not math.isfinite(norm.item()):
             raise Diverged(f"non-finite gradient norm at step {step}")
@@ -222,7 +215,7 @@ class MLXSteps:
         mx.eval(self.model.parameters(), self.opt.state)
         if self.table is not None:
             self.table.apply_update(emb_grad, emb_factor)
-        return loss.item()
+        return loss_value
 
     def evaluate(self, inputs, targets):
         cfg = self.cfg

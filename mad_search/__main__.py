@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> dict | None:
     from mad_search.config import resolve
     from mad_search.errors import RunDirError, UserError
+    from mad_search.hogwild.one_model import HogwildFailed
     from mad_search.hogwild.pool import WorkerStartError
     from mad_search.storage import StorageLost, scrub_run_dir
 
@@ -45,7 +46,7 @@ def main(cfg: DictConfig) -> dict | None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (WorkerStartError, StorageLost, RunDirError) as exc:
+    except (WorkerStartError, StorageLost, RunDirError, HogwildFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

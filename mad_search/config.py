@@ -8,6 +8,7 @@ problem and what would be valid. ``python -m mad_search`` prints that line and e
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import torch
@@ -133,7 +134,12 @@ def check_mlx_layers(layers: list[str], where: str = "backend=mlx") -> None:
 
 def check_pool_backends(hogwild: Any, plans: list[RunPlan]) -> None:
     """A pool of MLX workers only must be able to run every pattern on MLX (one line naming
-    the blocks without a twin); a mixed pool sends such patterns to its torch workers."""
+    the blocks without a twin); a mixed pool sends such patterns to its torch workers. A pool's
+    trials are single-process runs: ``train.workers`` (one-model Hogwild) is refused here."""
+    if any(p.train.workers is not None for p in plans):
+        raise ConfigError("train.workers trains one model with its own workers; a study or "
+                          "protocol already runs its trials on the Hogwild pool (hogwild.workers)"
+                          ": leave train.workers unset")
     if hogwild.backends and "torch" not in hogwild.backends:
         check_mlx_layers(sorted({name for p in plans for name in p.layers}),
                          "hogwild.backends has only MLX workers")
@@ -160,6 +166,27 @@ def resolve_backend(backend: Any, layers: list[str], train: TrainConfig, device:
     return backend
 
 
+def check_one_model_hogwild(train: TrainConfig, backend: Any, device: str) -> bool:
+    """``train.workers`` (one-model Hogwild): torch on the CPU, the embedding updated sparsely
+    (AdamW's dense update, the serial default, becomes SparseAdam: lazy Adam on the rows a batch
+    touched); warns when the workers outnumber the cores. Returns that the embedding is sparse."""
+    from mad_search.settings import available_cores
+
+    if backend != "torch":
+        raise ConfigError(f"train.workers (one-model Hogwild) runs torch workers only; got "
+                          f"backend={backend} (MLX workers join the study pool: hogwild.backends)")
+    if device != "cpu":
+        raise ConfigError(f"train.workers shares the model in CPU memory; use device=cpu, got "
+                          f"device={device}")
+    if train.embedding_optimizer == "adamw":
+        train.embedding_optimizer = "sparse_adam"
+    cores = available_cores()
+    if train.workers > cores:
+        print(f"warning: train.workers={train.workers} is more than the {cores} cores here: "
+              "the workers will share cores (oversubscription)", file=sys.stderr)
+    return True
+
+
 def resolve(cfg: DictConfig | dict) -> RunPlan:
     """Validate a composed config (or the same tree as plain containers) into a
     :class:`RunPlan`; raises a :class:`~mad_search.errors.UserError`."""
@@ -182,6 +209,8 @@ def resolve(cfg: DictConfig | dict) -> RunPlan:
         threads = _positive_int(threads, "threads")
     train = resolve_train(cfg.get("train"), seed)
     sparse = bool(model_cfg.get("sparse_embedding", False))
+    if train.workers is not None:
+        sparse = check_one_model_hogwild(train, cfg.get("backend", "torch"), device)
     if train.embedding_optimizer == "sparse_adam" and not sparse:
         raise ConfigError(
             "train.embedding_optimizer=sparse_adam needs model.sparse_embedding=true "

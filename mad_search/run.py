@@ -33,7 +33,14 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     data_seconds = time.perf_counter() - t0
     print(f"task {plan.task_name} | pattern {plan.pattern} | d_model {plan.d_model}"
           + (f" | backend {plan.backend}" if plan.backend != "torch" else ""))
-    model, result = train_plan(plan, data)
+    hogwild = None
+    if plan.train.workers is not None:  # one-model Hogwild: W workers train this model
+        from mad_search.hogwild.one_model import train_hogwild
+
+        model, run = train_hogwild(plan, data, out_dir=out_dir)
+        result, hogwild = run.result, run.hogwild
+    else:
+        model, result = train_plan(plan, data)
     params = model.num_params() if plan.backend == "mlx" else count_params(model)
     out = {
         "backend": plan.backend,
@@ -49,6 +56,8 @@ def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
         "data_seconds": data_seconds,
         **result.as_dict(),
     }
+    if hogwild is not None:
+        out["hogwild"] = hogwild
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / "results.json"
     path.write_text(json.dumps(out, indent=2))

@@ -63,6 +63,12 @@ class TrainConfig:
     embedding_schedule: str = "backoff"  # schedule for a separate embedding optimiser
     seed: int = 0
     progress: bool = True
+    # one-model Hogwild (mad_search.hogwild.one_model): null trains in this process; W spawns W
+    # workers that train ONE model in shared memory without locks
+    workers: int | None = None
+    share: str = "all"  # all (every parameter shared) | embedding (private blocks: the control)
+    delay: int = 0  # injected staleness: each worker writes a gradient this many own steps late
+    max_nonfinite: int = 3  # refused non-finite updates per worker before the run stops
 
     SCHEDULES = ("cosine", "constant", "backoff")
     EMBEDDING_OPTIMIZERS = ("adamw", "sgd", "adagrad", "sparse_adam")
@@ -102,6 +108,19 @@ class TrainConfig:
             raise ValueError(
                 f"train.target_loss must be positive or null, got {self.target_loss!r}"
             )
+        if self.workers is not None and (isinstance(self.workers, bool)
+                                         or not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"train.workers must be a positive integer or null (serial), got "
+                             f"{self.workers!r}")
+        if self.share not in ("all", "embedding"):
+            raise ValueError(f"train.share must be all or embedding, got {self.share!r}")
+        for key in ("delay", "max_nonfinite"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"train.{key} must be an integer >= 0, got {value!r}")
+        if self.workers is None and (self.share != "all" or self.delay):
+            raise ValueError("train.share and train.delay apply to one-model Hogwild only; "
+                             "set train.workers")
         if self.accuracy not in ("macro", "micro"):
             raise ValueError(f"train.accuracy must be 'macro' or 'micro', got {self.accuracy!r}")
         if self.warmup_steps < 0 or self.min_lr < 0 or self.grad_clip < 0:
@@ -436,6 +455,7 @@ def run_loop(
     train_time, tokens = 0.0, 0
     bar = _progress(cfg)
     step = 0
+    t_start = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         if cursor + cfg.batch_size > n_train:
@@ -453,7 +473,8 @@ def run_loop(
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             metrics = lm_metrics(steps.evaluate(*data["validation"]), bytes_per_token)
-            metrics.update(step=step, train_loss=loss, tokens_per_s=tokens / train_time)
+            metrics.update(step=step, train_loss=loss, tokens_per_s=tokens / train_time,
+                           seconds=time.perf_counter() - t_start)
             history.append(metrics)
             score = -metrics["loss"] if by_loss else metrics["accuracy"]
             if score > best["score"]:
@@ -480,16 +501,24 @@ def run_loop(
     if best["state"] is not None:
         steps.restore(best["state"])
     test = lm_metrics(steps.evaluate(*data["test"]), bytes_per_token)
-    val = best["metrics"] or {"accuracy": float("nan"), "loss": float("nan")}
+    return result_of(best["metrics"], test, steps=step, best_step=best["step"], tokens=tokens,
+                     seconds=train_time, stopped=stopped, history=history, by_loss=by_loss)
+
+
+def result_of(val: dict | None, test: dict, *, steps: int, best_step: int, tokens: int,
+              seconds: float, stopped: str, history: list[dict], by_loss: bool) -> TrainResult:
+    """A :class:`TrainResult` from the selected validation metrics and the test metrics (both as
+    :func:`lm_metrics` returns them), for every trainer."""
+    val = val or {"accuracy": float("nan"), "loss": float("nan")}
     return TrainResult(
         val_accuracy=val["accuracy"],
         test_accuracy=test["accuracy"],
         val_loss=val["loss"],
         test_loss=test["loss"],
-        steps=step,
-        best_step=best["step"],
-        tokens_per_s=tokens / max(train_time, 1e-9),
-        train_seconds=train_time,
+        steps=steps,
+        best_step=best_step,
+        tokens_per_s=tokens / max(seconds, 1e-9),
+        train_seconds=seconds,
         stopped=stopped,
         history=history,
         test_accuracy_macro=test["accuracy_macro"],

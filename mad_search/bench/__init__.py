@@ -6,7 +6,8 @@ A benchmark is a module with three things:
 
 - ``DEFAULTS``: its options and their default values (the defaults also fix each option's type);
 - ``run(**options) -> dict``: measure, and return a JSON-ready result;
-- ``table(result) -> str``: the result as a table for the terminal.
+- ``table(result) -> str``: the result as a table for the terminal;
+- optionally ``plot(result, path) -> path``: a PNG written beside the JSON (same name, ``.png``).
 
 Register one by adding a line to :data:`BENCHMARKS`; the module is imported only when its
 benchmark runs. ``out=`` is common to all benchmarks: a ``.json`` file path, or a directory that
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, str] = {
     "faults": "mad_search.bench.faults",
     "step": "mad_search.bench.step",
     "mixed": "mad_search.bench.mixed",
+    "hogwild_train": "mad_search.bench.hogwild_train",
 }
 """Benchmark name -> module that implements it (``DEFAULTS``, ``run``, ``table``)."""
 
@@ -174,6 +176,8 @@ def run_benchmark(
     result = module.run(**options)
     result = {"benchmark": name, **result}
     path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "plot"):  # a benchmark with a figure writes it beside its JSON
+        result["plot"] = str(module.plot(result, path.with_suffix(".png")))
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result, path
 

@@ -230,11 +230,18 @@ def almanac_paragraph(r: random.Random) -> str:
     return " ".join(s)
 
 
-def main() -> None:
-    r = random.Random(2024)
+def write_corpus(path: Path, paragraphs: int = 560, seed: int = 2024) -> Path:
+    """Write ``paragraphs`` paragraphs of the grammar's prose, seeded, to ``path`` (the bundled
+    corpus is 560 paragraphs with seed 2024; benchmarks write larger ones to their cache)."""
+    r = random.Random(seed)
     makers = [gazetteer_paragraph] * 5 + [workshop_paragraph] * 2 + [almanac_paragraph] * 3
-    paragraphs = [textwrap.fill(r.choice(makers)(r), width=88) for _ in range(560)]
-    (HERE / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    text = [textwrap.fill(r.choice(makers)(r), width=88) for _ in range(paragraphs)]
+    path.write_text("\n\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    write_corpus(HERE / "corpus.txt")
 
 
 if __name__ == "__main__":

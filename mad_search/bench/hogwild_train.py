@@ -2,7 +2,7 @@
 and the staleness study (its Test 4).
 
     python -m mad_search.bench hogwild_train [workers=[1,2,4]] [max_steps=800] [files=PATH]
-                                             [staleness_delays=[0,4,16,32]] [out=PATH]
+                                             [staleness_delays=[0,2,4,8,16,32]] [out=PATH]
 
 One small xLSTM (``pattern``, ``d_model``) learns next-token prediction on a text corpus
 (``files``; by default a corpus of ``paragraphs`` paragraphs written by the bundled corpus's
@@ -33,8 +33,7 @@ written tau updates after the read it was computed from) trains until the target
 mean tau, and the bound of Niu et al.'s Proposition 4.1 relative to tau = 0,
 ``1 + 6 tau rho + 6 tau^2 Omega sqrt(Delta)``, with rho, Delta and Omega measured from the
 embedding's updates (the dense blocks' rho = Delta = 1 and Omega = their size make it larger
-still). A PNG
-(``hogwild_train.png``) beside the JSON draws both experiments.
+still). A PNG (``bench_hogwild_train.png``) beside the JSON draws both experiments.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "workers": [1, 2, 4],
     "private_workers": [2],
     "ddp_workers": [1, 2],
-    "staleness_delays": [0, 4, 16, 32],
+    "staleness_delays": [0, 2, 4, 8, 16, 32],
     "staleness_max_steps": 1600,
     "seed": 0,
 }

@@ -293,3 +293,32 @@ def test_ctrl_c_stops_every_worker_and_keeps_the_shared_models_checkpoint(tmp_pa
     for pid in children:  # no worker left behind
         assert not Path(f"/proc/{pid}").exists() or \
             "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.mark.slow
+def test_hogwild_train_benchmark_writes_every_run_the_staleness_curve_and_a_png(tmp_path,
+                                                                                monkeypatch):
+    """bench hogwild_train at toy sizes: the shape of its JSON and PNG (timings never asserted)."""
+    import mad_search.bench as bench
+
+    monkeypatch.setenv("MAD_SEARCH_CACHE", str(tmp_path / "cache"))
+    argv = ["hogwild_train", "paragraphs=300", "vocab_size=300", "d_model=16", "seq_len=16",
+            "num_train_examples=256", "num_valid_examples=32", "batch_size=8", "max_steps=20",
+            "eval_every=10", "warmup_steps=2", "backoff_steps=10", "workers=[1,2]",
+            "private_workers=[2]", "ddp_workers=[2]", "staleness_delays=[0,3]",
+            "staleness_max_steps=30", "target_margin=0.5", f"out={tmp_path}"]
+    assert bench.main(argv) == 0
+    result = json.loads((tmp_path / "bench_hogwild_train.json").read_text())
+    assert set(result["runs"]) == {"serial", "hogwild_1", "hogwild_2", "private_2", "ddp_2"}
+    for name, r in result["runs"].items():
+        assert r["curve"] and math.isfinite(r["best_val_loss"]), name
+        assert r["peak_pss_mb"] > 0 and r["tokens_per_s"] > 0
+    assert result["runs"]["hogwild_2"]["hogwild"]["workers"] == 2
+    assert result["runs"]["ddp_2"]["processes"] == 2
+    assert result["target_loss"] == pytest.approx(1.5 * result["runs"]["serial"]["best_val_loss"])
+    points = result["staleness"]["points"]
+    assert [p["delay"] for p in points if p["workers"] == 1][:2] == [0, 3]
+    delayed = next(p for p in points if p["delay"] == 3)
+    assert 0 < delayed["tau_mean"] <= 3
+    png = tmp_path / "bench_hogwild_train.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -349,7 +349,7 @@ def _staleness(opts: dict, files: str, data: dict, target: float, runs: dict) ->
         common.note(f"hogwild_train: staleness, delay {delay} ...")
         rec = _hogwild(plan, data)
         hog = rec["hogwild"]
-        points.append({"delay": delay, "workers": 1,
+        points.append({"source": "delay", "delay": delay, "workers": 1,
                        "tau_mean": hog["groups"]["blocks.0"]["tau_mean"],
                        "updates_to_target": hog["updates_to_target"],
                        "reached": hog["updates_to_target"] is not None,
@@ -357,13 +357,13 @@ def _staleness(opts: dict, files: str, data: dict, target: float, runs: dict) ->
     for name, rec in runs.items():
         if name.startswith("hogwild_"):
             hit = _first_below(rec["curve"], target)
-            points.append({"delay": 0, "workers": rec["processes"],
+            points.append({"source": "workers", "delay": 0, "workers": rec["processes"],
                            "tau_mean": rec["hogwild"]["groups"]["blocks.0"]["tau_mean"],
                            "updates_to_target": hit["step"] if hit else None,
                            "reached": hit is not None, "best_val_loss": rec["best_val_loss"]})
     sparsity = _sparsity(runs)
     base = next((p["updates_to_target"] for p in points
-                 if p["delay"] == 0 and p["workers"] == 1 and p["reached"]), None)
+                 if p["source"] == "delay" and p["delay"] == 0 and p["reached"]), None)
     for p in points:
         p["predicted_ratio"] = _bound(p["tau_mean"], sparsity)
         p["measured_ratio"] = (p["updates_to_target"] / base
@@ -457,10 +457,11 @@ def table(result: dict) -> str:
               f"tau; bound 1 + 6 tau rho + 6 tau^2 Omega sqrt(Delta) with rho "
               f"{s['sparsity'].get('rho', 0):.2f}, Delta {s['sparsity'].get('delta', 0):.2f}, "
               f"Omega {s['sparsity'].get('omega', 0):.0f} (embedding)"]
-    fmt = "{:>7} {:>7} {:>9} {:>10} {:>10} {:>12}"
-    lines.append(fmt.format("workers", "delay", "tau mean", "updates", "x tau=0", "bound x"))
+    fmt = "{:<8} {:>7} {:>7} {:>9} {:>12} {:>8} {:>10}"
+    lines.append(fmt.format("run", "workers", "delay", "tau mean", "updates", "x tau=0",
+                            "bound x"))
     for p in s["points"]:
-        lines.append(fmt.format(p["workers"], p["delay"], f"{p['tau_mean']:.2f}",
+        lines.append(fmt.format(p["source"], p["workers"], p["delay"], f"{p['tau_mean']:.2f}",
                                 common.fmt(p["updates_to_target"], "d") if p["reached"]
                                 else "not reached", common.fmt(p["measured_ratio"], ".2f"),
                                 common.fmt(p["predicted_ratio"], ".3g")))
@@ -479,12 +480,13 @@ def plot(result: dict, path: Path) -> Path:
         curve = r["curve"]
         ax1.plot([c["seconds"] for c in curve], [c["loss"] for c in curve], label=name)
     ax1.axhline(result["target_loss"], color="grey", linestyle=":", label="target")
+    ax1.set_ylim(0.9 * result["target_loss"], 3 * result["target_loss"])
     ax1.set_xlabel("wall seconds")
     ax1.set_ylabel("validation loss")
     ax1.set_title("Test 1: one model, serial vs Hogwild vs DDP")
     ax1.legend(fontsize=7)
     s = result["staleness"]
-    pts = [p for p in s["points"] if p["workers"] == 1]
+    pts = [p for p in s["points"] if p["source"] == "delay"]
     ax2.plot([p["tau_mean"] for p in pts if p["reached"]],
              [p["updates_to_target"] for p in pts if p["reached"]], "o-",
              label="measured: 1 worker, injected delay")
@@ -492,9 +494,12 @@ def plot(result: dict, path: Path) -> Path:
     if miss:
         ax2.plot([p["tau_mean"] for p in miss], [result["config"]["staleness_max_steps"]] *
                  len(miss), "x", color="red", label="not reached within budget")
-    wk = [p for p in s["points"] if p["workers"] > 1 and p["reached"]]
+    wk = [p for p in s["points"] if p["source"] == "workers" and p["reached"]]
     ax2.plot([p["tau_mean"] for p in wk], [p["updates_to_target"] for p in wk], "s",
-             label="measured: W workers")
+             label="measured: W workers (mean tau)")
+    for p in wk:
+        ax2.annotate(f"W={p['workers']}", (p["tau_mean"], p["updates_to_target"]),
+                     textcoords="offset points", xytext=(6, -10), fontsize=7)
     if s["baseline_updates"]:
         taus = sorted({p["tau_mean"] for p in s["points"]} | {0.0})
         pred = [s["baseline_updates"] * (p or 1) for p in (_bound(t, s["sparsity"])
@@ -502,6 +507,10 @@ def plot(result: dict, path: Path) -> Path:
         ax2.plot(taus, pred, "--", color="black", label="Prop. 4.1 bound x updates(tau=0)")
         top = 3 * max(p["updates_to_target"] for p in s["points"] if p["reached"])
         ax2.set_ylim(0, top)
+        sp = s["sparsity"]
+        ax2.text(0.35, 0.55, f"bound with the embedding's rho={sp['rho']:.2f}, "
+                 f"Delta={sp['delta']:.2f},\nOmega={sp['omega']:,.0f}: x{_bound(1, sp):.2g} "
+                 "already at tau=1 (off the chart)", transform=ax2.transAxes, fontsize=7)
     ax2.set_xlabel("tau (updates between a read and its write)")
     ax2.set_ylabel("updates to target loss")
     ax2.set_title("Test 4: staleness")

@@ -8,7 +8,6 @@ problem and what would be valid. ``python -m mad_search`` prints that line and e
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 import torch
@@ -169,9 +168,8 @@ def resolve_backend(backend: Any, layers: list[str], train: TrainConfig, device:
 def check_one_model_hogwild(train: TrainConfig, backend: Any, device: str) -> bool:
     """``train.workers`` (one-model Hogwild): torch on the CPU, the embedding updated sparsely
     (AdamW's dense update, the serial default, becomes SparseAdam: lazy Adam on the rows a batch
-    touched); warns when the workers outnumber the cores. Returns that the embedding is sparse."""
-    from mad_search.settings import available_cores
-
+    touched). Returns that the embedding is sparse. (More workers than cores is allowed: the
+    trainer warns.)"""
     if backend != "torch":
         raise ConfigError(f"train.workers (one-model Hogwild) runs torch workers only; got "
                           f"backend={backend} (MLX workers join the study pool: hogwild.backends)")
@@ -180,10 +178,6 @@ def check_one_model_hogwild(train: TrainConfig, backend: Any, device: str) -> bo
                           f"device={device}")
     if train.embedding_optimizer == "adamw":
         train.embedding_optimizer = "sparse_adam"
-    cores = available_cores()
-    if train.workers > cores:
-        print(f"warning: train.workers={train.workers} is more than the {cores} cores here: "
-              "the workers will share cores (oversubscription)", file=sys.stderr)
     return True
 
 

@@ -356,3 +356,36 @@ def test_protocol_benchmark_scores_every_level_and_its_agreement(tmp_path, capsy
     assert result["levels"]["tiny"]["kendall_tau_vs_reference"] == pytest.approx(expected)
     text = bench.table(result)
     assert all(p in text for p in patterns) and "tau vs tinyref" in text
+
+
+@pytest.mark.slow
+def test_protocol_benchmark_keeps_its_studies_and_resumes_in_a_later_sitting(tmp_path):
+    """storage_dir: the cheap level first without a reference, the reference later; the second
+    sitting reruns nothing of the first (same scores, same trial-hours), and tau appears."""
+    import optuna
+
+    from mad_search.bench import run_benchmark
+
+    patterns = ["attention swiglu", "mlstm"]
+    opts = {"patterns": patterns, "levels": ["tiny"], "extra_levels": TINY_LEVELS,
+            "storage_dir": str(tmp_path / "studies")}
+    first, _ = run_benchmark("protocol", {**opts, "reference": ""}, out=tmp_path / "a.json")
+    assert first["levels"]["tiny"]["kendall_tau_vs_reference"] is None
+    dbs = sorted(p.name for p in (tmp_path / "studies").glob("*.db"))
+    assert len(dbs) == 2 and all(name.startswith("tiny__") for name in dbs)
+    second, _ = run_benchmark("protocol", {**opts, "reference": "tinyref"},
+                              out=tmp_path / "b.json")
+    for p in patterns:
+        a, b = first["levels"]["tiny"]["patterns"][p], second["levels"]["tiny"]["patterns"][p]
+        assert b["mad_score"] == a["mad_score"] and b["trial_hours"] == pytest.approx(
+            a["trial_hours"])
+        assert b["wall_s"] >= a["wall_s"]  # the sittings add up
+    for db in (tmp_path / "studies").glob("tiny__*.db"):  # no run was trained twice
+        (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+        assert summary.n_trials == 2 * len(TINY_LEVELS["tiny"]["lrs"])
+    from mad_search.bench._common import kendall_tau_b
+
+    ref = second["levels"]["tinyref"]["patterns"]
+    assert second["levels"]["tiny"]["kendall_tau_vs_reference"] == kendall_tau_b(
+        [first["levels"]["tiny"]["patterns"][p]["mad_score"] for p in patterns],
+        [ref[p]["mad_score"] for p in patterns])

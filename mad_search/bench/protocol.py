@@ -1,7 +1,8 @@
 """How well a cheap protocol level agrees with a stronger one, and what each costs.
 
     python -m mad_search.bench protocol [patterns=[...]] [levels=[quick]] [reference=standard]
-                                        [workers=2] [extra_levels={NAME: {...}}] [out=PATH]
+                                        [workers=2] [extra_levels={NAME: {...}}]
+                                        [storage_dir=DIR] [out=PATH]
 
 A fixed panel of layer sequences (``patterns``, 8 by default: attention, mLSTM, sLSTM, Mamba,
 Hyena, GLA and two hybrids) runs the MAD protocol (:mod:`mad_search.protocol_run`, through the
@@ -9,10 +10,20 @@ Hogwild pool, a fresh study each) at every level in ``levels`` and at ``referenc
 each pattern's MAD score, Kendall's tau-b of the level's ranking against the reference's, wall
 time per architecture and trial-hours (the runs' own seconds added up). ``extra_levels`` adds
 levels (the same keys as ``conf/protocol/mad.yaml``) without editing the package.
+
+``storage_dir`` keeps every (pattern, level) study in ``DIR/<level>__<pattern>.db`` (SQLite)
+instead of a temporary directory, so a panel too long for one sitting resumes where it stopped:
+rerun the same command and finished runs are not run again (the protocol's own resume). Levels
+can be added in later sittings, e.g. the cheap levels first with ``reference=`` (empty: no
+reference, no tau), the reference later. ``trial_hours`` counts every run's own seconds across
+sittings; ``wall_s`` adds up the sittings in which each study finished or progressed
+(``DIR/walls.json``).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "workers": 2,
     "threads_per_worker": 1,
     "extra_levels": {},
+    "storage_dir": "",
     "seed": 0,
 }
 
@@ -68,12 +80,24 @@ def run(**options: Any) -> dict:
     from mad_search.study import run_jobs
 
     opts = _validate(options)
-    patterns, levels = list(opts["patterns"]), [*opts["levels"], opts["reference"]]
+    patterns = list(opts["patterns"])
+    levels = [*opts["levels"], *([opts["reference"]] if opts["reference"] else [])]
     common.check_patterns(patterns)
     with tempfile.TemporaryDirectory(prefix="mad-bench-protocol-") as tmp:
+        keep = Path(opts["storage_dir"]).expanduser().resolve() if opts["storage_dir"] else None
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+        walls_path = (keep or Path(tmp)) / "walls.json"
+        walls = json.loads(walls_path.read_text()) if walls_path.exists() else {}
+
+        def storage(i: int, pattern: str, level: str) -> str:
+            if keep is None:
+                return f"sqlite:///{tmp}/{i}.db"
+            return f"sqlite:///{keep}/{level}__{_slug(pattern)}.db"
+
         # every (pattern, level) checked before anything trains
         plans = {
-            (p, lv): validate_protocol(_config(p, lv, opts, f"sqlite:///{tmp}/{i}.db"))
+            (p, lv): validate_protocol(_config(p, lv, opts, storage(i, p, lv)))
             for i, (p, lv) in enumerate((p, lv) for lv in levels for p in patterns)
         }
         by_level: dict[str, dict] = {lv: {"patterns": {}} for lv in levels}
@@ -82,7 +106,10 @@ def run(**options: Any) -> dict:
             t0 = time.perf_counter()
             with common.stdout_to(Path(tmp) / "protocol.log"):  # the table stays readable
                 out = run_jobs(protocol, Path(tmp) / "run")
-            wall = time.perf_counter() - t0
+            key = f"{level}|{pattern}"
+            walls[key] = walls.get(key, 0.0) + time.perf_counter() - t0
+            walls_path.write_text(json.dumps(walls, indent=1))
+            wall = walls[key]
             scores = score(protocol, out.study)
             seconds = sum(r["seconds"] or 0.0 for r in scores["runs"])
             by_level[level]["patterns"][pattern] = {
@@ -92,17 +119,17 @@ def run(**options: Any) -> dict:
                 "wall_s": wall,
                 "trial_hours": seconds / 3600,
             }
-    ref = by_level[opts["reference"]]["patterns"]
+    ref = by_level[opts["reference"]]["patterns"] if opts["reference"] else None
     for entry in by_level.values():
         mine = entry["patterns"]
         both = [
             p
             for p in patterns
-            if mine[p]["mad_score"] is not None and ref[p]["mad_score"] is not None
+            if ref and mine[p]["mad_score"] is not None and ref[p]["mad_score"] is not None
         ]
         entry["kendall_tau_vs_reference"] = common.kendall_tau_b(
             [mine[p]["mad_score"] for p in both], [ref[p]["mad_score"] for p in both]
-        )
+        ) if ref else None
         entry["wall_s"] = sum(v["wall_s"] for v in mine.values())
         entry["wall_s_per_architecture"] = entry["wall_s"] / len(mine)
         entry["trial_hours"] = sum(v["trial_hours"] for v in mine.values())
@@ -119,11 +146,12 @@ def run(**options: Any) -> dict:
 def table(result: dict) -> str:
     """One row per pattern (its MAD score at each level), then tau and cost per level."""
     cfg = result["config"]
-    levels = [*cfg["levels"], cfg["reference"]]
+    levels = [*cfg["levels"], *([cfg["reference"]] if cfg["reference"] else [])]
     fmt = "{:<34}" + " {:>12}" * len(levels)
     lines = [
         f"protocol benchmark: {len(cfg['patterns'])} layer sequences, levels "
-        f"{', '.join(cfg['levels'])} against {cfg['reference']}; {cfg['workers']} workers x "
+        f"{', '.join(cfg['levels'])} against {cfg['reference'] or 'no reference'}; "
+        f"{cfg['workers']} workers x "
         f"{cfg['threads_per_worker']} thread(s)",
         "",
         fmt.format("pattern (MAD score)", *levels),
@@ -141,6 +169,14 @@ def table(result: dict) -> str:
             f"{e['trial_hours']:.2f} trial-hours"
         )
     return "\n".join(lines)
+
+
+def _slug(pattern: str) -> str:
+    """A file-name-safe form of a layer sequence (distinct sequences stay distinct)."""
+    import hashlib
+
+    text = re.sub(r"[^A-Za-z0-9]+", "_", pattern).strip("_")[:60]
+    return f"{text}_{hashlib.sha1(pattern.encode()).hexdigest()[:8]}"
 
 
 def _validate(opts: dict) -> dict:

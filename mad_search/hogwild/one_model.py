@@ -459,7 +459,11 @@ def train_hogwild(plan: RunPlan, data: dict, out_dir: str | os.PathLike | None =
 
     cfg = plan.train
     workers = cfg.workers
-    threads = threads or plan.threads or max(1, available_cores() // workers)
+    cores = available_cores()
+    if workers > cores:
+        print(f"warning: train.workers={workers} is more than the {cores} cores here: the "
+              "workers will share cores (oversubscription)", file=sys.stderr)
+    threads = threads or plan.threads or max(1, cores // workers)
     model = shared_model(plan)
     groups = parameter_groups(model)
     counters = Counters(groups, workers, plan.task_info.vocab_size)

@@ -100,6 +100,8 @@ def resolve_train(train_cfg: Any, seed: int) -> TrainConfig:
     if "betas" in train_cfg:
         train_cfg["betas"] = tuple(train_cfg["betas"])
     train_cfg.setdefault("seed", seed)
+    if train_cfg.get("schedule") == "auto":  # one-model Hogwild: the paper's step with back-off
+        train_cfg["schedule"] = "backoff" if train_cfg.get("workers") is not None else "cosine"
     cfg = TrainConfig(**train_cfg)
     try:
         cfg.validate()

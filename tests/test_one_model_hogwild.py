@@ -238,6 +238,12 @@ def test_workers_above_the_cores_are_allowed_with_a_warning(capsys):
         cfg = compose("config", overrides=["task=text", "train.workers=2"])
     plan = resolve(cfg)
     assert plan.sparse_embedding and plan.train.embedding_optimizer == "sparse_adam"
+    assert plan.train.schedule == "backoff"  # the paper's constant step with back-off
+    with initialize_config_module("conf", version_base="1.3"):
+        serial = resolve(compose("config", overrides=["task=text"]))
+        chosen = resolve(compose("config", overrides=["task=text", "train.workers=2",
+                                                      "train.schedule=cosine"]))
+    assert serial.train.schedule == "cosine" and chosen.train.schedule == "cosine"
     with initialize_config_module("conf", version_base="1.3"):
         cfg = compose("config", overrides=["task=text", "train.workers=2", "backend=mlx"])
     with pytest.raises(ConfigError, match="torch workers only"):

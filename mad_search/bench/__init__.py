@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # a bad option, or a bad setting found by the code it runs
         print(f"mad_search.bench: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # no JSON of a part-run benchmark (one that keeps studies resumes)
+        print("mad_search.bench: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(module.table(result))
     print(f"wrote {path}")
     return 0

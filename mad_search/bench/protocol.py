@@ -109,6 +109,8 @@ def run(**options: Any) -> dict:
             key = f"{level}|{pattern}"
             walls[key] = walls.get(key, 0.0) + time.perf_counter() - t0
             walls_path.write_text(json.dumps(walls, indent=1))
+            if out.interrupted:  # Ctrl-C: the study is saved; the rest of the panel waits too
+                raise KeyboardInterrupt
             wall = walls[key]
             scores = score(protocol, out.study)
             seconds = sum(r["seconds"] or 0.0 for r in scores["runs"])

@@ -332,3 +332,13 @@ def test_hogwild_train_benchmark_writes_every_run_the_staleness_curve_and_a_png(
     assert 0 < delayed["tau_mean"] <= 3
     png = tmp_path / "bench_hogwild_train.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("extra", [["+sweep=layer_patterns"], ["+protocol=mad"]])
+def test_workers_inside_a_study_or_protocol_are_one_line(tmp_path, extra):
+    proc = _cli([*extra, "train.workers=2", f"hydra.run.dir={tmp_path / 'run'}",
+                 f"study.storage=sqlite:///{tmp_path}/s.db"], tmp_path)
+    _, stderr = proc.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: train.workers trains one model")

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -439,10 +439,7 @@ def run_loop(
     auto, the task's objective in ``task_info``) says loss."""
     by_loss = selects_by_loss(cfg, task_info)
     bytes_per_token = getattr(task_info, "bytes_per_token", None)
-    x_train, y_train = data["train"]
-    n_train = x_train.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    perm, cursor = torch.randperm(n_train, generator=gen), 0
+    batches = batch_order(data["train"], cfg.batch_size, cfg.seed)
     min_ratio = cfg.min_lr / cfg.lr
 
     def factor_of(schedule: str, step: int) -> float:
@@ -458,11 +455,7 @@ def run_loop(
     t_start = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        if cursor + cfg.batch_size > n_train:
-            perm, cursor = torch.randperm(n_train, generator=gen), 0
-        idx = perm[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        x, y = x_train[idx], y_train[idx]
+        x, y = next(batches)
         loss = steps.step(x, y, factor_of(cfg.schedule, step),
                           factor_of(cfg.embedding_schedule, step), step)
         train_time += time.perf_counter() - t0
@@ -529,6 +522,23 @@ def result_of(val: dict | None, test: dict, *, steps: int, best_step: int, token
         val_bits_per_byte=val.get("bits_per_byte"),
         test_bits_per_byte=test.get("bits_per_byte"),
     )
+
+
+def batch_order(split: tuple[torch.Tensor, torch.Tensor], batch_size: int,
+                seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless training batches of ``split`` (inputs, targets): a seeded permutation cut into
+    batches, reshuffled when the next batch would run past its end (every trainer's order: the
+    serial run's, each Hogwild worker's with its own seed, each DDP rank's)."""
+    x_train, y_train = split
+    n = x_train.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(n, generator=gen), 0
+    while True:
+        if cursor + batch_size > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor : cursor + batch_size]
+        cursor += batch_size
+        yield x_train[idx], y_train[idx]
 
 
 def selects_by_loss(cfg: TrainConfig, task_info: object | None = None) -> bool:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -104,9 +103,6 @@ def run(**options: Any) -> dict:
     target = runs["serial"]["best_val_loss"] * (1 + opts["target_margin"])
     _judge(runs, target, cores)
     staleness = _staleness(opts, files, data, target, runs)
-    staleness["sparsity"]["omega"] = staleness["sparsity"].get("rows_per_update", 0) * base.d_model
-    for p in staleness["points"]:
-        p["predicted_ratio"] = _bound(p["tau_mean"], staleness["sparsity"])
     result = {
         "config": {**opts, "files": files},
         "machine": common.machine(),
@@ -239,6 +235,7 @@ def _ddp_rank(rank: int, world: int, port: int, plan, data, results) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from mad_search.train import (
+        batch_order,
         evaluate,
         lm_metrics,
         loss_fn,
@@ -258,17 +255,12 @@ def _ddp_rank(rank: int, world: int, port: int, plan, data, results) -> None:
         ddp = DistributedDataParallel(model)
         opt, emb_opt = make_optimizers(model, cfg)
         bases = [[g["lr"] for g in o.param_groups] for o in (opt, emb_opt)]
-        x_train, y_train = data["train"]
-        gen = torch.Generator().manual_seed(cfg.seed + rank)
-        perm, cursor = torch.randperm(x_train.shape[0], generator=gen), 0
+        batches = batch_order(data["train"], cfg.batch_size, cfg.seed + rank)
         history, tokens, loss = [], 0, None
         dist.barrier()
         t0 = time.perf_counter()
         for step in range(1, cfg.max_steps + 1):
-            if cursor + cfg.batch_size > x_train.shape[0]:
-                perm, cursor = torch.randperm(x_train.shape[0], generator=gen), 0
-            idx = perm[cursor: cursor + cfg.batch_size]
-            cursor += cfg.batch_size
+            x, y = next(batches)
             # the step size follows the examples seen, as every other run's (W per step here)
             factor = lr_factor((step - 1) * world, cfg.schedule, cfg.max_steps * world,
                                cfg.warmup_steps, cfg.min_lr / cfg.lr, cfg.backoff_steps,
@@ -278,13 +270,13 @@ def _ddp_rank(rank: int, world: int, port: int, plan, data, results) -> None:
                     g["lr"] = b * factor
             opt.zero_grad(set_to_none=True)
             emb_opt.zero_grad(set_to_none=True)
-            loss = loss_fn(ddp(x_train[idx]), y_train[idx])
+            loss = loss_fn(ddp(x), y)
             loss.backward()  # gradients averaged over the ranks here (all-reduce)
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]
                                             if p.grad is not None], cfg.grad_clip)
             opt.step()
             emb_opt.step()
-            tokens += idx.numel() * info.seq_len
+            tokens += x.numel()
             if rank == 0 and (step % max(1, cfg.eval_every // world) == 0
                               or step == cfg.max_steps):
                 seconds = time.perf_counter() - t0
@@ -361,7 +353,7 @@ def _staleness(opts: dict, files: str, data: dict, target: float, runs: dict) ->
                            "tau_mean": rec["hogwild"]["groups"]["blocks.0"]["tau_mean"],
                            "updates_to_target": hit["step"] if hit else None,
                            "reached": hit is not None, "best_val_loss": rec["best_val_loss"]})
-    sparsity = _sparsity(runs)
+    sparsity = _sparsity(runs, opts["d_model"])
     base = next((p["updates_to_target"] for p in points
                  if p["source"] == "delay" and p["delay"] == 0 and p["reached"]), None)
     for p in points:
@@ -372,10 +364,10 @@ def _staleness(opts: dict, files: str, data: dict, target: float, runs: dict) ->
             "baseline_updates": base}
 
 
-def _sparsity(runs: dict) -> dict:
+def _sparsity(runs: dict, d_model: int) -> dict:
     """rho, Delta and Omega of the embedding's updates, from the run with the most workers:
     Delta the largest share of updates that touched one row, Omega the coordinates an update
-    writes (rows x width; set by the caller), rho the largest share of updates one update meets:
+    writes (rows x width), rho the largest share of updates one update meets:
     at least Delta (every update that touches the most-touched row meets every other that does),
     so Delta is used for it, which only makes the bound smaller."""
     hog = [r["hogwild"] for n, r in runs.items() if n.startswith("hogwild_")]
@@ -385,7 +377,7 @@ def _sparsity(runs: dict) -> dict:
     emb = h["groups"]["embedding"]
     delta = h["embedding_delta"] or 0.0
     rows = emb.get("rows_per_update", 0.0)
-    return {"delta": delta, "rows_per_update": rows, "omega": 0.0, "rho": delta,
+    return {"delta": delta, "rows_per_update": rows, "omega": rows * d_model, "rho": delta,
             "rows_ever_touched": h["embedding_rows_ever_touched"]}
 
 
@@ -405,10 +397,9 @@ def _corpus(paragraphs: int) -> Path:
     path = Path(cache_dir()) / "corpora" / f"grammar_{paragraphs}.txt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-            pass
-        write_corpus(Path(tmp.name), paragraphs=paragraphs, seed=7)
-        os.replace(tmp.name, path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # whole file or none
+        write_corpus(tmp, paragraphs=paragraphs, seed=7)
+        os.replace(tmp, path)
     return path
 
 

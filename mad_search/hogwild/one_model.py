@@ -58,6 +58,7 @@ from mad_search.train import (
     TorchSteps,
     TrainConfig,
     TrainResult,
+    batch_order,
     evaluate,
     lm_metrics,
     loss_fn,
@@ -340,10 +341,7 @@ def _loop(slot: int, plan: RunPlan, sh: _Shared) -> None:
     steps = HogwildSteps(model, cfg, plan.task_info.num_classes, sh.counters, slot)
     by_loss = selects_by_loss(cfg, plan.task_info)
     bpt = getattr(plan.task_info, "bytes_per_token", None)
-    x_train, y_train = sh.data["train"]
-    n_train = x_train.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed + slot)
-    perm, cursor = torch.randperm(n_train, generator=gen), 0
+    batches = batch_order(sh.data["train"], cfg.batch_size, cfg.seed + slot)
     min_ratio = cfg.min_lr / cfg.lr
 
     def factor_of(schedule: str, step: int) -> float:
@@ -358,11 +356,7 @@ def _loop(slot: int, plan: RunPlan, sh: _Shared) -> None:
         clock = own_steps if cfg.share == "embedding" else sh.counters.clock()
         if clock >= cfg.max_steps:
             break
-        if cursor + cfg.batch_size > n_train:
-            perm, cursor = torch.randperm(n_train, generator=gen), 0
-        idx = perm[cursor: cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        x, y = x_train[idx], y_train[idx]
+        x, y = next(batches)
         loss = steps.step(x, y, factor_of(cfg.schedule, clock),
                           factor_of(cfg.embedding_schedule, clock), clock + 1)
         own_steps += 1

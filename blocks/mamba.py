@@ -22,12 +22,14 @@ Two forms of the selective scan, same arguments and result:
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks import native
 from blocks.base import Block
 from blocks.init import small_init_, wang_init_
 from blocks.ops import causal_depthwise_conv
@@ -151,6 +153,79 @@ class _SelectiveScan(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, None
 
 
+_I64 = ctypes.c_int64
+
+
+def _native_scan_library():
+    lib = native.library("selective_scan")
+    if lib is not None and not getattr(lib, "_mad_typed", False):
+        ptr = ctypes.c_void_p
+        lib.mad_selective_scan_fwd.argtypes = [_I64] * 5 + [ptr] * 7
+        lib.mad_selective_scan_bwd.argtypes = [_I64] * 5 + [ptr] * 12
+        lib.mad_selective_scan_fwd.restype = lib.mad_selective_scan_bwd.restype = None
+        lib._mad_typed = True
+    return lib
+
+
+class _NativeSelectiveScan(torch.autograd.Function):
+    """The selective scan (no D skip) by the C kernel ``blocks/csrc/selective_scan.c``.
+
+    Saves only the inputs; the backward recomputes the states one batch element at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        lib = _native_scan_library()
+        u, delta, B, C = (x.contiguous() for x in (u, delta, B, C))
+        At = A.t().contiguous()
+        batch, seq, E = u.shape
+        N = At.shape[0]
+        y = torch.empty_like(u)
+        ws = u.new_empty(torch.get_num_threads(), N * E)
+        p = native.pointer
+
+        def run(slot, b0, b1):
+            lib.mad_selective_scan_fwd(b0, b1, seq, E, N, p(u), p(delta), p(At), p(B), p(C),
+                                       p(y), p(ws[slot]))
+
+        native.parallel(batch, run)
+        ctx.save_for_backward(u, delta, At, B, C)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        lib = _native_scan_library()
+        u, delta, At, B, C = ctx.saved_tensors
+        dy = dy.contiguous()
+        batch, seq, E = u.shape
+        N = At.shape[0]
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
+        threads = max(1, min(torch.get_num_threads(), batch))
+        dAt = u.new_zeros(threads, N, E)
+        ws = u.new_empty(threads, (seq + 2) * N * E + 2 * E)
+        p = native.pointer
+
+        def run(slot, b0, b1):
+            lib.mad_selective_scan_bwd(b0, b1, seq, E, N, p(u), p(delta), p(At), p(B), p(C),
+                                       p(dy), p(du), p(ddelta), p(dAt[slot]), p(dB), p(dC),
+                                       p(ws[slot]))
+
+        native.parallel(batch, run)
+        return du, ddelta, dAt.sum(0).t(), dB, dC
+
+
+def native_available() -> bool:
+    """Whether the C selective scan is compiled and loaded here (see :mod:`blocks.native`)."""
+    return _native_scan_library() is not None
+
+
+def _use_native(tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and (
+        native_available())
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -159,17 +234,28 @@ def selective_scan(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     chunk: int | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Fast selective scan; same arguments and result as :func:`selective_scan_reference`.
 
-    ``chunk`` is the inner chunk length of the two-level scan (default ceil(sqrt(seq))); any
-    sequence length works, multiple of the chunk or not.
+    ``impl``: ``"native"`` the C kernel (float32 on the CPU), ``"torch"`` the two-level scan of
+    torch operators, ``"auto"`` the C kernel where it is loaded and applies, else torch.
+    ``chunk`` is the torch scan's inner chunk length (default ceil(sqrt(seq))); any sequence
+    length works, multiple of the chunk or not.
     """
-    seq = u.shape[1]
-    chunk = default_chunk(seq) if chunk is None else int(chunk)
-    if chunk <= 0:
-        raise ValueError(f"chunk must be a positive integer, got {chunk}")
-    y = _SelectiveScan.apply(u, delta, A, B, C, chunk)
+    if impl not in ("auto", "native", "torch"):
+        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
+    if impl == "native" or (impl == "auto" and _use_native((u, delta, A, B, C))):
+        if not native_available():
+            raise RuntimeError(f"the native selective scan is unavailable: "
+                               f"{native.status.get('selective_scan')}")
+        y = _NativeSelectiveScan.apply(u, delta, A, B, C)
+    else:
+        seq = u.shape[1]
+        chunk = default_chunk(seq) if chunk is None else int(chunk)
+        if chunk <= 0:
+            raise ValueError(f"chunk must be a positive integer, got {chunk}")
+        y = _SelectiveScan.apply(u, delta, A, B, C, chunk)
     return y if D is None else y + u * D
 
 

@@ -1,13 +1,19 @@
-"""Mamba block: the fast two-level selective scan against the step-by-step recurrence."""
+"""Mamba block: the fast selective scans (the C kernel and the two-level scan of torch
+operators) against the step-by-step recurrence."""
 
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import blocks
-from blocks.mamba import selective_scan, selective_scan_reference
+from blocks import native
+from blocks.mamba import native_available, selective_scan, selective_scan_reference
 from blocks.ops import causal_depthwise_conv
 
 D_MODEL, MAX_LEN = 32, 64
@@ -28,14 +34,26 @@ def _outputs_and_grads(fn, inputs, dy, **kw):
     return y, torch.autograd.grad(y, inputs, dy)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+needs_native = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
+    reason="no C compiler for the native kernels")
+
+
+@needs_native
+def test_native_kernel_builds_where_a_compiler_exists():
+    assert native_available(), native.status.get("selective_scan")
+
+
+@pytest.mark.parametrize("dtype,tol,impl", [
+    (torch.float64, 1e-10, "torch"), (torch.float32, 2e-4, "torch"),
+    pytest.param(torch.float32, 2e-4, "native", marks=needs_native)])
 @pytest.mark.parametrize(
     "seq,chunk", [(37, 8), (64, None), (50, None), (13, 16), (7, 1), (1, None)]
 )
-def test_fast_scan_matches_step_by_step_reference(dtype, tol, seq, chunk):
+def test_fast_scan_matches_step_by_step_reference(dtype, tol, impl, seq, chunk):
     inputs = _scan_inputs(2, seq, 6, 5, dtype)
     dy = torch.randn(2, seq, 6, dtype=dtype)
-    y, grads = _outputs_and_grads(selective_scan, inputs, dy, chunk=chunk)
+    y, grads = _outputs_and_grads(selective_scan, inputs, dy, chunk=chunk, impl=impl)
     y_ref, grads_ref = _outputs_and_grads(selective_scan_reference, inputs, dy)
     assert y.dtype == dtype
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
@@ -43,11 +61,12 @@ def test_fast_scan_matches_step_by_step_reference(dtype, tol, seq, chunk):
         torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol * 10, msg=f"grad of {name}")
 
 
-def test_fast_scan_survives_decays_that_underflow():
+@pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+def test_fast_scan_survives_decays_that_underflow(impl):
     # exp(delta * A) underflows to 0 for most steps: products of decays only, so no inf or nan
     inputs = _scan_inputs(2, 40, 4, 3, torch.float32, delta_scale=60.0)
     dy = torch.randn(2, 40, 4)
-    y, grads = _outputs_and_grads(selective_scan, inputs, dy, chunk=6)
+    y, grads = _outputs_and_grads(selective_scan, inputs, dy, chunk=6, impl=impl)
     y_ref, grads_ref = _outputs_and_grads(selective_scan_reference, inputs, dy)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for g, g_ref in zip(grads, grads_ref):
@@ -55,13 +74,74 @@ def test_fast_scan_survives_decays_that_underflow():
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-3)
 
 
-def test_fast_scan_keeps_graph_for_a_second_backward():
-    inputs = _scan_inputs(1, 9, 3, 2, torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=needs_native)])
+def test_fast_scan_keeps_graph_for_a_second_backward(dtype):
+    inputs = _scan_inputs(1, 9, 3, 2, dtype)
     y = selective_scan(*inputs, chunk=4).square().sum()
     first = torch.autograd.grad(y, inputs, retain_graph=True)
     second = torch.autograd.grad(y, inputs)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_scan_agrees_with_torch_scan_at_block_sizes(threads):
+    # realistic widths (the vectorised loops' main body and remainder), the batch split over
+    # threads, every gradient; the torch scan in float64 is the yardstick
+    batch, seq, d_inner, d_state = 5, 70, 37, 16
+    inputs = _scan_inputs(batch, seq, d_inner, d_state, torch.float32)
+    dy = torch.randn(batch, seq, d_inner)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, grads = _outputs_and_grads(selective_scan, inputs, dy, impl="native")
+    finally:
+        torch.set_num_threads(before)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    y_ref, grads_ref = _outputs_and_grads(selective_scan, wide, dy.double(), impl="torch")
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    for name, g, g_ref in zip("u delta A B C D".split(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-3, msg=f"grad of {name}")
+
+
+@needs_native
+def test_native_scan_propagates_nan():
+    # a diverging run must show up as a non-finite loss, not be clamped into finite numbers
+    u, delta, A, B, C, D = _scan_inputs(2, 12, 8, 4, torch.float32)
+    with torch.no_grad():
+        delta[1, 5, 3] = float("nan")
+    y = selective_scan(u, delta, A, B, C, D, impl="native")
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :5]).all()
+    assert torch.isnan(y[1, 5:, 3]).all()
+    grads = torch.autograd.grad(y[0].sum(), (u, delta, A))
+    assert torch.isfinite(grads[0][0]).all()
+
+
+def test_selective_scan_refuses_an_unknown_impl():
+    with pytest.raises(ValueError, match="impl must be"):
+        selective_scan(*_scan_inputs(1, 3, 2, 2, torch.float32), impl="cuda")
+
+
+def _native_status_in_a_fresh_process(tmp_path, **env):
+    code = ("import torch, blocks.mamba as m, blocks.native as n; "
+            "x = torch.randn(1, 4, 3); "
+            "y = m.selective_scan(x, x.exp(), -torch.ones(3, 2), torch.randn(1, 4, 2), "
+            "torch.randn(1, 4, 2)); print('STATUS', n.status.get('selective_scan'))")
+    full_env = {**os.environ, "MAD_SEARCH_CACHE": str(tmp_path), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+def test_native_off_switch_and_failed_build_fall_back_to_torch(tmp_path):
+    off = _native_status_in_a_fresh_process(tmp_path, MAD_SEARCH_NATIVE="0")
+    assert off.returncode == 0, off.stderr
+    assert "STATUS torch: MAD_SEARCH_NATIVE=0" in off.stdout and off.stderr == ""
+    broken = _native_status_in_a_fresh_process(tmp_path, CC="false")
+    assert broken.returncode == 0, broken.stderr
+    assert "STATUS torch: building it failed" in broken.stdout
+    lines = [ln for ln in broken.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "native selective_scan kernel unavailable" in lines[0]
 
 
 def test_causal_depthwise_conv_matches_nn_conv1d():

@@ -1,0 +1,137 @@
+/* mad-search: Mamba's selective scan on the CPU, forward and backward, float32.
+ *
+ * Per batch element, inner channel d and state index n (Gu & Dao 2023, Algorithm 2):
+ *     a_t = exp(delta_t[d] A[n, d]),   h_t[n, d] = a_t h_{t-1}[n, d] + delta_t[d] u_t[d] B_t[n],
+ *     y_t[d] = sum_n C_t[n] h_t[n, d]                         (the D skip is added by the caller)
+ * The state (d_state x d_inner floats) stays in cache; nothing of size batch x seq x d_inner x
+ * d_state is ever written. The loops run over d innermost, so gcc vectorises them (state and A
+ * are laid out (d_state, d_inner); A arrives transposed). The backward recomputes the states of
+ * one batch element into a workspace (seq x d_state x d_inner floats) and runs the adjoint
+ * recurrence g_t = dy_t[d] C_t[n] + a_{t+1} g_{t+1} backwards, as the CUDA kernel of the paper
+ * does. Layouts, all contiguous: u, delta, y, du, ddelta (batch, seq, E); B, C, dB, dC
+ * (batch, seq, N); At, dAt (N, E). Each call handles batch elements [b0, b1); dAt accumulates.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* exp(x) from float arithmetic gcc can vectorise: 2^k 2^f, f in [-1/2, 1/2] (Cephes exp2f
+ * polynomial); relative error ~2e-7 near 0, growing as |x| 6e-8 with the rounding of
+ * x log2(e) (as in libm). Exactly 0 below -87.3 (libm: denormals down to -103); inputs here
+ * are delta * A <= 0. NaN stays NaN. */
+static inline float exp_f(float x)
+{
+    const float log2e = 1.4426950408889634f;
+    float xc = x < -126.0f ? -126.0f : (x > 88.0f ? 88.0f : x);
+    float t = xc * log2e;
+    float k = floorf(t + 0.5f);   /* not the (t + 1.5 2^23) - 1.5 2^23 trick: -fassociative-math
+                                     would fold it away */
+    float f = t - k;
+    float f2 = f * f;
+    float p = (1.0f + 6.931472028550421e-1f * f) + f2 * (2.402264791363012e-1f
+              + 5.550332471162809e-2f * f) + (f2 * f2) * ((9.618437357674640e-3f
+              + 1.339887440266574e-3f * f) + f2 * 1.535336188319500e-4f);
+    int32_t ki = (int32_t)k;
+    ki = ki < -126 ? -127 : ki;                 /* 2^-127 pattern is 0.0 */
+    union { int32_t i; float f; } scale;
+    scale.i = (ki + 127) << 23;
+    float r = p * scale.f;
+    return x != x ? x : r;
+}
+
+void mad_selective_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
+                            const float *u, const float *delta, const float *At,
+                            const float *B, const float *C, float *y, float *h)
+{
+    for (int64_t b = b0; b < b1; b++) {
+        memset(h, 0, sizeof(float) * N * E);
+        for (int64_t t = 0; t < S; t++) {
+            const int64_t r = b * S + t;
+            const float *ut = u + r * E, *dt = delta + r * E, *Bt = B + r * N, *Ct = C + r * N;
+            float *yt = y + r * E;
+            for (int64_t d = 0; d < E; d++) yt[d] = 0.0f;
+            for (int64_t n = 0; n < N; n++) {
+                const float *An = At + n * E;
+                float *hn = h + n * E;
+                const float bn = Bt[n], cn = Ct[n];
+                for (int64_t d = 0; d < E; d++) {
+                    float hv = exp_f(dt[d] * An[d]) * hn[d] + dt[d] * ut[d] * bn;
+                    hn[d] = hv;
+                    yt[d] += cn * hv;
+                }
+            }
+        }
+    }
+}
+
+/* One step t and state index n of the backward, over the channels d (restrict: nothing aliases,
+ * so gcc vectorises it without runtime checks). g: a_{t+1} g_{t+1} in, a_t g_t out. */
+static inline void adjoint_row(int64_t E, const float *restrict An, const float *restrict hn,
+                               const float *restrict pn, const float *restrict dyt,
+                               const float *restrict dt, const float *restrict ut, float bn,
+                               float cn, float *restrict gn, float *restrict dAn,
+                               float *restrict sb, float *restrict sd, float *restrict dC,
+                               float *restrict dB)
+{
+    float acc_c = 0.0f, acc_b = 0.0f;
+    for (int64_t d = 0; d < E; d++) {
+        const float gv = dyt[d] * cn + gn[d];
+        const float a = exp_f(dt[d] * An[d]);
+        const float dlog_a = gv * a * pn[d];                /* dL/d(delta_t A) */
+        acc_c += dyt[d] * hn[d];
+        acc_b += gv * dt[d] * ut[d];
+        sb[d] += gv * bn;                                   /* dL/d(delta_t u_t) */
+        sd[d] += dlog_a * An[d];
+        dAn[d] += dlog_a * dt[d];
+        gn[d] = a * gv;
+    }
+    *dC = acc_c;
+    *dB = acc_b;
+}
+
+/* ws: (S + 2) * N * E + 2 E floats: zeros (the state before t = 0), the states h_t of one
+ * batch element, the adjoint, two sums over n */
+void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
+                            const float *u, const float *delta, const float *At,
+                            const float *B, const float *C, const float *dy,
+                            float *du, float *ddelta, float *dAt, float *dB, float *dC,
+                            float *ws)
+{
+    const int64_t NE = N * E;
+    float *H = ws + NE, *g = H + S * NE, *sb = g + NE, *sd = sb + E;
+    memset(ws, 0, sizeof(float) * NE);
+    for (int64_t b = b0; b < b1; b++) {
+        /* 1. the states h_t, t = 0 .. S-1 */
+        for (int64_t t = 0; t < S; t++) {
+            const int64_t r = b * S + t;
+            const float *ut = u + r * E, *dt = delta + r * E, *Bt = B + r * N;
+            float *Ht = H + t * NE;
+            const float *Hp = Ht - NE;                      /* zeros before t = 0 */
+            for (int64_t n = 0; n < N; n++) {
+                const float *An = At + n * E, *pn = Hp + n * E;
+                const float bn = Bt[n];
+                float *hn = Ht + n * E;
+                for (int64_t d = 0; d < E; d++)
+                    hn[d] = exp_f(dt[d] * An[d]) * pn[d] + dt[d] * ut[d] * bn;
+            }
+        }
+        /* 2. the adjoint, backwards; g holds a_{t+1} g_{t+1} on entry to step t */
+        memset(g, 0, sizeof(float) * NE);
+        for (int64_t t = S - 1; t >= 0; t--) {
+            const int64_t r = b * S + t;
+            const float *ut = u + r * E, *dt = delta + r * E, *Bt = B + r * N, *Ct = C + r * N;
+            const float *dyt = dy + r * E, *Ht = H + t * NE;
+            const float *Hp = Ht - NE;
+            float *dBt = dB + r * N, *dCt = dC + r * N;
+            for (int64_t d = 0; d < E; d++) { sb[d] = 0.0f; sd[d] = 0.0f; }
+            for (int64_t n = 0; n < N; n++)
+                adjoint_row(E, At + n * E, Ht + n * E, Hp + n * E, dyt, dt, ut, Bt[n], Ct[n],
+                            g + n * E, dAt + n * E, sb, sd, dCt + n, dBt + n);
+            float *dut = du + r * E, *ddt = ddelta + r * E;
+            for (int64_t d = 0; d < E; d++) {
+                dut[d] = sb[d] * dt[d];
+                ddt[d] = sd[d] + sb[d] * ut[d];
+            }
+        }
+    }
+}

@@ -31,10 +31,13 @@ the max to rounding.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks import native
 from blocks.base import Block
 from blocks.init import round_up, small_init_, wang_init_
 from blocks.ops import causal_depthwise_conv
@@ -224,41 +227,128 @@ class _SLSTMScan(torch.autograd.Function):
             d_raw_if[t].addcmul_(dn_u, k_n_t[t])
             d_raw_o[t].addcmul_(dy, k_y_t[t])
 
-        d_R = d_b = None
-        if ctx.needs_input_grad[2]:  # b is (4H,) gate-major: [gate, head, unit]
-            d_b = d_raw.sum(dim=(0, 2)).transpose(0, 1).reshape(-1)
-        if ctx.needs_input_grad[1]:
-            # d R[h] = sum over steps and batch of y_{t-1}^T d raw_t
-            y_prev = y_all[:-1].permute(1, 3, 0, 2).reshape(NH, DH, S * B)
-            d_raw_h = d_raw.view(S, NH, B, G * DH).transpose(0, 1).reshape(NH, S * B, G * DH)
-            d_R = torch.bmm(y_prev, d_raw_h).view(NH, DH, G, DH)
-        return (d_raw if ctx.needs_input_grad[0] else None), d_R, d_b
+        return (d_raw if ctx.needs_input_grad[0] else None,
+                *_recurrent_and_bias_grads(ctx, d_raw, y_all))
 
 
-def slstm_scan(wx: torch.Tensor, R: torch.Tensor, b: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _native_library():
+    lib = native.library("slstm")
+    if lib is not None and not getattr(lib, "_mad_typed", False):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.mad_slstm_fwd.argtypes = [i64] * 7 + [ptr] * 8
+        lib.mad_slstm_bwd.argtypes = [i64] * 6 + [ptr] * 9
+        lib.mad_slstm_fwd.restype = lib.mad_slstm_bwd.restype = None
+        lib._mad_typed = True
+    return lib
+
+
+class _NativeSLSTMScan(torch.autograd.Function):
+    """:class:`_SLSTMScan`'s maths by the C kernel ``blocks/csrc/slstm.c`` (float32, CPU).
+
+    The whole step, memory mixing included, runs per lane (head x batch element) with its state
+    in registers; the forward keeps the pre-activations and the states (c, n, m, y), and the
+    backward recomputes the gates from them. ``d R`` and ``d b`` are two reductions over all
+    steps at once, done here by torch as in the torch scan.
+    """
+
+    @staticmethod
+    def forward(ctx, wx_tm: torch.Tensor, R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        lib = _native_library()
+        S, NH, B, G, DH = wx_tm.shape
+        P = NH * B
+        wx = wx_tm.contiguous()
+        Rc = R.contiguous()
+        bc = b.contiguous()
+        raw = torch.empty_like(wx)
+        m = wx.new_empty(S, NH, B, DH)
+        c, n, y = (wx.new_zeros(S + 1, NH, B, DH) for _ in range(3))
+        p = native.pointer
+
+        def run(slot, p0, p1):
+            lib.mad_slstm_fwd(p0, p1, S, P, B, DH, NH, p(wx), p(Rc), p(bc), p(raw), p(m), p(c),
+                              p(n), p(y))
+
+        native.parallel(P, run)
+        ctx.save_for_backward(R, raw, m, c, n, y)
+        return y[1:]  # a view of the saved buffer: an in-place change of it fails the backward
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        lib = _native_library()
+        R, raw, m, c, n, y_all = ctx.saved_tensors
+        S, NH, B, G, DH = raw.shape
+        P = NH * B
+        dy = grad_y.contiguous()
+        d_raw = torch.empty_like(raw)
+        RT = R.reshape(NH, DH, G * DH).transpose(1, 2).contiguous()  # (NH, G DH_out, DH_in)
+        ws = raw.new_empty(P, 4 * DH)  # per lane: dy, dc, dn, f' of the step after
+        p = native.pointer
+
+        def run(slot, p0, p1):
+            lib.mad_slstm_bwd(p0, p1, S, P, B, DH, p(RT), p(raw), p(m), p(c), p(n), p(y_all),
+                              p(dy), p(d_raw), p(ws[p0]))
+
+        native.parallel(P, run)
+        return (d_raw if ctx.needs_input_grad[0] else None, *_recurrent_and_bias_grads(
+            ctx, d_raw, y_all))
+
+
+def _recurrent_and_bias_grads(ctx, d_raw: torch.Tensor, y_all: torch.Tensor):
+    """``d R[h] = sum over steps and batch of y_{t-1}^T d raw_t`` and ``d b``, each where
+    needed; ``d_raw: (S, NH, B, G, DH)``, ``y_all: (S + 1, NH, B, DH)`` (zero state first)."""
+    S, NH, B, G, DH = d_raw.shape
+    d_R = d_b = None
+    if ctx.needs_input_grad[2]:  # b is (4H,) gate-major: [gate, head, unit]
+        d_b = d_raw.sum(dim=(0, 2)).transpose(0, 1).reshape(-1)
+    if ctx.needs_input_grad[1]:
+        y_prev = y_all[:-1].permute(1, 3, 0, 2).reshape(NH, DH, S * B)
+        d_raw_h = d_raw.view(S, NH, B, G * DH).transpose(0, 1).reshape(NH, S * B, G * DH)
+        d_R = torch.bmm(y_prev, d_raw_h).view(NH, DH, G, DH)
+    return d_R, d_b
+
+
+def slstm_scan(
+    wx: torch.Tensor, R: torch.Tensor, b: torch.Tensor, num_heads: int, impl: str = "auto"
+) -> torch.Tensor:
     """The sLSTM cell, fast path: same inputs and output as :func:`slstm_recurrent_reference`.
 
     ``wx: (B, S, 4H)``, ``R: (NH, DH, 4, DH)``, ``b: (4H,)`` -> ``y: (B, S, H)``. Computes in
-    float32 (float64 for float64 input) and returns ``wx``'s dtype. Plain eager PyTorch.
+    float32 (float64 for float64 input) and returns ``wx``'s dtype. ``impl`` as in
+    :func:`slstm_scan_time_major`.
     """
     B, S, NH, DH = _check_cell_inputs(wx, R, b, num_heads)
     if S == 0:
         return wx.new_zeros(B, 0, NH * DH)
     wx_tm = wx.view(B, S, NUM_GATES, NH, DH).permute(1, 3, 0, 2, 4)
-    y = slstm_scan_time_major(wx_tm, R, b)
+    y = slstm_scan_time_major(wx_tm, R, b, impl=impl)
     return y.permute(2, 0, 1, 3).reshape(B, S, NH * DH)
 
 
-def slstm_scan_time_major(wx_tm: torch.Tensor, R: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def slstm_scan_time_major(
+    wx_tm: torch.Tensor, R: torch.Tensor, b: torch.Tensor, impl: str = "auto"
+) -> torch.Tensor:
     """:func:`slstm_scan` in the scan's own layout, which spares the block two full copies.
 
     ``wx_tm: (S, NH, B, 4, DH)`` (gates ``[i, f, z, o]``), ``R: (NH, DH, 4, DH)``, ``b: (4H,)``
     -> ``y: (S, NH, B, DH)``; the gradient of ``wx_tm`` comes back contiguous in that layout.
+    ``impl``: ``"native"`` the C kernel (float32 on the CPU), ``"torch"`` the scan of torch
+    operators, ``"auto"`` the C kernel where it is loaded and applies.
     """
+    if impl not in ("auto", "native", "torch"):
+        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
     if wx_tm.shape[0] == 0:
         return wx_tm.new_zeros(0, *wx_tm.shape[1:3], wx_tm.shape[-1])
     dtype = _compute_dtype(wx_tm)
-    y = _SLSTMScan.apply(wx_tm.to(dtype), R.to(dtype), b.reshape(-1).to(dtype))
+    args = (wx_tm.to(dtype), R.to(dtype), b.reshape(-1).to(dtype))
+    cpu32 = dtype == torch.float32 and all(t.device.type == "cpu" for t in args)
+    if impl == "native" or (impl == "auto" and cpu32 and _native_library() is not None):
+        if _native_library() is None or not cpu32:
+            raise RuntimeError("the native sLSTM scan needs float32 CPU tensors and the kernel: "
+                               f"{native.status.get('slstm', 'float64 or not on the CPU')}")
+        y = _NativeSLSTMScan.apply(*args)
+    else:
+        y = _SLSTMScan.apply(*args)
     return y.to(wx_tm.dtype)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -91,23 +93,50 @@ def test_slstm_scan_matches_step_by_step_recurrence_float64(shape):
         torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_slstm_scan_matches_step_by_step_recurrence_float32():
-    wx, R, b = cell_inputs(3, 32, 2, 8, dtype=torch.float64)
-    # truth: the reference in float64; both float32 forms must land within float32 rounding
-    y_ref, g_ref, grad_out = run_with_grads(slstm_recurrent_reference, wx, R, b, 2)
-    for fn in (slstm_scan, slstm_recurrent_reference):
-        y, g, _ = run_with_grads(fn, wx.float(), R.float(), b.float(), 2, grad_out.float())
+needs_native = pytest.mark.skipif(
+    shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
+    reason="no C compiler for the native kernels")
+
+
+def _scan(impl):
+    def scan(wx, R, b, num_heads):
+        return slstm_scan(wx, R, b, num_heads, impl=impl)
+
+    return scan
+
+
+@needs_native
+def test_native_slstm_kernel_builds_where_a_compiler_exists():
+    from blocks import native
+    from blocks.slstm import _native_library
+
+    assert _native_library() is not None, native.status.get("slstm")
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 2, 8), (5, 17, 3, 5), (2, 1, 1, 16), (4, 9, 4, 32)])
+def test_slstm_scan_matches_step_by_step_recurrence_float32(shape):
+    wx, R, b = cell_inputs(*shape, dtype=torch.float64)
+    # truth: the reference in float64; every float32 form must land within float32 rounding
+    # (the native kernel's widths: a vector register's worth of units, less, and several)
+    y_ref, g_ref, grad_out = run_with_grads(slstm_recurrent_reference, wx, R, b, shape[2])
+    fns = [_scan("torch"), slstm_recurrent_reference]
+    if not needs_native.args[0]:
+        fns.append(_scan("native"))
+    for fn in fns:
+        y, g, _ = run_with_grads(fn, wx.float(), R.float(), b.float(), shape[2],
+                                 grad_out.float())
         assert y.dtype == torch.float32 and all(t.dtype == torch.float32 for t in g)
         assert_close_rel(y, y_ref, 1e-5)
         for actual, expected in zip(g, g_ref):
             assert_close_rel(actual, expected, 3e-5)
 
 
-def test_slstm_scan_is_stable_where_unstabilised_exp_overflows_float32():
+@pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+def test_slstm_scan_is_stable_where_unstabilised_exp_overflows_float32(impl):
     # ĩ up to ±150: exp(ĩ) overflows float32 (> 88.7) but not float64
     wx, R, b = cell_inputs(2, 30, 2, 4, i_scale=150.0, r_scale=0.3)
     expected = naive_unstabilised_cell(wx, R, b, 2)
-    y, grads, _ = run_with_grads(slstm_scan, wx.float(), R.float(), b.float(), 2)
+    y, grads, _ = run_with_grads(_scan(impl), wx.float(), R.float(), b.float(), 2)
     assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads)
     # float32 rounding of ĩ - m alone is ~1e-5 relative when |ĩ| ~ 150
     assert_close_rel(y, expected, 5e-5)
@@ -125,6 +154,42 @@ def test_slstm_scan_gradient_of_only_some_inputs():
     R_leaf = R.clone().requires_grad_()
     slstm_scan(wx, R_leaf, b, 2).backward(grad_out)
     torch.testing.assert_close(R_leaf.grad, g_ref[1], rtol=1e-9, atol=1e-10)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_slstm_scan_agrees_with_torch_scan(threads):
+    # the lanes (head x batch element) split over threads; only R and b need gradients
+    wx, R, b = (t.float() for t in cell_inputs(5, 21, 3, 8, dtype=torch.float64))
+    grad_out = torch.randn(5, 21, 24)
+    R_ref = R.clone().requires_grad_()
+    y_ref = slstm_scan(wx, R_ref, b, 3, impl="torch")
+    y_ref.backward(grad_out)
+    R_leaf, b_leaf = R.clone().requires_grad_(), b.clone().requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = slstm_scan(wx, R_leaf, b_leaf, 3, impl="native")
+        y.backward(grad_out)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_rel(y, y_ref.detach(), 1e-5)
+    assert_close_rel(R_leaf.grad, R_ref.grad, 3e-5)
+
+
+@needs_native
+def test_native_slstm_scan_propagates_nan():
+    wx, R, b = (t.float() for t in cell_inputs(2, 10, 2, 4, dtype=torch.float64))
+    wx[1, 4, 3] = float("nan")  # the input gate of one unit of head 0, batch element 1
+    y = slstm_scan(wx, R, b, 2, impl="native")
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :4]).all()
+    assert torch.isnan(y[1, 4:]).any()
+
+
+def test_slstm_scan_refuses_an_unknown_impl():
+    wx, R, b = cell_inputs(1, 3, 2, 4)
+    with pytest.raises(ValueError, match="impl must be"):
+        slstm_scan(wx, R, b, 2, impl="cuda")
 
 
 def test_slstm_scan_rejects_mismatched_shapes():

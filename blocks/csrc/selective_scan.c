@@ -11,33 +11,10 @@
  * does. Layouts, all contiguous: u, delta, y, du, ddelta (batch, seq, E); B, C, dB, dC
  * (batch, seq, N); At, dAt (N, E). Each call handles batch elements [b0, b1); dAt accumulates.
  */
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-/* exp(x) from float arithmetic gcc can vectorise: 2^k 2^f, f in [-1/2, 1/2] (Cephes exp2f
- * polynomial); relative error ~2e-7 near 0, growing as |x| 6e-8 with the rounding of
- * x log2(e) (as in libm). Exactly 0 below -87.3 (libm: denormals down to -103); inputs here
- * are delta * A <= 0. NaN stays NaN. */
-static inline float exp_f(float x)
-{
-    const float log2e = 1.4426950408889634f;
-    float xc = x < -126.0f ? -126.0f : (x > 88.0f ? 88.0f : x);
-    float t = xc * log2e;
-    float k = floorf(t + 0.5f);   /* not the (t + 1.5 2^23) - 1.5 2^23 trick: -fassociative-math
-                                     would fold it away */
-    float f = t - k;
-    float f2 = f * f;
-    float p = (1.0f + 6.931472028550421e-1f * f) + f2 * (2.402264791363012e-1f
-              + 5.550332471162809e-2f * f) + (f2 * f2) * ((9.618437357674640e-3f
-              + 1.339887440266574e-3f * f) + f2 * 1.535336188319500e-4f);
-    int32_t ki = (int32_t)k;
-    ki = ki < -126 ? -127 : ki;                 /* 2^-127 pattern is 0.0 */
-    union { int32_t i; float f; } scale;
-    scale.i = (ki + 127) << 23;
-    float r = p * scale.f;
-    return x != x ? x : r;
-}
+#include "fastmath.h"
 
 void mad_selective_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                             const float *u, const float *delta, const float *At,

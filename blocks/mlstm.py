@@ -33,6 +33,7 @@ figure 10, as in NX-AI's official code (``xlstm/blocks/mlstm/layer.py``).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from typing import NamedTuple
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blocks import native
 from blocks.base import Block
 from blocks.init import round_up, small_init_, wang_init_
 from blocks.ops import causal_depthwise_conv
@@ -389,11 +391,60 @@ def _from_channels_last(y: torch.Tensor) -> torch.Tensor:
     return y.squeeze(2).transpose(1, 2)
 
 
+def _native_headwise_library():
+    lib = native.library("headwise")
+    if lib is not None and not getattr(lib, "_mad_typed", False):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.mad_headwise_fwd.argtypes = [i64] * 4 + [ptr] * 4
+        lib.mad_headwise_bwd.argtypes = [i64] * 4 + [ptr] * 6
+        lib.mad_headwise_fwd.restype = lib.mad_headwise_bwd.restype = None
+        lib._mad_typed = True
+    return lib
+
+
+class _NativeHeadwise(torch.autograd.Function):
+    """``x (..., nb * bs) -> y``, ``y[..., g bs + o] = sum_i W[g, o, i] x[..., g bs + i]``, by the
+    C kernel ``blocks/csrc/headwise.c`` (float32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        lib = _native_headwise_library()
+        nb, bs = weight.shape[0], weight.shape[1]
+        x, W = x.contiguous(), weight.contiguous()
+        rows = x.numel() // (nb * bs)
+        y = torch.empty_like(x)
+        ws = x.new_empty(max(1, min(torch.get_num_threads(), rows)), 4 * nb * bs)
+        p = native.pointer
+        native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_fwd(
+            t0, t1, nb, bs, p(x), p(W), p(y), p(ws[slot])))
+        ctx.save_for_backward(x, W)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        lib = _native_headwise_library()
+        x, W = ctx.saved_tensors
+        nb, bs = W.shape[0], W.shape[1]
+        dy = dy.contiguous()
+        rows = x.numel() // (nb * bs)
+        dx = torch.empty_like(x)
+        slots = max(1, min(torch.get_num_threads(), rows))
+        dW = W.new_zeros(slots, nb, bs, bs)
+        ws = x.new_empty(slots, 8 * nb * bs)
+        p = native.pointer
+        native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_bwd(
+            t0, t1, nb, bs, p(x), p(W), p(dy), p(dx), p(dW[slot]), p(ws[slot])))
+        return dx, dW.sum(0)
+
+
 class HeadwiseLinear(nn.Module):
     """Block-diagonal linear map: ``dim / block`` independent ``block x block`` matrices, no bias.
 
-    ``weight`` is (num_blocks, out, in), the official ``LinearHeadwiseExpand`` layout. It runs
-    as a grouped 1x1 convolution, which is faster on CPU than the einsum over blocks.
+    ``weight`` is (num_blocks, out, in), the official ``LinearHeadwiseExpand`` layout. In float32
+    on the CPU it runs as the C kernel ``blocks/csrc/headwise.c`` (a few multiply-adds per
+    element); elsewhere as a grouped 1x1 convolution, which is faster than the einsum over
+    blocks, but whose backward is the general convolution's (see "Native kernels").
     """
 
     def __init__(self, dim: int, block: int):
@@ -401,8 +452,16 @@ class HeadwiseLinear(nn.Module):
         self.dim, self.block = dim, block
         self.weight = nn.Parameter(torch.empty(dim // block, block, block))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, dim) -> (B, S, dim)."""
+    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """(B, S, dim) -> (B, S, dim). ``impl``: "native", "torch" (grouped conv) or "auto"."""
+        if impl not in ("auto", "native", "torch"):
+            raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
+        cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, self.weight))
+        if impl == "native" or (impl == "auto" and cpu32 and _native_headwise_library()):
+            if not (cpu32 and _native_headwise_library()):
+                raise RuntimeError("the native headwise kernel needs float32 CPU tensors and the "
+                                   f"kernel: {native.status.get('headwise', 'not float32 CPU')}")
+            return _NativeHeadwise.apply(x, self.weight)
         kernel = self.weight.reshape(self.dim, self.block, 1, 1)
         y = F.conv2d(_channels_last(x), kernel, groups=self.dim // self.block)
         return _from_channels_last(y)

@@ -78,6 +78,11 @@ def library(name: str) -> ctypes.CDLL | None:
     return lib
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with (``$CC``, ``cc`` or ``gcc``), or None."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -93,7 +98,7 @@ def _build(name: str) -> Path:
 
     source = (SOURCES / f"{name}.c").read_text()
     headers = "".join(h.read_text() for h in sorted(SOURCES.glob("*.h")))
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout

@@ -3,7 +3,6 @@ operators) against the step-by-step recurrence."""
 
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -34,9 +33,7 @@ def _outputs_and_grads(fn, inputs, dy, **kw):
     return y, torch.autograd.grad(y, inputs, dy)
 
 
-needs_native = pytest.mark.skipif(
-    shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
-    reason="no C compiler for the native kernels")
+needs_native = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
 
 @needs_native

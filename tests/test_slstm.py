@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
 
 import pytest
 import torch
 
 import blocks
+from blocks import native
 from blocks.registry import BlockError
 from blocks.slstm import (
     SLSTMBlock,
@@ -93,9 +92,7 @@ def test_slstm_scan_matches_step_by_step_recurrence_float64(shape):
         torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-10, msg=name)
 
 
-needs_native = pytest.mark.skipif(
-    shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
-    reason="no C compiler for the native kernels")
+needs_native = pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
 
 
 def _scan(impl):
@@ -107,7 +104,6 @@ def _scan(impl):
 
 @needs_native
 def test_native_slstm_kernel_builds_where_a_compiler_exists():
-    from blocks import native
     from blocks.slstm import _native_library
 
     assert _native_library() is not None, native.status.get("slstm")

@@ -48,9 +48,18 @@ from blocks.init import round_up, small_init_, wang_init_
 from blocks.ops import causal_depthwise_conv
 from blocks.registry import BlockError, register
 
-__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_parallel", "mlstm_recurrent"]
+__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_native", "mlstm_parallel", "mlstm_recurrent"]
 
-CELLS = ("auto", "parallel", "chunkwise", "recurrent")
+CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
+
+# cell="auto" on the CPU in float32 runs the recurrent form as the C kernel (blocks/csrc/mlstm.c)
+# for sequences of at least NATIVE_MIN_SEQ steps and heads of at most NATIVE_MAX_HEAD: measured
+# (forward + backward, one thread, batch 64 x 4 heads unless said) against the better torch form:
+# head 16: 14 / 27 ms at 96 steps, 17 / 35 at 128, 18 / 33 at 256 (batch 32), 24 / 39 at 512
+# (batch 16); head 32: 32 / 32 at 96, 36 / 51 at 128, 21 / 26 at 256 (batch 16), 63 / 95 at 512;
+# but even or slower at 47-64 steps (head 16: 8.9 / 6.3 at 47) and at head 64 (107 / 70 at 256).
+NATIVE_MIN_SEQ = 96
+NATIVE_MAX_HEAD = 32
 
 # cell="auto" runs the quadratic parallel form while the sequence fits in this many chunks and
 # the chunkwise form beyond. Measured with float32 forward + backward of the whole block at
@@ -367,7 +376,103 @@ def mlstm_chunkwise(
     return h.reshape(B, NH, NC * L, DV)[:, :, :S].to(out_dtype)
 
 
+def _native_cell_library():
+    lib = native.library("mlstm")
+    if lib is not None and not getattr(lib, "_mad_typed", False):
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        lib.mad_mlstm_fwd.argtypes = [i64] * 5 + [f32] + [ptr] * 10
+        lib.mad_mlstm_bwd.argtypes = [i64] * 5 + [f32] + [ptr] * 15
+        lib.mad_mlstm_fwd.restype = lib.mad_mlstm_bwd.restype = None
+        lib._mad_typed = True
+    return lib
+
+
+LANES = 8  # blocks/csrc/mlstm.c runs 8 lanes (batch x head) side by side, one per vector float
+
+
+def _to_lanes(x: torch.Tensor, P: int) -> torch.Tensor:
+    """(B, NH, S[, D]) -> (G, S[, D], 8): lanes padded with zeros to a multiple of 8, grouped,
+    innermost."""
+    x = x.reshape(P, *x.shape[2:])
+    pad = -P % LANES
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    x = x.view(-1, LANES, *x.shape[1:])
+    return x.permute(0, *range(2, x.dim()), 1).contiguous()
+
+
+def _from_lanes(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_to_lanes` into ``shape`` (B, NH, S[, D])."""
+    x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    return x.reshape(-1, *x.shape[2:])[: shape[0] * shape[1]].reshape(shape)
+
+
+class _NativeMLSTM(torch.autograd.Function):
+    """The recurrent form by the C kernel ``blocks/csrc/mlstm.c``: lanes = batch x heads, 8 at
+    a time, each stepping its (DQK x DV) state; the backward recomputes one lane group's states
+    at a time. Saves the inputs (in the kernel's layout), C^T q, q . n and the stabiliser."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i_pre, f_pre, eps):
+        lib = _native_cell_library()
+        B, NH, S, DQK = q.shape
+        DV = v.shape[-1]
+        P = B * NH
+        ql, kl, vl, il, fl = (_to_lanes(t, P) for t in (q, k, v, i_pre, f_pre))
+        G = ql.shape[0]
+        h, hnum = torch.empty_like(vl), torch.empty_like(vl)
+        m, qn = torch.empty_like(il), torch.empty_like(il)
+        ws = ql.new_empty(max(1, min(torch.get_num_threads(), G)), 2 * (DQK * DV + DQK) * LANES)
+        p = native.pointer
+        native.parallel(G, lambda slot, g0, g1: lib.mad_mlstm_fwd(
+            g0, g1, S, DQK, DV, eps, p(ql), p(kl), p(vl), p(il), p(fl), p(h), p(hnum), p(m),
+            p(qn), p(ws[slot])))
+        ctx.save_for_backward(ql, kl, vl, il, fl, hnum, m, qn)
+        ctx.eps, ctx.shapes = eps, (q.shape, v.shape, i_pre.shape)
+        return _from_lanes(h, v.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        lib = _native_cell_library()
+        ql, kl, vl, il, fl, hnum, m, qn = ctx.saved_tensors
+        q_shape, v_shape, g_shape = ctx.shapes
+        G, S, DQK, _ = ql.shape
+        DV = vl.shape[2]
+        dhl = _to_lanes(dh, q_shape[0] * q_shape[1])
+        dq, dk, dv = torch.empty_like(ql), torch.empty_like(kl), torch.empty_like(vl)
+        di, df = torch.empty_like(il), torch.empty_like(fl)
+        QV = DQK * DV
+        ws = ql.new_empty(max(1, min(torch.get_num_threads(), G)),
+                          ((S + 2) * QV + (S + 1) * DQK + 3 * DQK + DV) * LANES)
+        p = native.pointer
+        native.parallel(G, lambda slot, g0, g1: lib.mad_mlstm_bwd(
+            g0, g1, S, DQK, DV, ctx.eps, p(ql), p(kl), p(vl), p(il), p(fl), p(hnum), p(m),
+            p(qn), p(dhl), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
+        return (_from_lanes(dq, q_shape), _from_lanes(dk, q_shape), _from_lanes(dv, v_shape),
+                _from_lanes(di, g_shape), _from_lanes(df, g_shape), None)
+
+
+def mlstm_native(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i_preact: torch.Tensor,
+    f_preact: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """mLSTM cell, recurrent form, by the C kernel (float32 on the CPU): the same function as
+    :func:`mlstm_recurrent`, gradients included. Shapes as :func:`mlstm_recurrent`."""
+    tensors = (q, k, v, i_preact, f_preact)
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        raise RuntimeError("the native mLSTM cell needs float32 CPU tensors")
+    if _native_cell_library() is None:
+        raise RuntimeError(f"the native mLSTM cell is unavailable: {native.status.get('mlstm')}")
+    return _NativeMLSTM.apply(q, k, v, i_preact, f_preact, float(eps))
+
+
 _CELL_FNS = {
+    "native": mlstm_native,
     "parallel": mlstm_parallel,
     "chunkwise": mlstm_chunkwise,
     "recurrent": mlstm_recurrent,
@@ -481,8 +586,10 @@ class MLSTMBlock(Block):
         out      = proj_down((h~ + skip * x_c) * SiLU(z))             I -> E
 
     ``cell`` picks the form of the cell: "parallel", "chunkwise", "recurrent" (slow reference),
-    or "auto": parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks
-    on CUDA), chunkwise beyond; whichever measured faster.
+    "native" (the recurrent form as a C kernel; float32 on the CPU), or "auto": on the CPU in
+    float32 native from ``NATIVE_MIN_SEQ`` steps for heads up to ``NATIVE_MAX_HEAD``; otherwise
+    parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks on CUDA),
+    chunkwise beyond; whichever measured faster.
 
     Parameters, shapes and initialisation follow NX-AI/xlstm 2.0.x (``mLSTMLayer``,
     ``mLSTMCell``), under the same names where there is one. Deliberate differences:
@@ -578,10 +685,19 @@ class MLSTMBlock(Block):
         nn.init.ones_(self.outnorm_weight)
         nn.init.ones_(self.learnable_skip)
 
-    def cell_for(self, seq_len: int, device: torch.device | str = "cpu") -> str:
-        """The cell form used for sequences of ``seq_len`` steps on ``device``."""
+    def cell_for(
+        self, seq_len: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> str:
+        """The cell form used for sequences of ``seq_len`` steps on ``device``; the native
+        kernel is a candidate only when ``dtype`` is float32 (the MLX twin passes none)."""
+        native_ok = (dtype == torch.float32 and torch.device(device).type == "cpu"
+                     and _native_cell_library() is not None)
+        if self.cell == "native" and not native_ok:
+            return "recurrent" if dtype == torch.float64 else "parallel"
         if self.cell != "auto":
             return self.cell
+        if native_ok and seq_len >= NATIVE_MIN_SEQ and self.head_dim <= NATIVE_MAX_HEAD:
+            return "native"
         cuda = torch.device(device).type == "cuda"
         max_chunks = AUTO_PARALLEL_MAX_CHUNKS_CUDA if cuda else AUTO_PARALLEL_MAX_CHUNKS
         return "parallel" if seq_len <= max_chunks * self.chunk_size else "chunkwise"
@@ -608,7 +724,7 @@ class MLSTMBlock(Block):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, S, NH, DH).transpose(1, 2)
 
-        cell = self.cell_for(S, x.device)
+        cell = self.cell_for(S, x.device, x.dtype)
         kwargs = {"chunk_size": self.chunk_size} if cell == "chunkwise" else {}
         h = _CELL_FNS[cell](heads(q), heads(k), heads(v), i_pre, f_pre, **kwargs)
 

@@ -114,7 +114,9 @@ def _build(name: str) -> Path:
                                str(tmp_out)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"building it failed: {done.stderr.strip()[:200]}")
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            first_error = next((ln for ln in lines if "error" in ln), lines[0])
+            raise RuntimeError(f"building it failed: {first_error.strip()[:200]}")
         os.replace(tmp_out, out)  # atomic: a concurrent worker never loads a half-written file
     return out
 

@@ -22,8 +22,12 @@ general Conv1d path does not reach it.) ``tests/test_blocks.py`` checks it again
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
+
+from blocks import native
 
 __all__ = ["DECAY_FACTOR_LIMIT", "causal_depthwise_conv", "decayed_scores"]
 
@@ -33,14 +37,75 @@ __all__ = ["DECAY_FACTOR_LIMIT", "causal_depthwise_conv", "decayed_scores"]
 DECAY_FACTOR_LIMIT = 40.0
 
 
+def _native_conv_library():
+    lib = native.library("causal_conv")
+    if lib is not None and not getattr(lib, "_mad_typed", False):
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.mad_causal_conv_fwd.argtypes = [i64] * 5 + [ptr] * 4
+        lib.mad_causal_conv_bwd.argtypes = [i64] * 5 + [ptr] * 6
+        lib.mad_causal_conv_fwd.restype = lib.mad_causal_conv_bwd.restype = None
+        lib._mad_typed = True
+    return lib
+
+
+class _NativeCausalConv(torch.autograd.Function):
+    """:func:`causal_depthwise_conv` by the C kernel ``blocks/csrc/causal_conv.c``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        lib = _native_conv_library()
+        B, S, C = x.shape
+        K = weight.shape[-1]
+        x = x.contiguous()
+        w = weight.reshape(C, K).t().contiguous()  # (K, C)
+        b = None if bias is None else bias.contiguous()
+        y = torch.empty_like(x)
+        p = native.pointer
+        native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_fwd(
+            b0, b1, S, C, K, p(x), p(w), None if b is None else p(b), p(y)))
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        lib = _native_conv_library()
+        x, w = ctx.saved_tensors
+        B, S, C = x.shape
+        K = w.shape[0]
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        slots = max(1, min(torch.get_num_threads(), B))
+        dw = x.new_zeros(slots, K, C)
+        db = x.new_zeros(slots, C) if ctx.has_bias else None
+        p = native.pointer
+        native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_bwd(
+            b0, b1, S, C, K, p(x), p(w), p(dy), p(dx), p(dw[slot]),
+            None if db is None else p(db[slot])))
+        d_weight = dw.sum(0).t().reshape(C, 1, K)
+        return dx, d_weight, (None if db is None else db.sum(0))
+
+
 def causal_depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto"
 ) -> torch.Tensor:
     """Causal depthwise convolution along the sequence, ``(B, S, C) -> (B, S, C)``.
 
     ``weight`` is ``nn.Conv1d``'s ``(C, 1, K)``: ``y_t = bias + sum_k weight[:, 0, k] x_{t-K+1+k}``
     (zeros before the start), so ``weight[..., K - 1]`` multiplies the current position.
+    ``impl``: ``"native"`` the C kernel (float32 on the CPU), ``"torch"`` oneDNN's channels-last
+    depthwise convolution, ``"auto"`` the C kernel where it is loaded and applies.
     """
+    if impl not in ("auto", "native", "torch"):
+        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    if impl == "native" or (impl == "auto" and cpu32 and _native_conv_library()):
+        if not (cpu32 and _native_conv_library()):
+            raise RuntimeError("the native causal convolution needs float32 CPU tensors and the "
+                               f"kernel: {native.status.get('causal_conv', 'not float32 CPU')}")
+        return _NativeCausalConv.apply(x, weight, bias)
     K = weight.shape[-1]
     # (B, S, C) seen as a channels-last (B, C, 1, S) image: no copy either way
     image = F.pad(x, (0, 0, K - 1, 0)).transpose(1, 2).unsqueeze(2)

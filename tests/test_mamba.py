@@ -130,6 +130,27 @@ def _native_status_in_a_fresh_process(tmp_path, **env):
                           env=full_env, timeout=120)
 
 
+@needs_native
+def test_native_conv_kernel_builds_and_splits_the_batch_over_threads():
+    from blocks.ops import _native_conv_library
+
+    assert _native_conv_library() is not None, native.status.get("causal_conv")
+    x, w, b = torch.randn(5, 13, 24), torch.randn(24, 1, 4), torch.randn(24)
+    dy = torch.randn(5, 13, 24)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            y = causal_depthwise_conv(*leaves, impl="native")
+            results.append((y, *torch.autograd.grad(y, leaves, dy)))
+    finally:
+        torch.set_num_threads(before)
+    for one, three in zip(*results):
+        torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)
+
+
 def test_native_off_switch_and_failed_build_fall_back_to_torch(tmp_path):
     off = _native_status_in_a_fresh_process(tmp_path, MAD_SEARCH_NATIVE="0")
     assert off.returncode == 0, off.stderr
@@ -141,11 +162,26 @@ def test_native_off_switch_and_failed_build_fall_back_to_torch(tmp_path):
     assert len(lines) == 1 and "native selective_scan kernel unavailable" in lines[0]
 
 
-def test_causal_depthwise_conv_matches_nn_conv1d():
-    conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3)
-    x = torch.randn(2, 11, 5)
-    expected = conv(x.transpose(1, 2))[..., :11].transpose(1, 2)
-    torch.testing.assert_close(causal_depthwise_conv(x, conv.weight, conv.bias), expected)
+@pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("channels,kernel,seq,bias", [
+    (5, 4, 11, True), (64, 4, 47, True), (16, 4, 2, False), (24, 2, 9, True), (8, 1, 5, False)])
+def test_causal_depthwise_conv_matches_nn_conv1d(impl, channels, kernel, seq, bias):
+    # outputs and every gradient against nn.Conv1d in float64 (sequences shorter than the kernel
+    # included)
+    conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1,
+                           bias=bias)
+    x = torch.randn(3, seq, channels, requires_grad=True)
+    dy = torch.randn(3, seq, channels)
+    params = [conv.weight] + ([conv.bias] if bias else [])
+    y = causal_depthwise_conv(x, conv.weight, conv.bias, impl=impl)
+    grads = torch.autograd.grad(y, [x, *params], dy)
+    conv64 = conv.double()
+    x64 = x.detach().double().requires_grad_()
+    expected = conv64(x64.transpose(1, 2))[..., :seq].transpose(1, 2)
+    grads_ref = torch.autograd.grad(expected, [x64, *params], dy.double())
+    torch.testing.assert_close(y, expected.float(), rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-4)
 
 
 def _reference_block(blk, x):

@@ -20,6 +20,7 @@ from blocks.mlstm import (
     _decay,
     _factored_choice,
     mlstm_chunkwise,
+    mlstm_native,
     mlstm_parallel,
     mlstm_recurrent,
 )
@@ -364,6 +365,84 @@ def test_block_cell_modes_give_the_same_output():
         ref = block(x)
         block.cell = "chunkwise"
         torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# cell: the native (C) recurrent form
+
+
+@needs_native
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+@pytest.mark.parametrize("S", [1, 37, 130])
+def test_native_cell_agrees_in_float32_to_rounding(regime, S):
+    # 2 x 5 lanes: not a multiple of the kernel's 8 side by side (padding lanes must not leak)
+    args = cell_inputs(regime, S, B=2, NH=5, dtype=torch.float32)
+    ref = mlstm_parallel(*(t.double() for t in args))
+    scale = conditioning(*args)[..., None] * (ref.abs() + args[2].double().abs().amax())
+    h = mlstm_native(*args)
+    assert h.dtype == torch.float32 and h.shape == ref.shape and torch.isfinite(h).all()
+    err = ((h.double() - ref).abs() / scale).max().item()
+    assert err < 2e-5, f"scaled error {err:.2e}"
+
+
+@needs_native
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_native_cell_gradients_equal_autograd_through_the_recurrence(regime):
+    # exact derivative of the stabilised steps, the stabiliser's own gradient included: against
+    # autograd through mlstm_recurrent in float64, on well-conditioned inputs
+    args64 = [t.requires_grad_() for t in cell_inputs(regime, 29, B=3, NH=3, DQK=8, DV=16,
+                                                       positive_qk=True)]
+    dh = torch.randn(3, 3, 29, 16, dtype=torch.float64)
+    grads_ref = torch.autograd.grad(mlstm_recurrent(*args64), args64, dh)
+    args32 = [t.detach().float().requires_grad_() for t in args64]
+    grads = torch.autograd.grad(mlstm_native(*args32), args32, dh.float())
+    for name, g, g_ref in zip(("q", "k", "v", "i", "f"), grads, grads_ref):
+        err = ((g.double() - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-6)).item()
+        assert err < 1e-4, f"grad of {name}: relative error {err:.2e}"
+
+
+@needs_native
+def test_native_cell_eps_and_large_input_gates():
+    # eps enters as in the other forms; input gates far above zero keep the output finite
+    args = cell_inputs("moderate", 37, dtype=torch.float32)
+    h0, h1 = mlstm_native(*args, eps=0.0), mlstm_native(*args)
+    ref0 = mlstm_recurrent(*(t.double() for t in args), eps=0.0)
+    torch.testing.assert_close(h0.double(), ref0, rtol=1e-3, atol=1e-4)
+    assert 0 < ((h1 - h0).abs() / h0.abs().clamp_min(1e-3)).max().item() < 1e-3
+    q, k, v, i_pre, f_pre = args
+    h = mlstm_native(q, k, v, i_pre + 60.0, f_pre)
+    assert torch.isfinite(h).all()
+
+
+@needs_native
+def test_native_cell_splits_lane_groups_over_threads():
+    args = [t.requires_grad_() for t in cell_inputs("moderate", 40, B=4, NH=5, dtype=torch.float32)]
+    dh = torch.randn(4, 5, 40, 6)
+    results = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            h = mlstm_native(*args)
+            results.append((h, *torch.autograd.grad(h, args, dh)))
+    finally:
+        torch.set_num_threads(1)
+    for one, three in zip(*results):
+        torch.testing.assert_close(one, three)
+
+
+@needs_native
+def test_block_auto_picks_native_for_long_sequences_and_small_heads():
+    block = MLSTMBlock(64, 512, num_heads=4)  # inner 128: heads of 32
+    assert block.cell_for(200, "cpu", torch.float32) == "native"
+    assert block.cell_for(64, "cpu", torch.float32) != "native"   # short: the torch forms
+    assert block.cell_for(200, "cpu", torch.float64) != "native"
+    assert block.cell_for(200) != "native"  # no dtype (the MLX twin): never the C kernel
+    assert MLSTMBlock(128, 512, num_heads=4).cell_for(200, "cpu", torch.float32) != "native"
+    x = torch.randn(2, 100, 64)
+    with torch.no_grad():
+        auto = block(x)
+        block.cell = "parallel"
+        torch.testing.assert_close(auto, block(x), rtol=1e-4, atol=1e-4)
 
 
 def test_block_auto_picks_parallel_for_short_and_chunkwise_for_long_sequences():

@@ -10,7 +10,7 @@
  * polynomial); relative error ~2e-7 near 0, growing as |x| 6e-8 with the rounding of
  * x log2(e) (as in libm). Exactly 0 below -87.3 (libm: denormals down to -103); saturates at
  * 2^127 above 88 (the kernels only take exp of arguments <= 0). NaN stays NaN. */
-static inline float exp_f(float x)
+static inline __attribute__((always_inline)) float exp_f(float x)
 {
     const float log2e = 1.4426950408889634f;
     float xc = x < -126.0f ? -126.0f : (x > 88.0f ? 88.0f : x);
@@ -32,7 +32,7 @@ static inline float exp_f(float x)
 
 /* log(1 + e) for e in [0, 1]: 2 atanh(z), z = e / (2 + e) <= 1/3, the series to z^15;
  * relative error ~1e-7. */
-static inline float log1p_unit_f(float e)
+static inline __attribute__((always_inline)) float log1p_unit_f(float e)
 {
     float z = e / (2.0f + e), w = z * z, w2 = w * w, w4 = w2 * w2;
     float p = ((1.0f + w * (1.0f / 3)) + w2 * (1.0f / 5 + w * (1.0f / 7)))
@@ -41,20 +41,20 @@ static inline float log1p_unit_f(float e)
 }
 
 /* sigmoid(x) = 1 / (1 + e) or e / (1 + e), e = exp(-|x|): no overflow, no cancellation. */
-static inline float sigmoid_f(float x)
+static inline __attribute__((always_inline)) float sigmoid_f(float x)
 {
     float e = exp_f(-fabsf(x));
     return (x >= 0.0f ? 1.0f : e) / (1.0f + e);
 }
 
 /* log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)), finite for every finite x. */
-static inline float logsigmoid_f(float x)
+static inline __attribute__((always_inline)) float logsigmoid_f(float x)
 {
     return (x < 0.0f ? x : 0.0f) - log1p_unit_f(exp_f(-fabsf(x)));  /* fminf: no vectorising */
 }
 
 /* tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|); absolute error ~1e-7. */
-static inline float tanh_f(float x)
+static inline __attribute__((always_inline)) float tanh_f(float x)
 {
     float e = exp_f(-2.0f * fabsf(x));
     return copysignf((1.0f - e) / (1.0f + e), x);

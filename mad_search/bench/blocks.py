@@ -241,7 +241,7 @@ def _build_ours(library, name: str, seq_len: int, opts: dict) -> dict:
         raise BenchError(f"{exc} (d_model {opts['d_model']})") from None
     state = module.state_size(seq_len) if hasattr(module, "state_size") else None
     if hasattr(module, "cell_for"):  # blocks with several cell forms (mLSTM) say which one ran
-        kwargs = {**kwargs, "cell_used": module.cell_for(seq_len)}
+        kwargs = {**kwargs, "cell_used": module.cell_for(seq_len, "cpu", torch.float32)}
     return {
         "block": name,
         "module": module,

@@ -7,6 +7,7 @@ import torch
 
 import blocks
 from blocks.hyena import (
+    TOEPLITZ_MAX_SEQ,
     fft_causal_conv,
     heads_long_conv_fft,
     heads_long_conv_quadratic,
@@ -44,11 +45,18 @@ def _heads_loop(q, k, v, h, bias):
     return y
 
 
-def test_fft_causal_conv_matches_direct_sum():
-    S = int(torch.randint(5, 40, ()).item())
-    u = torch.randn(2, 6, S, dtype=torch.float64)
-    k = torch.randn(6, S, dtype=torch.float64)
-    torch.testing.assert_close(fft_causal_conv(u, k), _direct_causal_conv(u, k))
+@pytest.mark.parametrize("low,high", [(5, 40), (TOEPLITZ_MAX_SEQ + 1, TOEPLITZ_MAX_SEQ + 40)])
+def test_fft_causal_conv_matches_direct_sum(low, high):
+    # short sequences take the Toeplitz product, longer ones the FFT: the same sum, and the
+    # same gradients
+    S = int(torch.randint(low, high, ()).item())
+    u = torch.randn(2, 6, S, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(6, S, dtype=torch.float64, requires_grad=True)
+    y, ref = fft_causal_conv(u, k), _direct_causal_conv(u, k)
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, (u, k), dy), torch.autograd.grad(ref, (u, k), dy)):
+        torch.testing.assert_close(g, g_ref)
     # float32 too: the zero-padding to 2S keeps it linear (not circular) at float32 rounding
     torch.testing.assert_close(
         fft_causal_conv(u.float(), k.float()), _direct_causal_conv(u, k).float(),

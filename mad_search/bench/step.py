@@ -15,6 +15,8 @@ split into:
 * ``elementwise``: every other arithmetic operator (pointwise maths, norms, reductions, scans);
 * ``copies``: copies and layout changes (copy_, cat, stack, clone, pad, index, fill);
 * ``optimiser``: the fused AdamW step and the foreach gradient clipping;
+* ``native``: the C kernels of ``blocks/csrc`` (selective scan, sLSTM and mLSTM cells, causal
+  and headwise convolutions), forward and backward (see README "Native kernels");
 * ``other``: what no operator accounts for: Python, autograd's engine, dispatch, views.
 
 ``ms`` columns are the shares times the unprofiled median (the profiler itself slows a step).
@@ -49,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 
-KINDS = ("matmul", "conv", "attention", "elementwise", "copies", "optimiser", "other")
+KINDS = ("matmul", "conv", "attention", "elementwise", "copies", "optimiser", "native", "other")
 
 _MATMUL = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "linear", "dot", "mv", "addmv"}
 _COPIES = {
@@ -118,6 +120,8 @@ _VIEWS = {
 
 def kind_of(name: str) -> str:
     """The kind of work of a profiler event, by its name (see the module docstring)."""
+    if name.startswith("_Native"):
+        return "native"  # the C kernels of blocks/csrc (their autograd functions, both ways)
     if not name.startswith("aten::"):
         return "other"  # autograd nodes, custom functions' Python, record_function ranges
     op = name[len("aten::") :]

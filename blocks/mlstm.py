@@ -53,13 +53,13 @@ __all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_native", "mlstm_parallel", "m
 CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 
 # cell="auto" on the CPU in float32 runs the recurrent form as the C kernel (blocks/csrc/mlstm.c)
-# for sequences of at least NATIVE_MIN_SEQ steps and heads of at most NATIVE_MAX_HEAD: measured
-# (forward + backward, one thread, batch 64 x 4 heads unless said) against the better torch form:
-# head 16: 14 / 27 ms at 96 steps, 17 / 35 at 128, 18 / 33 at 256 (batch 32), 24 / 39 at 512
-# (batch 16); head 32: 32 / 32 at 96, 36 / 51 at 128, 21 / 26 at 256 (batch 16), 63 / 95 at 512;
-# but even or slower at 47-64 steps (head 16: 8.9 / 6.3 at 47) and at head 64 (107 / 70 at 256).
+# from NATIVE_MIN_SEQ steps, and for heads above NATIVE_SMALL_HEAD only beyond 128 steps (where
+# the parallel form gives way to the chunkwise one). Measured, forward + backward, one thread,
+# CPU time, C kernel / the better torch form: heads of 16 (batch 64 x 4 heads): 6.0 / 5.8 ms at
+# 47 steps, 14.9 / 26.6 at 128; heads of 32: 29.2 / 45.5 at 128; heads of 64 (batch 16 x 4):
+# 26.4 / 21.0 at 128, 52.4 / 77.4 at 256, 138 / 154 at 512.
 NATIVE_MIN_SEQ = 96
-NATIVE_MAX_HEAD = 32
+NATIVE_SMALL_HEAD = 32
 
 # cell="auto" runs the quadratic parallel form while the sequence fits in this many chunks and
 # the chunkwise form beyond. Measured with float32 forward + backward of the whole block at
@@ -387,30 +387,10 @@ def _native_cell_library():
     return lib
 
 
-LANES = 8  # blocks/csrc/mlstm.c runs 8 lanes (batch x head) side by side, one per vector float
-
-
-def _to_lanes(x: torch.Tensor, P: int) -> torch.Tensor:
-    """(B, NH, S[, D]) -> (G, S[, D], 8): lanes padded with zeros to a multiple of 8, grouped,
-    innermost."""
-    x = x.reshape(P, *x.shape[2:])
-    pad = -P % LANES
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-    x = x.view(-1, LANES, *x.shape[1:])
-    return x.permute(0, *range(2, x.dim()), 1).contiguous()
-
-
-def _from_lanes(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`_to_lanes` into ``shape`` (B, NH, S[, D])."""
-    x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
-    return x.reshape(-1, *x.shape[2:])[: shape[0] * shape[1]].reshape(shape)
-
-
 class _NativeMLSTM(torch.autograd.Function):
-    """The recurrent form by the C kernel ``blocks/csrc/mlstm.c``: lanes = batch x heads, 8 at
-    a time, each stepping its (DQK x DV) state; the backward recomputes one lane group's states
-    at a time. Saves the inputs (in the kernel's layout), C^T q, q . n and the stabiliser."""
+    """The recurrent form by the C kernel ``blocks/csrc/mlstm.c``, one lane (batch x head) at a
+    time; the backward recomputes a lane's states. Saves the inputs, C^T q, q . n and the
+    stabiliser per step."""
 
     @staticmethod
     def forward(ctx, q, k, v, i_pre, f_pre, eps):
@@ -418,39 +398,37 @@ class _NativeMLSTM(torch.autograd.Function):
         B, NH, S, DQK = q.shape
         DV = v.shape[-1]
         P = B * NH
-        ql, kl, vl, il, fl = (_to_lanes(t, P) for t in (q, k, v, i_pre, f_pre))
-        G = ql.shape[0]
-        h, hnum = torch.empty_like(vl), torch.empty_like(vl)
-        m, qn = torch.empty_like(il), torch.empty_like(il)
-        ws = ql.new_empty(max(1, min(torch.get_num_threads(), G)), 2 * (DQK * DV + DQK) * LANES)
+        q, k, v, i_pre, f_pre = (t.contiguous() for t in (q, k, v, i_pre, f_pre))
+        h, hnum = torch.empty_like(v), torch.empty_like(v)
+        m, qn = torch.empty_like(i_pre), torch.empty_like(i_pre)
+        ws = q.new_empty(max(1, min(torch.get_num_threads(), P)), 2 * (DQK * DV + DQK))
         p = native.pointer
-        native.parallel(G, lambda slot, g0, g1: lib.mad_mlstm_fwd(
-            g0, g1, S, DQK, DV, eps, p(ql), p(kl), p(vl), p(il), p(fl), p(h), p(hnum), p(m),
+        native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_fwd(
+            p0, p1, S, DQK, DV, eps, p(q), p(k), p(v), p(i_pre), p(f_pre), p(h), p(hnum), p(m),
             p(qn), p(ws[slot])))
-        ctx.save_for_backward(ql, kl, vl, il, fl, hnum, m, qn)
-        ctx.eps, ctx.shapes = eps, (q.shape, v.shape, i_pre.shape)
-        return _from_lanes(h, v.shape)
+        ctx.save_for_backward(q, k, v, i_pre, f_pre, hnum, m, qn)
+        ctx.eps = eps
+        return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
         lib = _native_cell_library()
-        ql, kl, vl, il, fl, hnum, m, qn = ctx.saved_tensors
-        q_shape, v_shape, g_shape = ctx.shapes
-        G, S, DQK, _ = ql.shape
-        DV = vl.shape[2]
-        dhl = _to_lanes(dh, q_shape[0] * q_shape[1])
-        dq, dk, dv = torch.empty_like(ql), torch.empty_like(kl), torch.empty_like(vl)
-        di, df = torch.empty_like(il), torch.empty_like(fl)
+        q, k, v, i_pre, f_pre, hnum, m, qn = ctx.saved_tensors
+        B, NH, S, DQK = q.shape
+        DV = v.shape[-1]
+        P = B * NH
+        dh = dh.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        di, df = torch.empty_like(i_pre), torch.empty_like(f_pre)
         QV = DQK * DV
-        ws = ql.new_empty(max(1, min(torch.get_num_threads(), G)),
-                          ((S + 2) * QV + (S + 1) * DQK + 3 * DQK + DV) * LANES)
+        ws = q.new_empty(max(1, min(torch.get_num_threads(), P)),
+                         (S + 2) * QV + (S + 1) * DQK + 5 * DQK + 2 * DV)
         p = native.pointer
-        native.parallel(G, lambda slot, g0, g1: lib.mad_mlstm_bwd(
-            g0, g1, S, DQK, DV, ctx.eps, p(ql), p(kl), p(vl), p(il), p(fl), p(hnum), p(m),
-            p(qn), p(dhl), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
-        return (_from_lanes(dq, q_shape), _from_lanes(dk, q_shape), _from_lanes(dv, v_shape),
-                _from_lanes(di, g_shape), _from_lanes(df, g_shape), None)
+        native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_bwd(
+            p0, p1, S, DQK, DV, ctx.eps, p(q), p(k), p(v), p(i_pre), p(f_pre), p(hnum), p(m),
+            p(qn), p(dh), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
+        return dq, dk, dv, di, df, None
 
 
 def mlstm_native(
@@ -587,7 +565,8 @@ class MLSTMBlock(Block):
 
     ``cell`` picks the form of the cell: "parallel", "chunkwise", "recurrent" (slow reference),
     "native" (the recurrent form as a C kernel; float32 on the CPU), or "auto": on the CPU in
-    float32 native from ``NATIVE_MIN_SEQ`` steps for heads up to ``NATIVE_MAX_HEAD``; otherwise
+    float32 native from ``NATIVE_MIN_SEQ`` steps (beyond 128 for heads above
+    ``NATIVE_SMALL_HEAD``); otherwise
     parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks on CUDA),
     chunkwise beyond; whichever measured faster.
 
@@ -696,7 +675,8 @@ class MLSTMBlock(Block):
             return "recurrent" if dtype == torch.float64 else "parallel"
         if self.cell != "auto":
             return self.cell
-        if native_ok and seq_len >= NATIVE_MIN_SEQ and self.head_dim <= NATIVE_MAX_HEAD:
+        if native_ok and seq_len >= NATIVE_MIN_SEQ and (
+                self.head_dim <= NATIVE_SMALL_HEAD or seq_len > 128):
             return "native"
         cuda = torch.device(device).type == "cuda"
         max_chunks = AUTO_PARALLEL_MAX_CHUNKS_CUDA if cuda else AUTO_PARALLEL_MAX_CHUNKS

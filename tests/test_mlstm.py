@@ -375,7 +375,6 @@ def test_block_cell_modes_give_the_same_output():
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("S", [1, 37, 130])
 def test_native_cell_agrees_in_float32_to_rounding(regime, S):
-    # 2 x 5 lanes: not a multiple of the kernel's 8 side by side (padding lanes must not leak)
     args = cell_inputs(regime, S, B=2, NH=5, dtype=torch.float32)
     ref = mlstm_parallel(*(t.double() for t in args))
     scale = conditioning(*args)[..., None] * (ref.abs() + args[2].double().abs().amax())
@@ -415,7 +414,7 @@ def test_native_cell_eps_and_large_input_gates():
 
 
 @needs_native
-def test_native_cell_splits_lane_groups_over_threads():
+def test_native_cell_splits_lanes_over_threads():
     args = [t.requires_grad_() for t in cell_inputs("moderate", 40, B=4, NH=5, dtype=torch.float32)]
     dh = torch.randn(4, 5, 40, 6)
     results = []
@@ -437,7 +436,9 @@ def test_block_auto_picks_native_for_long_sequences_and_small_heads():
     assert block.cell_for(64, "cpu", torch.float32) != "native"   # short: the torch forms
     assert block.cell_for(200, "cpu", torch.float64) != "native"
     assert block.cell_for(200) != "native"  # no dtype (the MLX twin): never the C kernel
-    assert MLSTMBlock(128, 512, num_heads=4).cell_for(200, "cpu", torch.float32) != "native"
+    large_heads = MLSTMBlock(128, 512, num_heads=4)  # heads of 64: native only beyond 128 steps
+    assert large_heads.cell_for(128, "cpu", torch.float32) == "parallel"
+    assert large_heads.cell_for(256, "cpu", torch.float32) == "native"
     x = torch.randn(2, 100, 64)
     with torch.no_grad():
         auto = block(x)

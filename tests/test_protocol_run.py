@@ -148,7 +148,7 @@ def _cfg(*overrides):
     [
         (
             ["protocol.level=huge"],
-            "protocol.level 'huge' unknown; valid levels: full, quick, standard",
+            "protocol.level 'huge' unknown; valid levels: full, long, quick, standard",
         ),
         (["protocol.levels.quick.lrs=[]"], "lrs must be a non-empty list"),
         (["protocol.levels.quick.settings=['in_context_recall/seq_len=99']"], "unknown setting"),

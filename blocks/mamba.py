@@ -22,7 +22,6 @@ Two forms of the selective scan, same arguments and result:
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import torch
@@ -153,18 +152,10 @@ class _SelectiveScan(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, None
 
 
-_I64 = ctypes.c_int64
-
-
 def _native_scan_library():
-    lib = native.library("selective_scan")
-    if lib is not None and not getattr(lib, "_mad_typed", False):
-        ptr = ctypes.c_void_p
-        lib.mad_selective_scan_fwd.argtypes = [_I64] * 5 + [ptr] * 7
-        lib.mad_selective_scan_bwd.argtypes = [_I64] * 5 + [ptr] * 12
-        lib.mad_selective_scan_fwd.restype = lib.mad_selective_scan_bwd.restype = None
-        lib._mad_typed = True
-    return lib
+    I64, PTR = native.I64, native.PTR
+    return native.library("selective_scan", {"mad_selective_scan_fwd": [I64] * 5 + [PTR] * 7,
+                                             "mad_selective_scan_bwd": [I64] * 5 + [PTR] * 12})
 
 
 class _NativeSelectiveScan(torch.autograd.Function):
@@ -181,7 +172,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         batch, seq, E = u.shape
         N = At.shape[0]
         y = torch.empty_like(u)
-        ws = u.new_empty(torch.get_num_threads(), N * E)
+        ws = u.new_empty(native.slots(batch), N * E)
         p = native.pointer
 
         def run(slot, b0, b1):
@@ -202,7 +193,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         N = At.shape[0]
         du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dB, dC = torch.empty_like(B), torch.empty_like(C)
-        threads = max(1, min(torch.get_num_threads(), batch))
+        threads = native.slots(batch)
         dAt = u.new_zeros(threads, N, E)
         ws = u.new_empty(threads, (seq + 2) * N * E + 2 * E)
         p = native.pointer

@@ -33,7 +33,6 @@ figure 10, as in NX-AI's official code (``xlstm/blocks/mlstm/layer.py``).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 from typing import NamedTuple
@@ -377,14 +376,9 @@ def mlstm_chunkwise(
 
 
 def _native_cell_library():
-    lib = native.library("mlstm")
-    if lib is not None and not getattr(lib, "_mad_typed", False):
-        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        lib.mad_mlstm_fwd.argtypes = [i64] * 5 + [f32] + [ptr] * 10
-        lib.mad_mlstm_bwd.argtypes = [i64] * 5 + [f32] + [ptr] * 15
-        lib.mad_mlstm_fwd.restype = lib.mad_mlstm_bwd.restype = None
-        lib._mad_typed = True
-    return lib
+    I64, F32, PTR = native.I64, native.F32, native.PTR
+    return native.library("mlstm", {"mad_mlstm_fwd": [I64] * 5 + [F32] + [PTR] * 10,
+                                    "mad_mlstm_bwd": [I64] * 5 + [F32] + [PTR] * 15})
 
 
 class _NativeMLSTM(torch.autograd.Function):
@@ -401,7 +395,7 @@ class _NativeMLSTM(torch.autograd.Function):
         q, k, v, i_pre, f_pre = (t.contiguous() for t in (q, k, v, i_pre, f_pre))
         h, hnum = torch.empty_like(v), torch.empty_like(v)
         m, qn = torch.empty_like(i_pre), torch.empty_like(i_pre)
-        ws = q.new_empty(max(1, min(torch.get_num_threads(), P)), 2 * (DQK * DV + DQK))
+        ws = q.new_empty(native.slots(P), 2 * (DQK * DV + DQK))
         p = native.pointer
         native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_fwd(
             p0, p1, S, DQK, DV, eps, p(q), p(k), p(v), p(i_pre), p(f_pre), p(h), p(hnum), p(m),
@@ -422,7 +416,7 @@ class _NativeMLSTM(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         di, df = torch.empty_like(i_pre), torch.empty_like(f_pre)
         QV = DQK * DV
-        ws = q.new_empty(max(1, min(torch.get_num_threads(), P)),
+        ws = q.new_empty(native.slots(P),
                          (S + 2) * QV + (S + 1) * DQK + 5 * DQK + 2 * DV)
         p = native.pointer
         native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_bwd(
@@ -475,14 +469,9 @@ def _from_channels_last(y: torch.Tensor) -> torch.Tensor:
 
 
 def _native_headwise_library():
-    lib = native.library("headwise")
-    if lib is not None and not getattr(lib, "_mad_typed", False):
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.mad_headwise_fwd.argtypes = [i64] * 4 + [ptr] * 4
-        lib.mad_headwise_bwd.argtypes = [i64] * 4 + [ptr] * 6
-        lib.mad_headwise_fwd.restype = lib.mad_headwise_bwd.restype = None
-        lib._mad_typed = True
-    return lib
+    I64, PTR = native.I64, native.PTR
+    return native.library("headwise", {"mad_headwise_fwd": [I64] * 4 + [PTR] * 4,
+                                       "mad_headwise_bwd": [I64] * 4 + [PTR] * 6})
 
 
 class _NativeHeadwise(torch.autograd.Function):
@@ -496,7 +485,7 @@ class _NativeHeadwise(torch.autograd.Function):
         x, W = x.contiguous(), weight.contiguous()
         rows = x.numel() // (nb * bs)
         y = torch.empty_like(x)
-        ws = x.new_empty(max(1, min(torch.get_num_threads(), rows)), 4 * nb * bs)
+        ws = x.new_empty(native.slots(rows), 4 * nb * bs)
         p = native.pointer
         native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_fwd(
             t0, t1, nb, bs, p(x), p(W), p(y), p(ws[slot])))
@@ -512,7 +501,7 @@ class _NativeHeadwise(torch.autograd.Function):
         dy = dy.contiguous()
         rows = x.numel() // (nb * bs)
         dx = torch.empty_like(x)
-        slots = max(1, min(torch.get_num_threads(), rows))
+        slots = native.slots(rows)
         dW = W.new_zeros(slots, nb, bs, bs)
         ws = x.new_empty(slots, 8 * nb * bs)
         p = native.pointer

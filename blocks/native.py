@@ -57,8 +57,15 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in {"0", "off", "false", "no"}
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The compiled kernel library ``name`` (``csrc/<name>.c``), or None (torch path)."""
+I64, F32, PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p  # kernel argument types
+
+
+def library(name: str, signatures: dict[str, list] | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel library ``name`` (``csrc/<name>.c``), or None (torch path).
+
+    ``signatures`` maps each kernel function to its argument types (``I64``, ``F32``, ``PTR``);
+    they are set when the library is first loaded, and every kernel returns nothing.
+    """
     if name in _libraries:
         return _libraries[name]
     lib, why = None, None
@@ -73,6 +80,9 @@ def library(name: str) -> ctypes.CDLL | None:
             why = str(exc)
             print(f"mad-search: native {name} kernel unavailable ({why}); using the torch path",
                   file=sys.stderr)
+    for function, argtypes in (signatures or {}).items() if lib is not None else ():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = None
     status[name] = "native" if lib is not None else f"torch: {why}"
     _libraries[name] = lib
     return lib
@@ -126,11 +136,17 @@ def pointer(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def slots(batch: int) -> int:
+    """How many slices :func:`parallel` cuts ``range(batch)`` into: one per torch thread, at
+    most ``batch`` (size per-slice workspaces by it)."""
+    return max(1, min(torch.get_num_threads(), batch))
+
+
 def parallel(batch: int, run: Callable[[int, int, int], None]) -> int:
     """Call ``run(slot, b0, b1)`` on contiguous slices of ``range(batch)``, one per torch
     thread (at most ``batch``), concurrently; returns the number of slices."""
     global _pool
-    slices = max(1, min(torch.get_num_threads(), batch))
+    slices = slots(batch)
     bounds = [batch * i // slices for i in range(slices + 1)]
     if slices == 1:
         run(0, 0, batch)

@@ -22,8 +22,6 @@ general Conv1d path does not reach it.) ``tests/test_blocks.py`` checks it again
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 
@@ -38,14 +36,9 @@ DECAY_FACTOR_LIMIT = 40.0
 
 
 def _native_conv_library():
-    lib = native.library("causal_conv")
-    if lib is not None and not getattr(lib, "_mad_typed", False):
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.mad_causal_conv_fwd.argtypes = [i64] * 5 + [ptr] * 4
-        lib.mad_causal_conv_bwd.argtypes = [i64] * 5 + [ptr] * 6
-        lib.mad_causal_conv_fwd.restype = lib.mad_causal_conv_bwd.restype = None
-        lib._mad_typed = True
-    return lib
+    I64, PTR = native.I64, native.PTR
+    return native.library("causal_conv", {"mad_causal_conv_fwd": [I64] * 5 + [PTR] * 4,
+                                          "mad_causal_conv_bwd": [I64] * 5 + [PTR] * 6})
 
 
 class _NativeCausalConv(torch.autograd.Function):
@@ -76,7 +69,7 @@ class _NativeCausalConv(torch.autograd.Function):
         K = w.shape[0]
         dy = dy.contiguous()
         dx = torch.empty_like(x)
-        slots = max(1, min(torch.get_num_threads(), B))
+        slots = native.slots(B)
         dw = x.new_zeros(slots, K, C)
         db = x.new_zeros(slots, C) if ctx.has_bias else None
         p = native.pointer

@@ -31,8 +31,6 @@ the max to rounding.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -232,14 +230,9 @@ class _SLSTMScan(torch.autograd.Function):
 
 
 def _native_library():
-    lib = native.library("slstm")
-    if lib is not None and not getattr(lib, "_mad_typed", False):
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.mad_slstm_fwd.argtypes = [i64] * 7 + [ptr] * 8
-        lib.mad_slstm_bwd.argtypes = [i64] * 6 + [ptr] * 9
-        lib.mad_slstm_fwd.restype = lib.mad_slstm_bwd.restype = None
-        lib._mad_typed = True
-    return lib
+    I64, PTR = native.I64, native.PTR
+    return native.library("slstm", {"mad_slstm_fwd": [I64] * 7 + [PTR] * 8,
+                                    "mad_slstm_bwd": [I64] * 6 + [PTR] * 9})
 
 
 class _NativeSLSTMScan(torch.autograd.Function):

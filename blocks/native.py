@@ -131,6 +131,24 @@ def _build(name: str) -> Path:
     return out
 
 
+def choose(impl: str, name: str, tensors, loader: Callable[[], object]) -> bool:
+    """Whether a kernel's ``impl`` argument ("auto", "native" or "torch") picks the C kernel
+    ``name`` for ``tensors``: "auto" takes it wherever every tensor is float32 on the CPU and
+    ``loader()`` returns the library; "native" insists (RuntimeError saying why not)."""
+    if impl not in ("auto", "native", "torch"):
+        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
+    if impl == "torch":
+        return False
+    cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32
+                for t in tensors if t is not None)
+    if cpu32 and loader() is not None:
+        return True
+    if impl == "native":
+        why = status.get(name, "not loaded") if cpu32 else "the tensors are not float32 on the CPU"
+        raise RuntimeError(f"the native {name} kernel cannot run: {why}")
+    return False
+
+
 def pointer(t: torch.Tensor) -> ctypes.c_void_p:
     """The address of a contiguous CPU tensor's first element."""
     return ctypes.c_void_p(t.data_ptr())

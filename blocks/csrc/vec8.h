@@ -1,0 +1,63 @@
+/* mad-search: 8-float vectors by GCC/Clang's vector extensions, for kernels whose inner loops
+ * the auto-vectoriser handles badly (several accumulators, masks, small 2-D tiles). Portable C
+ * (x86: one AVX register; elsewhere the compiler splits it), no intrinsics. */
+#ifndef MAD_VEC8_H
+#define MAD_VEC8_H
+
+#include <stdint.h>
+
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef float vf_unaligned __attribute__((vector_size(32), aligned(4)));
+
+#define V8_INLINE static inline __attribute__((always_inline))
+
+V8_INLINE vf v_load(const float *p) { return *(const vf_unaligned *)p; }
+V8_INLINE void v_store(float *p, vf x) { *(vf_unaligned *)p = x; }
+V8_INLINE vf v_splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+V8_INLINE vf v_zero(void) { return v_splat(0.0f); }
+
+/* m ? a : b per lane, m a comparison's result (all ones or zeros) */
+V8_INLINE vf v_select(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+
+/* a > b ? a : b per lane (b where either is NaN) */
+V8_INLINE vf v_max(vf a, vf b) { return v_select(a > b, a, b); }
+
+V8_INLINE float v_sum(vf x)
+{
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++) s += x[l];
+    return s;
+}
+
+V8_INLINE float v_hmax(vf x)
+{
+    float m = x[0];
+    for (int l = 1; l < 8; l++) m = x[l] > m ? x[l] : m;
+    return m;
+}
+
+/* exp per lane: fastmath.h's exp_f (same polynomial, same range handling: 0 below -126 log 2,
+ * saturating above 88, NaN kept) on 8 lanes at once. */
+V8_INLINE vf v_exp(vf x)
+{
+    const vf lo = v_splat(-126.0f), hi = v_splat(88.0f);
+    vf xc = v_select(x < lo, lo, x);
+    xc = v_select(xc > hi, hi, xc);
+    const vf t = xc * 1.4426950408889634f, y = t + 0.5f;
+    vi ki = __builtin_convertvector(y, vi);       /* truncates towards zero ... */
+    vf kf = __builtin_convertvector(ki, vf);
+    const vi above = kf > y;                      /* ... so step down where that rounded up */
+    ki += above;                                  /* true is -1 */
+    kf += __builtin_convertvector(above, vf);
+    const vf f = t - kf, f2 = f * f;
+    const vf p = (1.0f + 6.931472028550421e-1f * f) + f2 * (2.402264791363012e-1f
+                 + 5.550332471162809e-2f * f) + (f2 * f2) * ((9.618437357674640e-3f
+                 + 1.339887440266574e-3f * f) + f2 * 1.535336188319500e-4f);
+    const vi small = ki < -126;
+    ki = (small & -127) | (~small & ki);          /* 2^-127's pattern is 0.0 */
+    const vf r = p * (vf)((ki + 127) << 23);
+    return v_select(x != x, x, r);
+}
+
+#endif

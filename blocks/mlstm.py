@@ -51,12 +51,17 @@ __all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_native", "mlstm_parallel", "m
 
 CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 
-# cell="auto" on the CPU in float32 runs the recurrent form as the C kernel (blocks/csrc/mlstm.c)
-# from NATIVE_MIN_SEQ steps, and for heads above NATIVE_SMALL_HEAD only beyond 128 steps (where
-# the parallel form gives way to the chunkwise one). Measured, forward + backward, one thread,
-# CPU time, C kernel / the better torch form: heads of 16 (batch 64 x 4 heads): 6.0 / 5.8 ms at
-# 47 steps, 14.9 / 26.6 at 128; heads of 32: 29.2 / 45.5 at 128; heads of 64 (batch 16 x 4):
-# 26.4 / 21.0 at 128, 52.4 / 77.4 at 256, 138 / 154 at 512.
+# cell="auto" on the CPU in float32 runs the recurrent form as a C kernel: for heads up to
+# LANES_MAX_HEAD at every length, the eight-lane kernel (blocks/csrc/mlstm8.c); for larger heads
+# the row kernel (blocks/csrc/mlstm.c) from NATIVE_MIN_SEQ steps, and for heads above
+# NATIVE_SMALL_HEAD only beyond 128 steps (where the parallel form gives way to the chunkwise one).
+# Measured, forward + backward, one thread, CPU time. Eight-lane / row kernel / parallel form,
+# heads of 16 (batch 64 x 4 heads): 0.62 / 0.97 / 1.09 ms at 8 steps, 1.0 / 1.8 / 1.9 at 16,
+# 2.7 / 5.0 / 9.1 at 47, 10.2 / 14.2 / 33.4 at 128; heads of 8 (64 x 2) at 47: 0.74 / 1.8 / 3.6;
+# heads of 32 (32 x 4): 4.7 / 5.1 / 4.0 at 47, 17.8 / 14.1 / 20.8 at 128; heads of 64 (16 x 4):
+# 101 / 22 / 17.6 at 128 (eight 64 x 64 states leave the cache). Row kernel / the better torch
+# form, heads of 32: 29.2 / 45.5 at 128; heads of 64: 52.4 / 77.4 at 256, 138 / 154 at 512.
+LANES_MAX_HEAD = 16
 NATIVE_MIN_SEQ = 96
 NATIVE_SMALL_HEAD = 32
 
@@ -425,6 +430,78 @@ class _NativeMLSTM(torch.autograd.Function):
         return dq, dk, dv, di, df, None
 
 
+def _native_lanes_library():
+    I64, F32, PTR = native.I64, native.F32, native.PTR
+    head = [I64] * 8 + [F32] + [PTR]
+    return native.library("mlstm8", {"mad_mlstm8_fwd": head + [PTR] * 9,
+                                     "mad_mlstm8_bwd": head + [PTR] * 14})
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    """(b, h, t) strides of (B, NH, S, D) or (B, NH, S) tensors, for the kernel's gathers."""
+    return [st for t in tensors for st in t.stride()[:3]]
+
+
+def _lanes_segment(dqk: int, dv: int, seq: int) -> int:
+    """Steps per checkpoint segment of the eight-lane kernel: its backward keeps T + 1 states of
+    eight lanes in cache (about 128 KB at heads of 16)."""
+    return max(1, min(seq, 4096 // (dqk * dv)))
+
+
+class _NativeMLSTM8(torch.autograd.Function):
+    """The recurrent form by the C kernel ``blocks/csrc/mlstm8.c``: eight lanes per vector, inputs
+    read in place through their strides; saves C^T q, m and q . n per step and the states at
+    every segment's start."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i_pre, f_pre, eps):
+        lib = _native_lanes_library()
+        B, NH, S, DQK = q.shape
+        DV = v.shape[-1]
+        P = B * NH
+        groups = -(-P // 8)
+        T = _lanes_segment(DQK, DV, S)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        h = q.new_empty(B, S, NH, DV).transpose(1, 2)  # (B, S, inner) memory: no copy after
+        saved = q.new_empty(groups, S * (DV + 2) * 8)
+        ckpt = q.new_empty(groups, -(-S // T) * (DQK * DV + DQK) * 8)
+        st = native.int64s(_strides(q, k, v, i_pre, f_pre, h))
+        ws = q.new_empty(native.slots(groups), S * (2 * DQK + 2 * DV + 2) * 8
+                         + (DQK * DV + DQK) * 8)
+        p = native.pointer
+        native.parallel(groups, lambda slot, g0, g1: lib.mad_mlstm8_fwd(
+            g0, g1, P, NH, S, DQK, DV, T, eps, st, p(q), p(k), p(v), p(i_pre), p(f_pre), p(h),
+            p(saved), p(ckpt), p(ws[slot])))
+        ctx.save_for_backward(q, k, v, i_pre, f_pre, saved, ckpt)
+        ctx.eps, ctx.T = eps, T
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        lib = _native_lanes_library()
+        q, k, v, i_pre, f_pre, saved, ckpt = ctx.saved_tensors
+        B, NH, S, DQK = q.shape
+        DV, T = v.shape[-1], ctx.T
+        P = B * NH
+        groups = -(-P // 8)
+        if dh.stride(-1) != 1:
+            dh = dh.contiguous()
+        dq = q.new_empty(B, S, NH, DQK).transpose(1, 2)
+        dk = q.new_empty(B, S, NH, DQK).transpose(1, 2)
+        dv = q.new_empty(B, S, NH, DV).transpose(1, 2)
+        di, df = i_pre.new_empty(B, NH, S), f_pre.new_empty(B, NH, S)
+        st = native.int64s(_strides(q, k, v, i_pre, f_pre, dh, dq, dk, dv, di, df))
+        QV = DQK * DV
+        ws = q.new_empty(native.slots(groups), S * (4 * DQK + 3 * DV + 4) * 8
+                         + (T + 2) * (QV + DQK) * 8)
+        p = native.pointer
+        native.parallel(groups, lambda slot, g0, g1: lib.mad_mlstm8_bwd(
+            g0, g1, P, NH, S, DQK, DV, T, ctx.eps, st, p(q), p(k), p(v), p(i_pre), p(f_pre),
+            p(dh), p(saved), p(ckpt), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
+        return dq, dk, dv, di, df, None
+
+
 def mlstm_native(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -432,15 +509,32 @@ def mlstm_native(
     i_preact: torch.Tensor,
     f_preact: torch.Tensor,
     eps: float = 1e-6,
+    kernel: str = "auto",
 ) -> torch.Tensor:
-    """mLSTM cell, recurrent form, by the C kernel (float32 on the CPU): the same function as
-    :func:`mlstm_recurrent`, gradients included. Shapes as :func:`mlstm_recurrent`."""
+    """mLSTM cell, recurrent form, by a C kernel (float32 on the CPU): the same function as
+    :func:`mlstm_recurrent`, gradients included. Shapes as :func:`mlstm_recurrent`; any strides
+    with the last axis contiguous.
+
+    ``kernel``: "lanes" (``blocks/csrc/mlstm8.c``: eight lanes per vector, heads up to 64),
+    "rows" (``blocks/csrc/mlstm.c``: a lane at a time, vectors along the state's rows), or
+    "auto": lanes for heads up to ``LANES_MAX_HEAD``, rows beyond (measured; see the constants).
+    """
     tensors = (q, k, v, i_preact, f_preact)
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
         raise RuntimeError("the native mLSTM cell needs float32 CPU tensors")
-    if _native_cell_library() is None:
-        raise RuntimeError(f"the native mLSTM cell is unavailable: {native.status.get('mlstm')}")
-    return _NativeMLSTM.apply(q, k, v, i_preact, f_preact, float(eps))
+    if kernel not in ("auto", "lanes", "rows"):
+        raise ValueError(f"kernel must be 'auto', 'lanes' or 'rows', got {kernel!r}")
+    DQK, DV = q.shape[-1], v.shape[-1]
+    if kernel == "auto":
+        kernel = "lanes" if max(DQK, DV) <= LANES_MAX_HEAD else "rows"
+    if kernel == "lanes" and max(DQK, DV) > 64:
+        raise RuntimeError(f"the eight-lane mLSTM kernel takes heads up to 64, got {DQK} x {DV}")
+    name, loader = (("mlstm8", _native_lanes_library) if kernel == "lanes"
+                    else ("mlstm", _native_cell_library))
+    if loader() is None:
+        raise RuntimeError(f"the native mLSTM cell is unavailable: {native.status.get(name)}")
+    fn = _NativeMLSTM8 if kernel == "lanes" else _NativeMLSTM
+    return fn.apply(q, k, v, i_preact, f_preact, float(eps))
 
 
 _CELL_FNS = {
@@ -554,8 +648,8 @@ class MLSTMBlock(Block):
 
     ``cell`` picks the form of the cell: "parallel", "chunkwise", "recurrent" (slow reference),
     "native" (the recurrent form as a C kernel; float32 on the CPU), or "auto": on the CPU in
-    float32 native from ``NATIVE_MIN_SEQ`` steps (beyond 128 for heads above
-    ``NATIVE_SMALL_HEAD``); otherwise
+    float32 native for heads up to ``LANES_MAX_HEAD`` at any length, for larger heads from
+    ``NATIVE_MIN_SEQ`` steps (beyond 128 for heads above ``NATIVE_SMALL_HEAD``); otherwise
     parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks on CUDA),
     chunkwise beyond; whichever measured faster.
 
@@ -658,14 +752,16 @@ class MLSTMBlock(Block):
     ) -> str:
         """The cell form used for sequences of ``seq_len`` steps on ``device``; the native
         kernel is a candidate only when ``dtype`` is float32 (the MLX twin passes none)."""
+        lanes = self.head_dim <= LANES_MAX_HEAD
         native_ok = (dtype == torch.float32 and torch.device(device).type == "cpu"
-                     and _native_cell_library() is not None)
+                     and (_native_lanes_library() if lanes else _native_cell_library())
+                     is not None)
         if self.cell == "native" and not native_ok:
             return "recurrent" if dtype == torch.float64 else "parallel"
         if self.cell != "auto":
             return self.cell
-        if native_ok and seq_len >= NATIVE_MIN_SEQ and (
-                self.head_dim <= NATIVE_SMALL_HEAD or seq_len > 128):
+        if native_ok and (lanes or seq_len >= NATIVE_MIN_SEQ and (
+                self.head_dim <= NATIVE_SMALL_HEAD or seq_len > 128)):
             return "native"
         cuda = torch.device(device).type == "cuda"
         max_chunks = AUTO_PARALLEL_MAX_CHUNKS_CUDA if cuda else AUTO_PARALLEL_MAX_CHUNKS
@@ -698,7 +794,8 @@ class MLSTMBlock(Block):
         h = _CELL_FNS[cell](heads(q), heads(k), heads(v), i_pre, f_pre, **kwargs)
 
         # multi-head group norm: each head normalised on its own, then one weight per channel
-        h = F.layer_norm(h, (DH,), eps=1e-5).transpose(1, 2).reshape(B, S, inner)
+        # (B, S, NH, DH) order: the native cells write h in it, so this costs no copy there
+        h = F.layer_norm(h.transpose(1, 2), (DH,), eps=1e-5).reshape(B, S, inner)
         h = torch.addcmul(h * self.outnorm_weight, self.learnable_skip, x_c) * F.silu(z)
         return self.proj_down(h)
 

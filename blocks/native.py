@@ -40,8 +40,9 @@ import torch
 
 ENV = "MAD_SEARCH_NATIVE"
 SOURCES = Path(__file__).parent / "csrc"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
-         "-fassociative-math", "-fPIC", "-shared", "-std=c99")
+# -ffp-contract=fast: fused multiply-adds (ISO C mode would forbid them: half the instructions)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
+         "-fno-signed-zeros", "-fassociative-math", "-fPIC", "-shared", "-std=c99")
 if platform.machine().lower() in ("x86_64", "amd64"):
     # 8-float vectors even where AVX-512 exists: the sLSTM's loops run over a head's units (8 at
     # the default study's width), which a 16-float loop would leave to its scalar remainder
@@ -147,6 +148,12 @@ def choose(impl: str, name: str, tensors, loader: Callable[[], object]) -> bool:
         why = status.get(name, "not loaded") if cpu32 else "the tensors are not float32 on the CPU"
         raise RuntimeError(f"the native {name} kernel cannot run: {why}")
     return False
+
+
+def int64s(values) -> ctypes.Array:
+    """A C array of int64 (e.g. strides), passed where a kernel takes ``const int64_t *``."""
+    values = list(values)
+    return (ctypes.c_int64 * len(values))(*values)
 
 
 def pointer(t: torch.Tensor) -> ctypes.c_void_p:

@@ -151,8 +151,9 @@ def test_attention_block_gradients_agree_with_and_without_the_kernel(opts, monke
     y_ref = ref(xd)
     grads_ref = torch.autograd.grad(y_ref.sum(), [xd, *ref.parameters()])
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):  # float32 sums over 60 tokens: scaled tolerance
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4,
+                                   atol=1e-4 * g_ref.abs().max().item())
 
 
 def test_native_attention_off_switch_and_failed_build_fall_back_to_torch(tmp_path):

@@ -371,22 +371,28 @@ def test_block_cell_modes_give_the_same_output():
 # cell: the native (C) recurrent form
 
 
+KERNELS = ["lanes", "rows"]  # blocks/csrc/mlstm8.c (eight lanes per vector), mlstm.c (a lane)
+
+
 @needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("S", [1, 37, 130])
-def test_native_cell_agrees_in_float32_to_rounding(regime, S):
+def test_native_cell_agrees_in_float32_to_rounding(regime, S, kernel):
+    # B x NH = 10 lanes: the eight-lane kernel's second group is mostly padding
     args = cell_inputs(regime, S, B=2, NH=5, dtype=torch.float32)
     ref = mlstm_parallel(*(t.double() for t in args))
     scale = conditioning(*args)[..., None] * (ref.abs() + args[2].double().abs().amax())
-    h = mlstm_native(*args)
+    h = mlstm_native(*args, kernel=kernel)
     assert h.dtype == torch.float32 and h.shape == ref.shape and torch.isfinite(h).all()
     err = ((h.double() - ref).abs() / scale).max().item()
     assert err < 2e-5, f"scaled error {err:.2e}"
 
 
 @needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("regime", sorted(REGIMES))
-def test_native_cell_gradients_equal_autograd_through_the_recurrence(regime):
+def test_native_cell_gradients_equal_autograd_through_the_recurrence(regime, kernel):
     # exact derivative of the stabilised steps, the stabiliser's own gradient included: against
     # autograd through mlstm_recurrent in float64, on well-conditioned inputs
     args64 = [t.requires_grad_() for t in cell_inputs(regime, 29, B=3, NH=3, DQK=8, DV=16,
@@ -394,34 +400,37 @@ def test_native_cell_gradients_equal_autograd_through_the_recurrence(regime):
     dh = torch.randn(3, 3, 29, 16, dtype=torch.float64)
     grads_ref = torch.autograd.grad(mlstm_recurrent(*args64), args64, dh)
     args32 = [t.detach().float().requires_grad_() for t in args64]
-    grads = torch.autograd.grad(mlstm_native(*args32), args32, dh.float())
+    grads = torch.autograd.grad(mlstm_native(*args32, kernel=kernel), args32, dh.float())
     for name, g, g_ref in zip(("q", "k", "v", "i", "f"), grads, grads_ref):
         err = ((g.double() - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-6)).item()
         assert err < 1e-4, f"grad of {name}: relative error {err:.2e}"
 
 
 @needs_native
-def test_native_cell_eps_and_large_input_gates():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_cell_eps_and_large_input_gates(kernel):
     # eps enters as in the other forms; input gates far above zero keep the output finite
     args = cell_inputs("moderate", 37, dtype=torch.float32)
-    h0, h1 = mlstm_native(*args, eps=0.0), mlstm_native(*args)
+    h0, h1 = mlstm_native(*args, eps=0.0, kernel=kernel), mlstm_native(*args, kernel=kernel)
     ref0 = mlstm_recurrent(*(t.double() for t in args), eps=0.0)
     torch.testing.assert_close(h0.double(), ref0, rtol=1e-3, atol=1e-4)
     assert 0 < ((h1 - h0).abs() / h0.abs().clamp_min(1e-3)).max().item() < 1e-3
     q, k, v, i_pre, f_pre = args
-    h = mlstm_native(q, k, v, i_pre + 60.0, f_pre)
+    h = mlstm_native(q, k, v, i_pre + 60.0, f_pre, kernel=kernel)
     assert torch.isfinite(h).all()
 
 
 @needs_native
-def test_native_cell_splits_lanes_over_threads():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_cell_splits_lanes_over_threads(kernel):
+    # 20 lanes: three groups of eight for the eight-lane kernel, so 3 threads get one each
     args = [t.requires_grad_() for t in cell_inputs("moderate", 40, B=4, NH=5, dtype=torch.float32)]
     dh = torch.randn(4, 5, 40, 6)
     results = []
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            h = mlstm_native(*args)
+            h = mlstm_native(*args, kernel=kernel)
             results.append((h, *torch.autograd.grad(h, args, dh)))
     finally:
         torch.set_num_threads(1)
@@ -430,7 +439,52 @@ def test_native_cell_splits_lanes_over_threads():
 
 
 @needs_native
+def test_native_cell_reads_strided_inputs_and_short_segments(monkeypatch):
+    # q, k, v as the block passes them (head views of one wide (B, S, X) tensor), the gates as
+    # slices of one (B, 2 NH, S) tensor, dh transposed; checkpoint segments of 3 steps
+    import blocks.mlstm as mlstm
+
+    B, NH, S, DH = 3, 4, 23, 8
+    wide = torch.randn(B, S, 3 * NH * DH + 5)
+    q, k, v = (wide[..., i * NH * DH:(i + 1) * NH * DH].view(B, S, NH, DH).transpose(1, 2)
+               for i in range(3))
+    gates = torch.randn(B, 2 * NH, S) + torch.tensor([0.0] * NH + [3.0] * NH)[:, None]
+    args = [q, k, v, gates[:, :NH], gates[:, NH:]]
+    dh = torch.randn(B, S, NH, DH).transpose(1, 2)
+    ref_args = [t.detach().double().requires_grad_() for t in args]
+    ref = mlstm_recurrent(*ref_args)
+    ref_grads = torch.autograd.grad(ref, ref_args, dh.double())
+    monkeypatch.setattr(mlstm, "_lanes_segment", lambda dqk, dv, seq: 3)
+    wide, gates = wide.clone().requires_grad_(), gates.clone().requires_grad_()
+    q, k, v = (wide[..., i * NH * DH:(i + 1) * NH * DH].view(B, S, NH, DH).transpose(1, 2)
+               for i in range(3))
+    args = [q, k, v, gates[:, :NH], gates[:, NH:]]
+    h = mlstm_native(*args, kernel="lanes")
+    assert h.shape == (B, NH, S, DH)
+    torch.testing.assert_close(h.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(h, args, dh)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_native_cell_refuses_what_it_cannot_run():
+    args = cell_inputs("moderate", 5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="kernel must be"):
+        mlstm_native(*args, kernel="simd")
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        mlstm_native(*cell_inputs("moderate", 5))
+    big = cell_inputs("moderate", 3, B=1, NH=1, DQK=72, DV=8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="heads up to 64"):
+        mlstm_native(*big, kernel="lanes")
+
+
+@needs_native
 def test_block_auto_picks_native_for_long_sequences_and_small_heads():
+    small = MLSTMBlock(32, 512, num_heads=4)  # inner 64: heads of 16, the eight-lane kernel
+    assert small.cell_for(8, "cpu", torch.float32) == "native"
+    assert small.cell_for(47, "cpu", torch.float32) == "native"
+    assert small.cell_for(47, "cpu", torch.float64) != "native"
     block = MLSTMBlock(64, 512, num_heads=4)  # inner 128: heads of 32
     assert block.cell_for(200, "cpu", torch.float32) == "native"
     assert block.cell_for(64, "cpu", torch.float32) != "native"   # short: the torch forms

@@ -60,4 +60,28 @@ V8_INLINE vf v_exp(vf x)
     return v_select(x != x, x, r);
 }
 
+V8_INLINE vf v_abs(vf x) { return (vf)((vi)x & 0x7fffffff); }
+
+/* log(1 + e) for e in [0, 1]: fastmath.h's log1p_unit_f on 8 lanes */
+V8_INLINE vf v_log1p_unit(vf e)
+{
+    const vf z = e / (2.0f + e), w = z * z, w2 = w * w, w4 = w2 * w2;
+    const vf p = ((1.0f + w * (1.0f / 3)) + w2 * (1.0f / 5 + w * (1.0f / 7)))
+                 + w4 * ((1.0f / 9 + w * (1.0f / 11)) + w2 * (1.0f / 13 + w * (1.0f / 15)));
+    return 2.0f * z * p;
+}
+
+/* log(sigmoid(x)) = min(x, 0) - log(1 + exp(-|x|)) */
+V8_INLINE vf v_logsigmoid(vf x)
+{
+    return v_select(x < 0.0f, x, v_zero()) - v_log1p_unit(v_exp(-v_abs(x)));
+}
+
+/* sigmoid(x) = 1 / (1 + e) or e / (1 + e), e = exp(-|x|) */
+V8_INLINE vf v_sigmoid(vf x)
+{
+    const vf e = v_exp(-v_abs(x));
+    return v_select(x >= 0.0f, v_splat(1.0f), e) / (1.0f + e);
+}
+
 #endif

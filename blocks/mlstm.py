@@ -47,7 +47,8 @@ from blocks.init import round_up, small_init_, wang_init_
 from blocks.ops import causal_depthwise_conv
 from blocks.registry import BlockError, register
 
-__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_native", "mlstm_parallel", "mlstm_recurrent"]
+__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_native", "mlstm_output", "mlstm_parallel",
+           "mlstm_recurrent"]
 
 CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 
@@ -549,6 +550,74 @@ _CELL_FNS = {
 # the block
 
 
+def _native_output_library():
+    I64, F32, PTR = native.I64, native.F32, native.PTR
+    return native.library("mlstm_out", {"mad_mlstm_out_fwd": [I64] * 4 + [F32] + [PTR] * 7,
+                                        "mad_mlstm_out_bwd": [I64] * 4 + [PTR] * 12})
+
+
+class _NativeOutput(torch.autograd.Function):
+    """:func:`mlstm_output` by the C kernel ``blocks/csrc/mlstm_out.c``; saves the inputs and each
+    head's mean and inverse deviation."""
+
+    @staticmethod
+    def forward(ctx, h, x, z, weight, skip, head_dim, eps):
+        lib = _native_output_library()
+        h, x, z = h.contiguous(), x.contiguous(), z.contiguous()
+        weight, skip = weight.contiguous(), skip.contiguous()
+        *lead, I = h.shape
+        N = h.numel() // I
+        y = torch.empty_like(h)
+        stats = h.new_empty(N, I // head_dim, 2)
+        p = native.pointer
+        native.parallel(N, lambda slot, n0, n1: lib.mad_mlstm_out_fwd(
+            n0, n1, I, head_dim, eps, p(h), p(x), p(z), p(weight), p(skip), p(y), p(stats)))
+        ctx.save_for_backward(h, x, z, weight, skip, stats)
+        ctx.head_dim = head_dim
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        lib = _native_output_library()
+        h, x, z, weight, skip, stats = ctx.saved_tensors
+        dy = dy.contiguous()
+        I = h.shape[-1]
+        N = h.numel() // I
+        dh, dx, dz = torch.empty_like(h), torch.empty_like(x), torch.empty_like(z)
+        slots = native.slots(N)
+        dw, ds = h.new_zeros(slots, I), h.new_zeros(slots, I)
+        p = native.pointer
+        native.parallel(N, lambda slot, n0, n1: lib.mad_mlstm_out_bwd(
+            n0, n1, I, ctx.head_dim, p(h), p(x), p(z), p(weight), p(skip), p(stats), p(dy),
+            p(dh), p(dx), p(dz), p(dw[slot]), p(ds[slot])))
+        return dh, dx, dz, dw.sum(0), ds.sum(0), None, None
+
+
+def mlstm_output(
+    h: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    skip: torch.Tensor,
+    head_dim: int,
+    eps: float = 1e-5,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The mLSTM block's output gate: ``(GroupNorm_heads(h) * weight + skip * x) * SiLU(z)``.
+
+    h, x, z (..., I) with each token's heads side by side (``head_dim`` channels each); the group
+    norm is a layer norm over each head's channels (no affine), then one weight per channel.
+    ``impl``: ``"native"`` the C kernel ``blocks/csrc/mlstm_out.c`` (float32 on the CPU),
+    ``"torch"`` torch's operators, ``"auto"`` the C kernel where it is loaded and applies.
+    """
+    if native.choose(impl, "mlstm_out", (h, x, z, weight, skip), _native_output_library):
+        return _NativeOutput.apply(h, x, z, weight, skip, int(head_dim), float(eps))
+    *lead, I = h.shape
+    normed = F.layer_norm(h.reshape(*lead, I // head_dim, head_dim), (head_dim,), eps=eps)
+    return torch.addcmul(normed.reshape(h.shape) * weight, skip, x) * F.silu(z)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """(B, S, C) -> (B, C, 1, S): the same memory seen as a channels-last image, no copy.
 
@@ -795,9 +864,8 @@ class MLSTMBlock(Block):
 
         # multi-head group norm: each head normalised on its own, then one weight per channel
         # (B, S, NH, DH) order: the native cells write h in it, so this costs no copy there
-        h = F.layer_norm(h.transpose(1, 2), (DH,), eps=1e-5).reshape(B, S, inner)
-        h = torch.addcmul(h * self.outnorm_weight, self.learnable_skip, x_c) * F.silu(z)
-        return self.proj_down(h)
+        h = h.transpose(1, 2).reshape(B, S, inner)
+        return self.proj_down(mlstm_output(h, x_c, z, self.outnorm_weight, self.learnable_skip, DH))
 
     def state_size(self, seq_len: int) -> int:
         """Floats of recurrent state per sequence at inference, independent of ``seq_len``.

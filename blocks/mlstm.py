@@ -47,8 +47,8 @@ from blocks.init import round_up, small_init_, wang_init_
 from blocks.ops import causal_depthwise_conv
 from blocks.registry import BlockError, register
 
-__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_native", "mlstm_output", "mlstm_parallel",
-           "mlstm_recurrent"]
+__all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_gates", "mlstm_native", "mlstm_output",
+           "mlstm_parallel", "mlstm_recurrent"]
 
 CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 
@@ -618,6 +618,75 @@ def mlstm_output(
     return torch.addcmul(normed.reshape(h.shape) * weight, skip, x) * F.silu(z)
 
 
+def _native_gates_library():
+    I64, PTR = native.I64, native.PTR
+    return native.library("mlstm_gates", {"mad_mlstm_gates_fwd": [I64] * 5 + [PTR] * 6,
+                                          "mad_mlstm_gates_bwd": [I64] * 5 + [PTR] * 10})
+
+
+GATES_MAX = 32  # blocks/csrc/mlstm_gates.c's JMAX: gates per token (2 x heads)
+
+
+class _NativeGates(torch.autograd.Function):
+    """:func:`mlstm_gates` by the C kernel ``blocks/csrc/mlstm_gates.c``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, bias):
+        lib = _native_gates_library()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        weight, bias = weight.contiguous(), bias.contiguous()
+        *lead, I = q.shape
+        N, J = q.numel() // I, weight.shape[0]
+        g = q.new_empty(*lead, J)
+        p = native.pointer
+        native.parallel(N, lambda slot, n0, n1: lib.mad_mlstm_gates_fwd(
+            n0, n1, I, J, I, p(q), p(k), p(v), p(weight), p(bias), p(g)))
+        ctx.save_for_backward(q, k, v, weight)
+        return g
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dg):
+        lib = _native_gates_library()
+        q, k, v, weight = ctx.saved_tensors
+        dg = dg.contiguous()
+        I = q.shape[-1]
+        N, J = q.numel() // I, weight.shape[0]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        slots = native.slots(N)
+        dW, db = q.new_zeros(slots, J, 3 * I), q.new_zeros(slots, J)
+        p = native.pointer
+        native.parallel(N, lambda slot, n0, n1: lib.mad_mlstm_gates_bwd(
+            n0, n1, I, J, I, p(q), p(k), p(v), p(weight), p(dg), p(dq), p(dk), p(dv),
+            p(dW[slot]), p(db[slot])))
+        return dq, dk, dv, dW.sum(0), db.sum(0)
+
+
+def mlstm_gates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Gate pre-activations from each token's q, k, v: ``Linear(3I -> J)([q, k, v])``.
+
+    q, k, v (..., I); weight (J, 3I); bias (J); returns (..., J). ``impl``: ``"native"`` the C
+    kernel ``blocks/csrc/mlstm_gates.c`` (float32 on the CPU, I a multiple of 8, J up to
+    ``GATES_MAX``), ``"torch"`` a product with the concatenation, ``"auto"`` the C kernel where
+    it is loaded and applies.
+    """
+    if q.shape[-1] % 8 or weight.shape[0] > GATES_MAX:
+        if impl == "native":
+            raise RuntimeError(f"the native gates kernel takes I a multiple of 8 and at most "
+                               f"{GATES_MAX} gates, got I {q.shape[-1]}, {weight.shape[0]}")
+        impl = "torch" if impl == "auto" else impl
+    if native.choose(impl, "mlstm_gates", (q, k, v, weight, bias), _native_gates_library):
+        return _NativeGates.apply(q, k, v, weight, bias)
+    return F.linear(torch.cat([q, k, v], dim=-1), weight, bias)
+
+
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """(B, S, C) -> (B, C, 1, S): the same memory seen as a channels-last image, no copy.
 
@@ -846,14 +915,10 @@ class MLSTMBlock(Block):
         x_c = F.silu(causal_depthwise_conv(x_m, self.conv1d.weight, self.conv1d.bias))
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
 
-        # (B, 2 NH, S) straight from the product: a transposed view of (B, S, 2 NH) would reach
-        # the backward as a strided gradient, whose product with the weights is 4x slower
-        gates = torch.baddbmm(
-            torch.cat([self.igate.bias, self.fgate.bias]).unsqueeze(-1),
-            torch.cat([self.igate.weight, self.fgate.weight]).expand(B, -1, -1),
-            torch.cat([q, k, v], dim=-1).transpose(1, 2),
-        )
-        i_pre, f_pre = gates[:, :NH], gates[:, NH:]
+        # (B, S, 2 NH); the cells take (B, NH, S) views of it (the native ones read it in place)
+        gates = mlstm_gates(q, k, v, torch.cat([self.igate.weight, self.fgate.weight]),
+                            torch.cat([self.igate.bias, self.fgate.bias]))
+        i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, S, NH, DH).transpose(1, 2)

@@ -20,7 +20,9 @@ from blocks.mlstm import (
     _decay,
     _factored_choice,
     mlstm_chunkwise,
+    mlstm_gates,
     mlstm_native,
+    mlstm_output,
     mlstm_parallel,
     mlstm_recurrent,
 )
@@ -649,3 +651,61 @@ def test_native_headwise_splits_rows_over_threads():
         torch.set_num_threads(before)
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the block's gates and output gate: C kernels against their torch twins in float64
+
+
+def _grads_of(fn, inputs, dy, dtype, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    y = fn(*leaves, **kw)
+    return [y.double()] + [g.double() for g in torch.autograd.grad(y, leaves, dy.to(dtype))]
+
+
+def _assert_rel(got, want, rel):
+    for a, b in zip(got, want):
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        assert err < rel, f"relative error {err:.2e}"
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("B, S, I, DH", [(3, 11, 64, 16), (2, 9, 40, 5), (1, 7, 96, 32)])
+def test_native_output_gate_matches_torch(B, S, I, DH, threads):
+    # (GN(h) w + s x) silu(z): head sizes below, at and above one vector, odd ones included
+    inputs = [torch.randn(B, S, I) for _ in range(3)] + [torch.randn(I), torch.randn(I)]
+    dy = torch.randn(B, S, I)
+    want = _grads_of(mlstm_output, inputs, dy, torch.float64, head_dim=DH, impl="torch")
+    torch.set_num_threads(threads)
+    got = _grads_of(mlstm_output, inputs, dy, torch.float32, head_dim=DH, impl="native")
+    _assert_rel(got, want, 2e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("B, S, I, J", [(3, 11, 64, 8), (2, 5, 8, 2), (1, 7, 128, 32)])
+def test_native_gates_match_torch(B, S, I, J, threads):
+    # q, k, v as views of one wider tensor (the kernel reads contiguous copies of them)
+    wide = torch.randn(B, S, 3 * I + 2)
+    inputs = [wide[..., :I], wide[..., I:2 * I], wide[..., 2 * I:3 * I], torch.randn(J, 3 * I),
+              torch.randn(J)]
+    dg = torch.randn(B, S, J)
+    want = _grads_of(mlstm_gates, inputs, dg, torch.float64, impl="torch")
+    torch.set_num_threads(threads)
+    got = _grads_of(mlstm_gates, inputs, dg, torch.float32, impl="native")
+    _assert_rel(got, want, 2e-6)
+
+
+def test_gates_and_output_kernels_refuse_what_they_cannot_run():
+    q = torch.randn(2, 3, 12)
+    W, b = torch.randn(4, 36), torch.randn(4)
+    torch.testing.assert_close(mlstm_gates(q, q, q, W, b),  # 12 channels: torch's product
+                               F.linear(torch.cat([q, q, q], -1), W, b))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        mlstm_gates(q, q, q, W, b, impl="native")
+    with pytest.raises(ValueError, match="impl must be"):
+        mlstm_output(q, q, q, torch.ones(12), torch.ones(12), 4, impl="fast")
+    with pytest.raises(RuntimeError, match="not float32 on the CPU"):
+        mlstm_output(*(t.double() for t in (q, q, q, torch.ones(12), torch.ones(12))), 4,
+                     impl="native")

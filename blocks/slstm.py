@@ -345,6 +345,80 @@ def slstm_scan_time_major(
     return y.to(wx_tm.dtype)
 
 
+def _native_proj_library():
+    I64, PTR = native.I64, native.PTR
+    return native.library("slstm_proj", {"mad_slstm_proj_fwd": [I64] * 6 + [PTR] * 4,
+                                         "mad_slstm_proj_bwd": [I64] * 6 + [PTR] * 7})
+
+
+class _NativeProjections(torch.autograd.Function):
+    """:func:`slstm_projections` by the C kernel ``blocks/csrc/slstm_proj.c``."""
+
+    @staticmethod
+    def forward(ctx, x_c, x, w_i, w_f, w_z, w_o):
+        lib = _native_proj_library()
+        B, S, _ = x.shape
+        NH, DH = w_i.shape[0], w_i.shape[1]
+        x_c, x = x_c.contiguous(), x.contiguous()
+        W = torch.stack((w_i, w_f, w_z, w_o))  # (4, NH, DH_out, DH_in)
+        WT = W.transpose(2, 3).contiguous()
+        wx = x.new_empty(S, NH, B, NUM_GATES, DH)
+        p = native.pointer
+        native.parallel(B, lambda slot, b0, b1: lib.mad_slstm_proj_fwd(
+            b0, b1, B, S, NH, DH, p(x_c), p(x), p(WT), p(wx)))
+        ctx.save_for_backward(x_c, x, W)
+        return wx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dwx):
+        lib = _native_proj_library()
+        x_c, x, W = ctx.saved_tensors
+        B, S, _ = x.shape
+        NH, DH = W.shape[1], W.shape[2]
+        dwx = dwx.contiguous()
+        dxc, dx = torch.empty_like(x_c), torch.empty_like(x)
+        dW = W.new_zeros(native.slots(B), *W.shape)
+        p = native.pointer
+        native.parallel(B, lambda slot, b0, b1: lib.mad_slstm_proj_bwd(
+            b0, b1, B, S, NH, DH, p(x_c), p(x), p(W), p(dwx), p(dxc), p(dx), p(dW[slot])))
+        return dxc, dx, *dW.sum(0).unbind(0)
+
+
+def slstm_projections(
+    x_c: torch.Tensor,
+    x: torch.Tensor,
+    w_i: torch.Tensor,
+    w_f: torch.Tensor,
+    w_z: torch.Tensor,
+    w_o: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The sLSTM's four headwise input projections, in the scan's layout.
+
+    ``x_c, x: (B, S, NH*DH)``; weights ``(NH, DH_out, DH_in)``; returns ``wx_tm (S, NH, B, 4,
+    DH)``: gates i and f from ``x_c``, z and o from ``x``. ``impl``: ``"native"`` the C kernel
+    ``blocks/csrc/slstm_proj.c`` (float32 on the CPU, heads of 8, 16, ... 64), ``"torch"`` batched
+    products, ``"auto"`` the C kernel where it is loaded and applies.
+    """
+    B, S, _ = x.shape
+    NH, DH = w_i.shape[0], w_i.shape[1]
+    if DH % 8 or DH > 64:
+        if impl == "native":
+            raise RuntimeError(f"the native sLSTM projections take heads that are multiples of 8 "
+                               f"up to 64, got {DH}")
+        impl = "torch" if impl == "auto" else impl
+    if native.choose(impl, "slstm_proj", (x_c, x, w_i, w_f, w_z, w_o), _native_proj_library):
+        return _NativeProjections.apply(x_c, x, w_i, w_f, w_z, w_o)
+
+    def headwise(u, w_a, w_b):  # (S, NH, B, 2 DH)
+        u_tm = u.view(B, S, NH, DH).permute(1, 2, 0, 3)
+        return torch.matmul(u_tm, torch.cat((w_a, w_b), dim=1).transpose(1, 2))
+
+    return torch.cat((headwise(x_c, w_i, w_f), headwise(x, w_z, w_o)), dim=-1).view(
+        S, NH, B, NUM_GATES, DH)
+
+
 def powerlaw_forget_bias(head_dim: int, block_index: int, num_blocks: int) -> torch.Tensor:
     """xLSTM's block-dependent forget-gate bias for one head: 5 - 12 (j / (DH-1))^(0.3 + 1.3 r).
 
@@ -436,13 +510,6 @@ class SLSTMBlock(Block):
         small_init_(self.ffn_up.weight, self.d_model)
         wang_init_(self.ffn_down.weight, self.d_model, self.num_blocks)
 
-    def _headwise(self, x: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
-        """Two headwise (block-diagonal) projections of ``x (B, S, NH*DH)`` by ``(NH, out, in)``
-        weights, time-major and side by side: ``(S, NH, B, 2 * DH)``, the scan's layout."""
-        B, S, _ = x.shape
-        x_tm = x.view(B, S, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
-        return torch.matmul(x_tm, torch.cat((w_a, w_b), dim=1).transpose(1, 2))
-
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The sLSTM layer on the normalised input ``x: (B, S, d_model)``."""
         B, S, D = x.shape
@@ -450,10 +517,7 @@ class SLSTMBlock(Block):
             x_c = F.silu(causal_depthwise_conv(x, self.conv.weight, self.conv.bias))
         else:
             x_c = x
-        wx_tm = torch.cat(
-            (self._headwise(x_c, self.w_i, self.w_f), self._headwise(x, self.w_z, self.w_o)),
-            dim=-1,
-        ).view(S, self.num_heads, B, NUM_GATES, self.head_dim)
+        wx_tm = slstm_projections(x_c, x, self.w_i, self.w_f, self.w_z, self.w_o)
         y = slstm_scan_time_major(wx_tm, self.R, self.b.reshape(-1))  # (S, NH, B, DH)
         # multi-head group norm: each head's units normalised on their own, one weight per unit
         y = F.layer_norm(y, (self.head_dim,), eps=1e-5)

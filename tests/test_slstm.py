@@ -13,6 +13,7 @@ from blocks.registry import BlockError
 from blocks.slstm import (
     SLSTMBlock,
     powerlaw_forget_bias,
+    slstm_projections,
     slstm_recurrent_reference,
     slstm_scan,
 )
@@ -408,3 +409,36 @@ def test_official_input_and_forget_gate_modules_are_swapped():
         ours.w_i.copy_(official.xlstm.igate.weight)  # the mapping by name
         ours.w_f.copy_(official.xlstm.fgate.weight)
         assert not torch.allclose(ours(x), official(x), rtol=1e-3, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("B, S, NH, DH", [(3, 11, 4, 8), (2, 5, 2, 16), (1, 7, 3, 24)])
+def test_native_projections_match_torch(B, S, NH, DH, threads):
+    D = NH * DH
+    inputs = [torch.randn(B, S, D), torch.randn(B, S, D)] + [torch.randn(NH, DH, DH)
+                                                             for _ in range(4)]
+    dwx = torch.randn(S, NH, B, 4, DH)
+    results = []
+    before = torch.get_num_threads()
+    for impl, dtype in (("torch", torch.float64), ("native", torch.float32)):
+        torch.set_num_threads(threads if impl == "native" else before)
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        try:
+            y = slstm_projections(*leaves, impl=impl)
+            grads = torch.autograd.grad(y, leaves, dwx.to(dtype))
+        finally:
+            torch.set_num_threads(before)
+        results.append([y.double()] + [g.double() for g in grads])
+    for got, want in zip(results[1], results[0]):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 2e-6, f"relative error {err:.2e}"
+
+
+def test_projections_the_kernel_cannot_take_run_on_torch():
+    x = torch.randn(2, 3, 10)
+    ws = [torch.randn(2, 5, 5) for _ in range(4)]
+    y = slstm_projections(x, x, *ws)  # heads of 5: torch's products
+    assert y.shape == (3, 2, 2, 4, 5)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        slstm_projections(x, x, *ws, impl="native")

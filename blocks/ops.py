@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from blocks import native
 
-__all__ = ["DECAY_FACTOR_LIMIT", "causal_depthwise_conv", "decayed_scores"]
+__all__ = ["DECAY_FACTOR_LIMIT", "causal_depthwise_conv", "decayed_scores", "glu"]
 
 # decayed_scores factors exp(b_t - b_s) = exp(b_t) exp(-b_s) while every |b| is at most this:
 # both factors then stay within e^(+-40), far inside float32's range, and rounding each costs
@@ -78,6 +78,68 @@ class _NativeCausalConv(torch.autograd.Function):
             None if db is None else p(db[slot])))
         d_weight = dw.sum(0).t().reshape(C, 1, K)
         return dx, d_weight, (None if db is None else db.sum(0))
+
+
+def _native_glu_library():
+    I64, PTR = native.I64, native.PTR
+    return native.library("glu", {"mad_glu_fwd": [I64] * 4 + [PTR] * 2,
+                                  "mad_glu_bwd": [I64] * 4 + [PTR] * 3})
+
+
+GLU_ACTIVATIONS = ("silu", "gelu")
+
+
+class _NativeGLU(torch.autograd.Function):
+    """:func:`glu` by the C kernel ``blocks/csrc/glu.c``."""
+
+    @staticmethod
+    def forward(ctx, gate_up, act):
+        lib = _native_glu_library()
+        gate_up = gate_up.contiguous()
+        *lead, H2 = gate_up.shape
+        H, N = H2 // 2, gate_up.numel() // H2
+        y = gate_up.new_empty(*lead, H)
+        p = native.pointer
+        native.parallel(N, lambda slot, n0, n1: lib.mad_glu_fwd(n0, n1, H, act, p(gate_up),
+                                                                 p(y)))
+        ctx.save_for_backward(gate_up)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        lib = _native_glu_library()
+        (gate_up,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        H2 = gate_up.shape[-1]
+        H, N = H2 // 2, gate_up.numel() // H2
+        d = torch.empty_like(gate_up)
+        p = native.pointer
+        native.parallel(N, lambda slot, n0, n1: lib.mad_glu_bwd(n0, n1, H, ctx.act, p(gate_up),
+                                                                 p(dy), p(d)))
+        return d, None
+
+
+def glu(gate_up: torch.Tensor, activation: str = "silu", impl: str = "auto") -> torch.Tensor:
+    """Gated linear unit: ``act(gate) * up`` from ``gate_up = [gate | up]``, (..., 2H) -> (..., H).
+
+    ``activation``: "silu" (SwiGLU) or "gelu" (exact, erf-based, as ``F.gelu``). ``impl``:
+    ``"native"`` the C kernel ``blocks/csrc/glu.c`` (float32 on the CPU, H a multiple of 8),
+    ``"torch"`` torch's operators, ``"auto"`` the C kernel where it is loaded and applies.
+    """
+    if activation not in GLU_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(GLU_ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if gate_up.shape[-1] % 16:
+        if impl == "native":
+            raise RuntimeError(f"the native GLU kernel takes halves that are multiples of 8, "
+                               f"got {gate_up.shape[-1]} channels")
+        impl = "torch" if impl == "auto" else impl
+    if native.choose(impl, "glu", (gate_up,), _native_glu_library):
+        return _NativeGLU.apply(gate_up, GLU_ACTIVATIONS.index(activation))
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (F.silu(gate) if activation == "silu" else F.gelu(gate)) * up
 
 
 def causal_depthwise_conv(

@@ -38,7 +38,7 @@ from torch import nn
 from blocks import native
 from blocks.base import Block
 from blocks.init import round_up, small_init_, wang_init_
-from blocks.ops import causal_depthwise_conv
+from blocks.ops import causal_depthwise_conv, glu
 from blocks.registry import BlockError, register
 
 NUM_GATES = 4  # i, f, z, o
@@ -525,8 +525,7 @@ class SLSTMBlock(Block):
         return y.permute(2, 0, 1, 3).reshape(B, S, D)
 
     def ffn(self, u: torch.Tensor) -> torch.Tensor:
-        gate, up = self.ffn_up(u).chunk(2, dim=-1)
-        return self.ffn_down(F.gelu(gate) * up)
+        return self.ffn_down(glu(self.ffn_up(u), "gelu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mix(self.norm(x))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from blocks.base import Block
 from blocks.init import round_up, small_init_, wang_init_
+from blocks.ops import glu
 from blocks.registry import BlockError, register
 
 
@@ -38,8 +38,7 @@ class SwiGLUBlock(Block):
         wang_init_(self.down.weight, d_model, num_blocks)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(glu(self.gate_up(x), "silu"))
 
     def state_size(self, seq_len: int) -> int:
         """No recurrent state."""

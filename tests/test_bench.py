@@ -194,11 +194,14 @@ def test_step_benchmark_profiles_a_step_by_kind_of_work(tmp_path, capsys):
         assert abs(sum(row["share"].values()) - 1) < 1e-9
         assert row["share"]["matmul"] > 0 and row["share"]["optimiser"] > 0
     mlstm, attention = result["rows"]
+    from blocks.attention import _native_attention_library
     from blocks.ops import _native_conv_library
 
-    # the mLSTM's convolutions run as C kernels where they are built, else as torch's
+    # the mLSTM's convolutions and the attention run as C kernels where they are built, else as
+    # torch's kernels
     conv_kind = "native" if _native_conv_library() is not None else "conv"
-    assert mlstm["share"][conv_kind] > 0 and attention["share"]["attention"] > 0
+    attention_kind = "native" if _native_attention_library() is not None else "attention"
+    assert mlstm["share"][conv_kind] > 0 and attention["share"][attention_kind] > 0
     assert "mlstm*2" in out and "optimiser" in out
     assert kind_of("aten::bmm") == "matmul" and kind_of("aten::convolution_backward") == "conv"
     assert kind_of("aten::_fused_adamw_") == "optimiser" and kind_of("aten::cat") == "copies"

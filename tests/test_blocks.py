@@ -244,3 +244,43 @@ def test_rotary_tables_first_built_in_inference_mode_still_train():
     y = block(x.requires_grad_())
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the gated linear unit of SwiGLU and the sLSTM's FFN: C kernel against torch in float64
+
+
+@pytest.mark.skipif(blocks.native.compiler() is None, reason="no C compiler")
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(3, 11, 128), (5, 16), (1, 2, 4, 64)])
+def test_native_glu_matches_torch(activation, threads, shape):
+    from blocks.ops import glu
+
+    gate_up = torch.randn(*shape) * 3  # well into both tails of the activations
+    dy = torch.randn(*shape[:-1], shape[-1] // 2)
+    results = []
+    before = torch.get_num_threads()
+    for impl, dtype in (("torch", torch.float64), ("native", torch.float32)):
+        leaf = gate_up.to(dtype).requires_grad_()
+        torch.set_num_threads(threads if impl == "native" else before)
+        try:
+            y = glu(leaf, activation, impl=impl)
+            (g,) = torch.autograd.grad(y, [leaf], dy.to(dtype))
+        finally:
+            torch.set_num_threads(before)
+        results.append((y.double(), g.double()))
+    for got, want in zip(results[1], results[0]):
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-6, f"relative error {err:.2e}"
+
+
+def test_glu_refuses_unknown_activations_and_odd_halves():
+    from blocks.ops import glu
+
+    with pytest.raises(ValueError, match="activation must be one of silu, gelu"):
+        glu(torch.randn(2, 16), "relu")
+    x = torch.randn(2, 12)  # halves of 6: torch's operators
+    torch.testing.assert_close(glu(x), torch.nn.functional.silu(x[:, :6]) * x[:, 6:])
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        glu(x, impl="native")

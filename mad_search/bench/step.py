@@ -11,12 +11,14 @@ split into:
 
 * ``matmul``: matrix products (mm, bmm, addmm, baddbmm, ...);
 * ``conv``: convolutions, forward and backward;
-* ``attention``: PyTorch's fused attention kernels (scaled_dot_product_attention);
+* ``attention``: PyTorch's fused attention kernels (scaled_dot_product_attention; where the C
+  attention kernel runs, its time is under ``native``);
 * ``elementwise``: every other arithmetic operator (pointwise maths, norms, reductions, scans);
 * ``copies``: copies and layout changes (copy_, cat, stack, clone, pad, index, fill);
 * ``optimiser``: the fused AdamW step and the foreach gradient clipping;
-* ``native``: the C kernels of ``blocks/csrc`` (selective scan, sLSTM and mLSTM cells, causal
-  and headwise convolutions), forward and backward (see README "Native kernels");
+* ``native``: the C kernels of ``blocks/csrc`` (selective scan, sLSTM scan and projections,
+  mLSTM cells, gates and output gate, attention, gated linear units, causal and headwise
+  convolutions), forward and backward (see README "Native kernels");
 * ``other``: what no operator accounts for: Python, autograd's engine, dispatch, views.
 
 ``ms`` columns are the shares times the unprofiled median (the profiler itself slows a step).

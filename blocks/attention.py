@@ -33,6 +33,41 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None, dtype=t
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+class _NativeRotary(torch.autograd.Function):
+    """Rotary encoding of token-major ``x (B, S, heads, D)`` by ``blocks/csrc/attention.c``'s
+    ``mad_rope``; the backward is the rotation by the opposite angles."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, backward=False)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, sin, backward=True), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    lib = _native_attention_library()
+    x, ld = _token_major(x)
+    B, S, NHD, D = x.shape
+    y = x.new_empty(B, S, NHD, D)
+    cos, sin, p = cos.contiguous(), sin.contiguous(), native.pointer
+    native.parallel(B * S, lambda slot, n0, n1: lib.mad_rope(
+        n0, n1, S, NHD, D, int(backward), p(cos), p(sin), p(x), ld, p(y)))
+    return y
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto"):
+    """:func:`apply_rotary` of token-major ``x (B, S, heads, D)`` with tables ``(S, D/2)``: the C
+    kernel (float32 on the CPU) or torch's operators (``impl`` as :func:`causal_attention`)."""
+    if native.choose(impl, "attention", (x, cos, sin), _native_attention_library):
+        return _NativeRotary.apply(x, cos, sin)
+    return apply_rotary(x, cos.unsqueeze(1), sin.unsqueeze(1))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x by position-dependent angles: cos and sin
     broadcast against x[..., :d/2], e.g. x (B, H, S, D) with tables (S, D/2), or x (B, S, H, D)
@@ -50,7 +85,8 @@ def _native_attention_library():
     I64, F32, PTR = native.I64, native.F32, native.PTR
     head = [I64] * 7 + [F32] + [PTR, I64] * 3
     return native.library("attention", {"mad_attention_fwd": head + [PTR] * 3,
-                                        "mad_attention_bwd": head + [PTR] * 7})
+                                        "mad_attention_bwd": head + [PTR] * 7,
+                                        "mad_rope": [I64] * 6 + [PTR] * 3 + [I64, PTR]})
 
 
 def _token_major(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -197,7 +233,7 @@ class AttentionBlock(Block):
         qk = qk.view(B, S, H + KVH, D)
         if self.position == "rope":  # queries and keys rotated together: half the operations
             cos, sin = rotary_tables(S, D, self.rope_base, x.device, x.dtype)
-            qk = apply_rotary(qk, cos.unsqueeze(1), sin.unsqueeze(1))
+            qk = rotary(qk, cos, sin)
         q, k = qk.split([H, KVH], dim=2)
         y = causal_attention(q, k, v.view(B, S, KVH, D), self.window)
         return self.out(y.reshape(B, S, self.d_model))

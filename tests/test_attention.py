@@ -174,3 +174,22 @@ def test_native_attention_off_switch_and_failed_build_fall_back_to_torch(tmp_pat
     assert "STATUS torch: building it failed" in broken.stdout
     lines = [ln for ln in broken.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "native attention kernel unavailable" in lines[0]
+
+
+@needs_native
+@pytest.mark.parametrize("B, S, heads, D", [(3, 11, 8, 8), (2, 5, 3, 16), (1, 7, 2, 6)])
+def test_native_rotary_matches_torch(B, S, heads, D):
+    from blocks.attention import rotary, rotary_tables
+
+    wide = torch.randn(B, S, heads + 2, D)  # the block's q and k: a view of a wider tensor
+    x = wide[:, :, :heads]
+    cos, sin = rotary_tables(S, D, 10000.0)
+    dy = torch.randn(B, S, heads, D)
+    results = []
+    for impl, dtype in (("torch", torch.float64), ("native", torch.float32)):
+        leaf = x.to(dtype).requires_grad_()
+        y = rotary(leaf, cos.to(dtype), sin.to(dtype), impl=impl)
+        (g,) = torch.autograd.grad(y, [leaf], dy.to(dtype))
+        results.append((y.double(), g.double()))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

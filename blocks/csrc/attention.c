@@ -243,3 +243,27 @@ void mad_attention_bwd(int64_t p0, int64_t p1, int64_t S, int64_t H, int64_t KVH
     BY_HEAD_SIZE(BWD, D)
 #undef BWD
 }
+
+/* Rotary position encoding (Su et al. 2021) of a token's heads, halves rotated as pairs:
+ *     y[:half] = x[:half] cos - x[half:] sin,  y[half:] = x[:half] sin + x[half:] cos
+ * at the token's position t; backwards the rotation by -t. x: tokens ld apart (b S + t), each
+ * NHD heads of D floats; y, dy, dx (B S, NHD, D) contiguous; cos, sin (S, D / 2). A call
+ * handles tokens [n0, n1). */
+void mad_rope(int64_t n0, int64_t n1, int64_t S, int64_t NHD, int64_t D, int64_t backward,
+              const float *cos_t, const float *sin_t, const float *x, int64_t ld, float *y)
+{
+    const int64_t half = D / 2;
+    const float sign = backward ? -1.0f : 1.0f;
+    for (int64_t n = n0; n < n1; n++) {
+        const float *restrict c = cos_t + (n % S) * half, *restrict s = sin_t + (n % S) * half;
+        for (int64_t h = 0; h < NHD; h++) {
+            const float *restrict xa = x + n * ld + h * D, *restrict xb = xa + half;
+            float *restrict ya = y + (n * NHD + h) * D, *restrict yb = ya + half;
+            for (int64_t i = 0; i < half; i++) {
+                const float si = sign * s[i];
+                ya[i] = xa[i] * c[i] - xb[i] * si;
+                yb[i] = xa[i] * si + xb[i] * c[i];
+            }
+        }
+    }
+}

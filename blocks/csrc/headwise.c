@@ -18,17 +18,13 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#include "vec8.h"
 
 #if defined(__clang__)
 #define SPREAD(v, i) __builtin_shufflevector(v, v, i, i, i, i, i + 4, i + 4, i + 4, i + 4)
 #else
-#define SPREAD(v, i) __builtin_shuffle(v, (v8i){i, i, i, i, i + 4, i + 4, i + 4, i + 4})
+#define SPREAD(v, i) __builtin_shuffle(v, (vi){i, i, i, i, i + 4, i + 4, i + 4, i + 4})
 #endif
-
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
 /* E (4, D): E[i][g * 4 + o] = W[g][o][i] (transposed = 0) or W[g][i][o] (transposed = 1) */
 static void expand4(int64_t nb, const float *W, int transposed, float *E)
@@ -44,12 +40,12 @@ static void expand4(int64_t nb, const float *W, int transposed, float *E)
 static inline void mix4_row(int64_t D, const float *E, const float *in, float *out)
 {
     for (int64_t c = 0; c < D; c += 8) {
-        const v8 v = load8(in + c);
-        v8 acc = load8(E + c) * SPREAD(v, 0);
-        acc += load8(E + D + c) * SPREAD(v, 1);
-        acc += load8(E + 2 * D + c) * SPREAD(v, 2);
-        acc += load8(E + 3 * D + c) * SPREAD(v, 3);
-        store8(out + c, acc);
+        const vf v = v_load(in + c);
+        vf acc = v_load(E + c) * SPREAD(v, 0);
+        acc += v_load(E + D + c) * SPREAD(v, 1);
+        acc += v_load(E + 2 * D + c) * SPREAD(v, 2);
+        acc += v_load(E + 3 * D + c) * SPREAD(v, 3);
+        v_store(out + c, acc);
     }
 }
 
@@ -88,11 +84,11 @@ void mad_headwise_bwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, const floa
             const float *xt = x + t * D, *dyt = dy + t * D;
             mix4_row(D, E, dyt, dx + t * D);
             for (int64_t c = 0; c < D; c += 8) {
-                const v8 xv = load8(xt + c), d = load8(dyt + c);
-                store8(A + c, load8(A + c) + SPREAD(d, 0) * xv);
-                store8(A + D + c, load8(A + D + c) + SPREAD(d, 1) * xv);
-                store8(A + 2 * D + c, load8(A + 2 * D + c) + SPREAD(d, 2) * xv);
-                store8(A + 3 * D + c, load8(A + 3 * D + c) + SPREAD(d, 3) * xv);
+                const vf xv = v_load(xt + c), d = v_load(dyt + c);
+                v_store(A + c, v_load(A + c) + SPREAD(d, 0) * xv);
+                v_store(A + D + c, v_load(A + D + c) + SPREAD(d, 1) * xv);
+                v_store(A + 2 * D + c, v_load(A + 2 * D + c) + SPREAD(d, 2) * xv);
+                v_store(A + 3 * D + c, v_load(A + 3 * D + c) + SPREAD(d, 3) * xv);
             }
         }
         for (int64_t g = 0; g < nb; g++)

@@ -212,11 +212,6 @@ def native_available() -> bool:
     return _native_scan_library() is not None
 
 
-def _use_native(tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and (
-        native_available())
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -234,12 +229,7 @@ def selective_scan(
     ``chunk`` is the torch scan's inner chunk length (default ceil(sqrt(seq))); any sequence
     length works, multiple of the chunk or not.
     """
-    if impl not in ("auto", "native", "torch"):
-        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
-    if impl == "native" or (impl == "auto" and _use_native((u, delta, A, B, C))):
-        if not native_available():
-            raise RuntimeError(f"the native selective scan is unavailable: "
-                               f"{native.status.get('selective_scan')}")
+    if native.choose(impl, "selective_scan", (u, delta, A, B, C), _native_scan_library):
         y = _NativeSelectiveScan.apply(u, delta, A, B, C)
     else:
         seq = u.shape[1]

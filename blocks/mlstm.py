@@ -758,13 +758,7 @@ class HeadwiseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """(B, S, dim) -> (B, S, dim). ``impl``: "native", "torch" (grouped conv) or "auto"."""
-        if impl not in ("auto", "native", "torch"):
-            raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
-        cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, self.weight))
-        if impl == "native" or (impl == "auto" and cpu32 and _native_headwise_library()):
-            if not (cpu32 and _native_headwise_library()):
-                raise RuntimeError("the native headwise kernel needs float32 CPU tensors and the "
-                                   f"kernel: {native.status.get('headwise', 'not float32 CPU')}")
+        if native.choose(impl, "headwise", (x, self.weight), _native_headwise_library):
             return _NativeHeadwise.apply(x, self.weight)
         kernel = self.weight.reshape(self.dim, self.block, 1, 1)
         y = F.conv2d(_channels_last(x), kernel, groups=self.dim // self.block)

@@ -152,14 +152,7 @@ def causal_depthwise_conv(
     ``impl``: ``"native"`` the C kernel (float32 on the CPU), ``"torch"`` oneDNN's channels-last
     depthwise convolution, ``"auto"`` the C kernel where it is loaded and applies.
     """
-    if impl not in ("auto", "native", "torch"):
-        raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-    if impl == "native" or (impl == "auto" and cpu32 and _native_conv_library()):
-        if not (cpu32 and _native_conv_library()):
-            raise RuntimeError("the native causal convolution needs float32 CPU tensors and the "
-                               f"kernel: {native.status.get('causal_conv', 'not float32 CPU')}")
+    if native.choose(impl, "causal_conv", (x, weight, bias), _native_conv_library):
         return _NativeCausalConv.apply(x, weight, bias)
     K = weight.shape[-1]
     # (B, S, C) seen as a channels-last (B, C, 1, S) image: no copy either way

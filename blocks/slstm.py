@@ -334,11 +334,7 @@ def slstm_scan_time_major(
         return wx_tm.new_zeros(0, *wx_tm.shape[1:3], wx_tm.shape[-1])
     dtype = _compute_dtype(wx_tm)
     args = (wx_tm.to(dtype), R.to(dtype), b.reshape(-1).to(dtype))
-    cpu32 = dtype == torch.float32 and all(t.device.type == "cpu" for t in args)
-    if impl == "native" or (impl == "auto" and cpu32 and _native_library() is not None):
-        if _native_library() is None or not cpu32:
-            raise RuntimeError("the native sLSTM scan needs float32 CPU tensors and the kernel: "
-                               f"{native.status.get('slstm', 'float64 or not on the CPU')}")
+    if native.choose(impl, "slstm", args, _native_library):
         y = _NativeSLSTMScan.apply(*args)
     else:
         y = _SLSTMScan.apply(*args)

@@ -239,3 +239,8 @@ def test_mamba_parameter_count_and_state_size(opts):
 def test_mamba_rejects_bad_options(bad):
     with pytest.raises(blocks.BlockError, match="mamba"):
         blocks.build("mamba", D_MODEL, MAX_LEN, **bad)
+
+
+def test_native_scan_refuses_float64_in_one_line():
+    with pytest.raises(RuntimeError, match="not float32 on the CPU"):
+        selective_scan(*_scan_inputs(1, 3, 2, 2, torch.float64), impl="native")

@@ -25,6 +25,7 @@ How it works:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -81,12 +82,17 @@ def library(name: str, signatures: dict[str, list] | None = None) -> ctypes.CDLL
             why = str(exc)
             print(f"mad-search: native {name} kernel unavailable ({why}); using the torch path",
                   file=sys.stderr)
-    for function, argtypes in (signatures or {}).items() if lib is not None else ():
-        getattr(lib, function).argtypes = argtypes
-        getattr(lib, function).restype = None
+    if lib is not None and signatures:
+        _set_signatures(lib, signatures)
     status[name] = "native" if lib is not None else f"torch: {why}"
     _libraries[name] = lib
     return lib
+
+
+def _set_signatures(lib: ctypes.CDLL, signatures: dict[str, list]) -> None:
+    for function, argtypes in signatures.items():
+        getattr(lib, function).argtypes = argtypes
+        getattr(lib, function).restype = None
 
 
 def compiler() -> str | None:
@@ -94,6 +100,13 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
+@functools.lru_cache(maxsize=4)
+def _compiler_version(cc: str) -> str:
+    """``cc --version`` (once per process: it is part of every kernel's cache key)."""
+    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -112,7 +125,7 @@ def _build(name: str) -> Path:
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = _compiler_version(cc)
     key = hashlib.sha256(
         "\0".join([source, headers, " ".join(FLAGS), version, _cpu_flags()]).encode())
     out = cache_dir() / "native" / f"libmadsearch_{name}_{key.hexdigest()[:16]}.so"

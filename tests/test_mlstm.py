@@ -447,7 +447,10 @@ def test_native_cell_reads_strided_inputs_and_short_segments(monkeypatch):
     import blocks.mlstm as mlstm
 
     B, NH, S, DH = 3, 4, 23, 8
+    # q, k > 0: no cancellation in the normaliser q . n, so float32 against float64 is a fair
+    # comparison (as in the gradient test above)
     wide = torch.randn(B, S, 3 * NH * DH + 5)
+    wide[..., :2 * NH * DH] = wide[..., :2 * NH * DH].abs()
     q, k, v = (wide[..., i * NH * DH:(i + 1) * NH * DH].view(B, S, NH, DH).transpose(1, 2)
                for i in range(3))
     gates = torch.randn(B, 2 * NH, S) + torch.tensor([0.0] * NH + [3.0] * NH)[:, None]
@@ -465,8 +468,9 @@ def test_native_cell_reads_strided_inputs_and_short_segments(monkeypatch):
     assert h.shape == (B, NH, S, DH)
     torch.testing.assert_close(h.double(), ref.detach(), rtol=1e-4, atol=1e-5)
     grads = torch.autograd.grad(h, args, dh)
-    for g, g_ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
+    for name, g, g_ref in zip(("q", "k", "v", "i", "f"), grads, ref_grads):
+        err = ((g.double() - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-6)).item()
+        assert err < 1e-4, f"grad of {name}: relative error {err:.2e}"
 
 
 @needs_native

@@ -209,25 +209,12 @@ INLINE void backward_lanes(int64_t D, int64_t p0, int64_t p1, int64_t S, int64_t
     }
 }
 
-/* The head size as a constant where it is a common one, so the loops over it unroll into
- * whole vectors. */
-#define BY_HEAD_SIZE(call, D_)                                                                 \
-    switch (D_) {                                                                              \
-    case 8: call(8); break;                                                                    \
-    case 16: call(16); break;                                                                  \
-    case 24: call(24); break;                                                                  \
-    case 32: call(32); break;                                                                  \
-    case 48: call(48); break;                                                                  \
-    case 64: call(64); break;                                                                  \
-    default: call(D_); break;                                                                  \
-    }
-
 void mad_attention_fwd(int64_t p0, int64_t p1, int64_t S, int64_t H, int64_t KVH, int64_t D,
                        int64_t W, float scale, const float *q, int64_t ldq, const float *k,
                        int64_t ldk, const float *v, int64_t ldv, float *y, float *lse, float *ws)
 {
 #define FWD(DD) forward_lanes(DD, p0, p1, S, H, KVH, W, scale, q, ldq, k, ldk, v, ldv, y, lse, ws)
-    BY_HEAD_SIZE(FWD, D)
+    V8_BY_HEAD_SIZE(FWD, D)
 #undef FWD
 }
 
@@ -240,7 +227,7 @@ void mad_attention_bwd(int64_t p0, int64_t p1, int64_t S, int64_t H, int64_t KVH
 #define BWD(DD)                                                                                \
     backward_lanes(DD, p0, p1, S, H, KVH, W, scale, q, ldq, k, ldk, v, ldv, y, lse, dy, dq,    \
                    dk, dv, ws)
-    BY_HEAD_SIZE(BWD, D)
+    V8_BY_HEAD_SIZE(BWD, D)
 #undef BWD
 }
 

@@ -74,22 +74,11 @@ INLINE void backward(int64_t b0, int64_t b1, int64_t B, int64_t S, int64_t NH, i
             }
 }
 
-/* The head size as a constant where it is a common one, so the loops over it unroll into
- * whole vectors. */
-#define BY_HEAD_SIZE(call, D_)                                                                 \
-    switch (D_) {                                                                              \
-    case 8: call(8); break;                                                                    \
-    case 16: call(16); break;                                                                  \
-    case 24: call(24); break;                                                                  \
-    case 32: call(32); break;                                                                  \
-    default: call(D_); break;                                                                  \
-    }
-
 void mad_slstm_proj_fwd(int64_t b0, int64_t b1, int64_t B, int64_t S, int64_t NH, int64_t DH,
                         const float *xc, const float *x, const float *WT, float *wx)
 {
 #define FWD(DD) forward(b0, b1, B, S, NH, DD, xc, x, WT, wx)
-    BY_HEAD_SIZE(FWD, DH)
+    V8_BY_HEAD_SIZE(FWD, DH)
 #undef FWD
 }
 
@@ -98,6 +87,6 @@ void mad_slstm_proj_bwd(int64_t b0, int64_t b1, int64_t B, int64_t S, int64_t NH
                         float *dxc, float *dx, float *dW)
 {
 #define BWD(DD) backward(b0, b1, B, S, NH, DD, xc, x, W, dwx, dxc, dx, dW)
-    BY_HEAD_SIZE(BWD, DH)
+    V8_BY_HEAD_SIZE(BWD, DH)
 #undef BWD
 }

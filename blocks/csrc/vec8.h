@@ -12,6 +12,19 @@ typedef float vf_unaligned __attribute__((vector_size(32), aligned(4)));
 
 #define V8_INLINE static inline __attribute__((always_inline))
 
+/* Calls call(D) with D a compile-time constant where it is a common head size (8, 16, 24, 32,
+ * 48, 64), so that always-inline loops over it unroll into whole vectors; else with D_ itself. */
+#define V8_BY_HEAD_SIZE(call, D_)                                                              \
+    switch (D_) {                                                                              \
+    case 8: call(8); break;                                                                    \
+    case 16: call(16); break;                                                                  \
+    case 24: call(24); break;                                                                  \
+    case 32: call(32); break;                                                                  \
+    case 48: call(48); break;                                                                  \
+    case 64: call(64); break;                                                                  \
+    default: call(D_); break;                                                                  \
+    }
+
 V8_INLINE vf v_load(const float *p) { return *(const vf_unaligned *)p; }
 V8_INLINE void v_store(float *p, vf x) { *(vf_unaligned *)p = x; }
 V8_INLINE vf v_splat(float x) { return (vf){x, x, x, x, x, x, x, x}; }

@@ -221,7 +221,8 @@ class Coordinator:
         if trials is None:
             if now - self.last_beat < self.source.study.heartbeat["interval"]:
                 return
-            trials, self.last_beat = list(self.running.values()), now
+            trials = list(self.running.values()) + [t for t, _ in self.deferred]
+            self.last_beat = now
         storage = self.source.storage.open()
         for trial in trials:
             if not self._call(storage.record_heartbeat, trial._trial_id)[0]:
@@ -333,6 +334,9 @@ class Coordinator:
         asked, trial = self._call(study.ask)
         if not asked:
             return False
+        # its first heartbeat at once: a trial left RUNNING with none is never found stale, so
+        # a coordinator killed between the ask and the launch would leave it RUNNING for good
+        self._heartbeat([trial])
         self.started += 1
         log = self.logs[trial.number] = TrialLog(trial)
         try:
@@ -365,7 +369,7 @@ class Coordinator:
         )
         self.pool.submit(slot, job)  # first, so the worker starts while we write
         self.running[trial.number] = trial
-        self._heartbeat([trial])  # its first heartbeat: stale if this process dies
+        self._heartbeat([trial])  # beating from its launch (a deferred trial waited a while)
         plan = plans[0]
         log.set_attrs(
             {

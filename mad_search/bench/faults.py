@@ -11,7 +11,8 @@ user would), and then reads the study:
 - ``coordinator_sigkill``: the coordinator and its workers killed with SIGKILL (a lost machine),
   then the command rerun (SQLite): the next coordinator fails the stale trials and retries them.
 - ``two_machines``: two coordinators on one PostgreSQL study; one killed with SIGKILL; the other
-  fails its stale trials while it runs and picks up their retries.
+  fails its stale trials while it runs and picks up their retries (trials 5x ``max_steps`` long,
+  so that the first machine is still busy when the second has started).
 - ``postgres_restart``: PostgreSQL stopped for ``outage_s`` seconds mid-study, then started.
 - ``nan_trial``: a layer sequence whose loss goes NaN (a plug-in block).
 - ``storage_unreachable``: a PostgreSQL URL nobody answers, at start.
@@ -76,6 +77,7 @@ SIZES = [
     "search.params={}",
 ]
 ROOT = Path(__file__).resolve().parents[2]
+TWO_MACHINES_STEPS = 5  # see two_machines
 
 
 class _Scene:
@@ -96,11 +98,11 @@ class _Scene:
             f"study.heartbeat.grace_period={grace}",
         ]
 
-    def start(self, storage: str, *args: str, run: str = "run"):
+    def start(self, storage: str, *args: str, run: str = "run", steps: int | None = None):
         return subprocess.Popen(
             [sys.executable, "-m", "mad_search", "+sweep=layer_patterns", *SIZES,
              f"study.n_trials={self.opts['n_trials']}",
-             f"train.max_steps={self.opts['max_steps']}", *self.beat,
+             f"train.max_steps={steps or self.opts['max_steps']}", *self.beat,
              f"study.storage={storage}", f"hydra.run.dir={self.root / run}", *args],
             cwd=self.root, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True,
@@ -241,9 +243,13 @@ def two_machines(scene: _Scene, opts: dict) -> dict:
 
     with PrivatePostgres() as pg:
         storage = pg.create_database("study")
-        a = scene.start(storage, run="machine_a")
+        # trials TWO_MACHINES_STEPS times as long: machine A must still be busy when B has
+        # started (B's start-up is seconds; with the native kernels a 150-step trial at these
+        # sizes is one second or less, and A finished the study before B ran a trial)
+        steps = TWO_MACHINES_STEPS * opts["max_steps"]
+        a = scene.start(storage, run="machine_a", steps=steps)
         wait_running(storage, [a], at_least=1)  # A creates the study first
-        b = scene.start(storage, run="run")
+        b = scene.start(storage, run="run", steps=steps)
         wait_running(storage, [a, b], at_least=4)
         kill_machine(a)
         before = _snapshot(storage)

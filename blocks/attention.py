@@ -164,12 +164,10 @@ def causal_attention(
     S, H, KVH = q.shape[1], q.shape[2], k.shape[2]
     window = None if window is None or window >= S else int(window)
     D = q.shape[-1]
-    if D % 8 or D > NATIVE_MAX_HEAD:  # the kernel's vectors: whole 8-float parts of a head
-        if impl == "native":
-            raise RuntimeError(f"the native attention kernel takes head sizes that are multiples "
-                               f"of 8 up to {NATIVE_MAX_HEAD}, got {D}")
-        impl = "torch" if impl == "auto" else impl
-    if native.choose(impl, "attention", (q, k, v), _native_attention_library):
+    unsupported = (None if D % 8 == 0 and D <= NATIVE_MAX_HEAD  # whole 8-float vectors
+                   else f"the native attention kernel takes head sizes that are multiples of 8 "
+                        f"up to {NATIVE_MAX_HEAD}, got {D}")
+    if native.choose(impl, "attention", (q, k, v), _native_attention_library, unsupported):
         return _NativeAttention.apply(q, k, v, window or 0)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = KVH != H

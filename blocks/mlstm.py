@@ -677,12 +677,11 @@ def mlstm_gates(
     ``GATES_MAX``), ``"torch"`` a product with the concatenation, ``"auto"`` the C kernel where
     it is loaded and applies.
     """
-    if q.shape[-1] % 8 or weight.shape[0] > GATES_MAX:
-        if impl == "native":
-            raise RuntimeError(f"the native gates kernel takes I a multiple of 8 and at most "
-                               f"{GATES_MAX} gates, got I {q.shape[-1]}, {weight.shape[0]}")
-        impl = "torch" if impl == "auto" else impl
-    if native.choose(impl, "mlstm_gates", (q, k, v, weight, bias), _native_gates_library):
+    unsupported = (None if q.shape[-1] % 8 == 0 and weight.shape[0] <= GATES_MAX
+                   else f"the native gates kernel takes I a multiple of 8 and at most "
+                        f"{GATES_MAX} gates, got I {q.shape[-1]}, {weight.shape[0]}")
+    if native.choose(impl, "mlstm_gates", (q, k, v, weight, bias), _native_gates_library,
+                     unsupported):
         return _NativeGates.apply(q, k, v, weight, bias)
     return F.linear(torch.cat([q, k, v], dim=-1), weight, bias)
 

@@ -145,13 +145,20 @@ def _build(name: str) -> Path:
     return out
 
 
-def choose(impl: str, name: str, tensors, loader: Callable[[], object]) -> bool:
+def choose(impl: str, name: str, tensors, loader: Callable[[], object],
+           unsupported: str | None = None) -> bool:
     """Whether a kernel's ``impl`` argument ("auto", "native" or "torch") picks the C kernel
     ``name`` for ``tensors``: "auto" takes it wherever every tensor is float32 on the CPU and
-    ``loader()`` returns the library; "native" insists (RuntimeError saying why not)."""
+    ``loader()`` returns the library; "native" insists (RuntimeError saying why not).
+    ``unsupported``: why the kernel cannot take these shapes (None: it can); "auto" then takes
+    the torch path and "native" raises it."""
     if impl not in ("auto", "native", "torch"):
         raise ValueError(f"impl must be 'auto', 'native' or 'torch', got {impl!r}")
     if impl == "torch":
+        return False
+    if unsupported is not None:
+        if impl == "native":
+            raise RuntimeError(unsupported)
         return False
     cpu32 = all(t.device.type == "cpu" and t.dtype == torch.float32
                 for t in tensors if t is not None)

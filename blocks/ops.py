@@ -131,12 +131,10 @@ def glu(gate_up: torch.Tensor, activation: str = "silu", impl: str = "auto") -> 
     if activation not in GLU_ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(GLU_ACTIVATIONS)}, "
                          f"got {activation!r}")
-    if gate_up.shape[-1] % 16:
-        if impl == "native":
-            raise RuntimeError(f"the native GLU kernel takes halves that are multiples of 8, "
-                               f"got {gate_up.shape[-1]} channels")
-        impl = "torch" if impl == "auto" else impl
-    if native.choose(impl, "glu", (gate_up,), _native_glu_library):
+    unsupported = (None if gate_up.shape[-1] % 16 == 0
+                   else f"the native GLU kernel takes halves that are multiples of 8, "
+                        f"got {gate_up.shape[-1]} channels")
+    if native.choose(impl, "glu", (gate_up,), _native_glu_library, unsupported):
         return _NativeGLU.apply(gate_up, GLU_ACTIVATIONS.index(activation))
     gate, up = gate_up.chunk(2, dim=-1)
     return (F.silu(gate) if activation == "silu" else F.gelu(gate)) * up

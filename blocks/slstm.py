@@ -399,12 +399,11 @@ def slstm_projections(
     """
     B, S, _ = x.shape
     NH, DH = w_i.shape[0], w_i.shape[1]
-    if DH % 8 or DH > 64:
-        if impl == "native":
-            raise RuntimeError(f"the native sLSTM projections take heads that are multiples of 8 "
-                               f"up to 64, got {DH}")
-        impl = "torch" if impl == "auto" else impl
-    if native.choose(impl, "slstm_proj", (x_c, x, w_i, w_f, w_z, w_o), _native_proj_library):
+    unsupported = (None if DH % 8 == 0 and DH <= 64
+                   else f"the native sLSTM projections take heads that are multiples of 8 up to "
+                        f"64, got {DH}")
+    if native.choose(impl, "slstm_proj", (x_c, x, w_i, w_f, w_z, w_o), _native_proj_library,
+                     unsupported):
         return _NativeProjections.apply(x_c, x, w_i, w_f, w_z, w_o)
 
     def headwise(u, w_a, w_b):  # (S, NH, B, 2 DH)

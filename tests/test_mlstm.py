@@ -474,6 +474,26 @@ def test_native_cell_reads_strided_inputs_and_short_segments(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("DH", [8, 12, 16, 24])
+def test_native_lanes_cell_at_square_heads_with_partial_groups(DH):
+    # DQK = DV: the eight-lane kernel's compile-time head sizes (8, 16, 24) and a run-time one
+    # (12: one transposed block of eight per row plus four single floats); 11 lanes, so the
+    # second group is partial (scalar scatter)
+    args64 = [t.requires_grad_() for t in cell_inputs("moderate", 21, B=1, NH=11, DQK=DH, DV=DH,
+                                                       positive_qk=True)]
+    dh = torch.randn(1, 11, 21, DH, dtype=torch.float64)
+    ref = mlstm_recurrent(*args64)
+    grads_ref = torch.autograd.grad(ref, args64, dh)
+    args32 = [t.detach().float().requires_grad_() for t in args64]
+    h = mlstm_native(*args32, kernel="lanes")
+    torch.testing.assert_close(h.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(h, args32, dh.float())
+    for name, g, g_ref in zip(("q", "k", "v", "i", "f"), grads, grads_ref):
+        err = ((g.double() - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-6)).item()
+        assert err < 1e-4, f"grad of {name}: relative error {err:.2e}"
+
+
+@needs_native
 def test_native_cell_refuses_what_it_cannot_run():
     args = cell_inputs("moderate", 5, dtype=torch.float32)
     with pytest.raises(ValueError, match="kernel must be"):

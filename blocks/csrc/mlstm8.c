@@ -33,32 +33,53 @@
 #define DMAX 64  /* the largest head size (the caller takes mlstm.c beyond) */
 
 /* dst[(t D + r) 8 + l] = x[b, h, t, r] of lane p0 + l (strides s: b, h, t); lanes past P read
- * lane p0's values (computed on, never written back). Eight loads per vector store: a gather. */
+ * lane p0's values (computed on, never written back). Eight floats of each lane's row at a time,
+ * turned lanes-innermost by an in-register transpose; the rows' last D % 8 floats one by one. */
 static void gather(int64_t P, int64_t NH, int64_t S, int64_t D, int64_t p0, const float *x,
                    const int64_t *s, float *restrict dst)
 {
-    int64_t off[8];
+    const float *lane[8];
     for (int l = 0; l < 8; l++) {
         const int64_t p = p0 + l < P ? p0 + l : p0;
-        off[l] = (p / NH) * s[0] + (p % NH) * s[1];
+        lane[l] = x + (p / NH) * s[0] + (p % NH) * s[1];
     }
-    for (int64_t t = 0; t < S; t++)
-        for (int64_t r = 0; r < D; r++) {
-            const float *xt = x + t * s[2] + r;
-            float *restrict d = dst + (t * D + r) * 8;
-            for (int l = 0; l < 8; l++) d[l] = xt[off[l]];
+    const int64_t D8 = D - D % 8;
+    for (int64_t t = 0; t < S; t++) {
+        const int64_t at = t * s[2];
+        for (int64_t r = 0; r < D8; r += 8) {
+            vf rows[8];
+            for (int l = 0; l < 8; l++) rows[l] = v_load(lane[l] + at + r);
+            v_transpose8(rows);
+            for (int j = 0; j < 8; j++) v_store(dst + (t * D + r + j) * 8, rows[j]);
         }
+        for (int64_t r = D8; r < D; r++) {
+            float *restrict d = dst + (t * D + r) * 8;
+            for (int l = 0; l < 8; l++) d[l] = lane[l][at + r];
+        }
+    }
 }
 
-/* the inverse of gather, for the lanes below P */
+/* the inverse of gather, for the lanes below P (a whole group by transposes, as gather) */
 static void scatter(int64_t P, int64_t NH, int64_t S, int64_t D, int64_t p0,
                     const float *restrict src, float *x, const int64_t *s)
 {
-    for (int l = 0; l < 8 && p0 + l < P; l++) {
+    const int lanes = P - p0 < 8 ? (int)(P - p0) : 8;
+    float *lane[8];
+    for (int l = 0; l < lanes; l++) {
         const int64_t p = p0 + l;
-        float *xl = x + (p / NH) * s[0] + (p % NH) * s[1];
-        for (int64_t t = 0; t < S; t++)
-            for (int64_t r = 0; r < D; r++) xl[t * s[2] + r] = src[(t * D + r) * 8 + l];
+        lane[l] = x + (p / NH) * s[0] + (p % NH) * s[1];
+    }
+    const int64_t D8 = lanes == 8 ? D - D % 8 : 0;
+    for (int64_t t = 0; t < S; t++) {
+        const int64_t at = t * s[2];
+        for (int64_t r = 0; r < D8; r += 8) {
+            vf cols[8];
+            for (int j = 0; j < 8; j++) cols[j] = v_load(src + (t * D + r + j) * 8);
+            v_transpose8(cols);
+            for (int l = 0; l < 8; l++) v_store(lane[l] + at + r, cols[l]);
+        }
+        for (int64_t r = D8; r < D; r++)
+            for (int l = 0; l < lanes; l++) lane[l][at + r] = src[(t * D + r) * 8 + l];
     }
 }
 
@@ -91,10 +112,10 @@ INLINE vf inverse_normaliser(vf qn, vf m, float eps, vf *d_qn, vf *d_m)
 
 /* Sizes in floats, per group of eight lanes: saved S (DV + 2) 8; ckpt ceil(S / T) (QV + DQK) 8.
  * Workspace per call: forward S (2 DQK + 2 DV + 2) 8 + (QV + DQK) 8. */
-void mad_mlstm8_fwd(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, int64_t DQK,
-                    int64_t DV, int64_t T, float eps, const int64_t *st, const float *q,
-                    const float *k, const float *v, const float *ip, const float *fp, float *h,
-                    float *saved, float *ckpt, float *ws)
+INLINE void fwd_groups(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, int64_t DQK,
+                       int64_t DV, int64_t T, float eps, const int64_t *st, const float *q,
+                       const float *k, const float *v, const float *ip, const float *fp,
+                       float *h, float *saved, float *ckpt, float *ws)
 {
     const int64_t QV = DQK * DV, nseg = (S + T - 1) / T;
     const float scale = 1.0f / sqrtf((float)DQK);
@@ -148,13 +169,27 @@ void mad_mlstm8_fwd(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, in
     }
 }
 
+void mad_mlstm8_fwd(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, int64_t DQK,
+                    int64_t DV, int64_t T, float eps, const int64_t *st, const float *q,
+                    const float *k, const float *v, const float *ip, const float *fp, float *h,
+                    float *saved, float *ckpt, float *ws)
+{
+#define FWD(D) fwd_groups(g0, g1, P, NH, S, D, D, T, eps, st, q, k, v, ip, fp, h, saved, ckpt, ws)
+    if (DQK == DV) {
+        V8_BY_HEAD_SIZE(FWD, DQK)
+    } else {
+        fwd_groups(g0, g1, P, NH, S, DQK, DV, T, eps, st, q, k, v, ip, fp, h, saved, ckpt, ws);
+    }
+#undef FWD
+}
+
 /* Workspace per call: S (4 DQK + 3 DV + 4) 8 + (T + 2) (QV + DQK) 8 floats. Strides st: q, k,
  * v, i~, f~, dh, dq, dk, dv, di, df. */
-void mad_mlstm8_bwd(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, int64_t DQK,
-                    int64_t DV, int64_t T, float eps, const int64_t *st, const float *q,
-                    const float *k, const float *v, const float *ip, const float *fp,
-                    const float *dh, const float *saved, const float *ckpt, float *dq,
-                    float *dk, float *dv, float *di, float *df, float *ws)
+INLINE void bwd_groups(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, int64_t DQK,
+                       int64_t DV, int64_t T, float eps, const int64_t *st, const float *q,
+                       const float *k, const float *v, const float *ip, const float *fp,
+                       const float *dh, const float *saved, const float *ckpt, float *dq,
+                       float *dk, float *dv, float *di, float *df, float *ws)
 {
     const int64_t QV = DQK * DV, nseg = (S + T - 1) / T;
     const float scale = 1.0f / sqrtf((float)DQK);
@@ -254,4 +289,21 @@ void mad_mlstm8_bwd(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, in
         scatter(P, NH, S, 1, p0, diT, di, st + 27);
         scatter(P, NH, S, 1, p0, dfT, df, st + 30);
     }
+}
+
+void mad_mlstm8_bwd(int64_t g0, int64_t g1, int64_t P, int64_t NH, int64_t S, int64_t DQK,
+                    int64_t DV, int64_t T, float eps, const int64_t *st, const float *q,
+                    const float *k, const float *v, const float *ip, const float *fp,
+                    const float *dh, const float *saved, const float *ckpt, float *dq,
+                    float *dk, float *dv, float *di, float *df, float *ws)
+{
+#define BWD(D) bwd_groups(g0, g1, P, NH, S, D, D, T, eps, st, q, k, v, ip, fp, dh, saved, ckpt, \
+                          dq, dk, dv, di, df, ws)
+    if (DQK == DV) {
+        V8_BY_HEAD_SIZE(BWD, DQK)
+    } else {
+        bwd_groups(g0, g1, P, NH, S, DQK, DV, T, eps, st, q, k, v, ip, fp, dh, saved, ckpt, dq,
+                   dk, dv, di, df, ws);
+    }
+#undef BWD
 }

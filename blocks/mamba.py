@@ -314,7 +314,8 @@ class MambaBlock(Block):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs = F.silu(causal_depthwise_conv(xs, self.conv1d.weight, self.conv1d.bias))
+        xs = causal_depthwise_conv(xs, self.conv1d.weight, self.conv1d.bias,
+                                   activation="silu")
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log)

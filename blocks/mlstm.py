@@ -905,7 +905,8 @@ class MLSTMBlock(Block):
         # two products instead of one and a split: x_m and z come out contiguous
         x_m = F.linear(x, self.proj_up.weight[:inner])
         z = F.linear(x, self.proj_up.weight[inner:])
-        x_c = F.silu(causal_depthwise_conv(x_m, self.conv1d.weight, self.conv1d.bias))
+        x_c = causal_depthwise_conv(x_m, self.conv1d.weight, self.conv1d.bias,
+                                    activation="silu")
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
 
         # (B, S, 2 NH); the cells take (B, NH, S) views of it (the native ones read it in place)

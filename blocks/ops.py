@@ -37,15 +37,19 @@ DECAY_FACTOR_LIMIT = 40.0
 
 def _native_conv_library():
     I64, PTR = native.I64, native.PTR
-    return native.library("causal_conv", {"mad_causal_conv_fwd": [I64] * 5 + [PTR] * 4,
-                                          "mad_causal_conv_bwd": [I64] * 5 + [PTR] * 6})
+    return native.library("causal_conv", {"mad_causal_conv_fwd": [I64] * 6 + [PTR] * 5,
+                                          "mad_causal_conv_bwd": [I64] * 6 + [PTR] * 9})
+
+
+CONV_ACTIVATIONS = (None, "silu")
 
 
 class _NativeCausalConv(torch.autograd.Function):
-    """:func:`causal_depthwise_conv` by the C kernel ``blocks/csrc/causal_conv.c``."""
+    """:func:`causal_depthwise_conv` by the C kernel ``blocks/csrc/causal_conv.c`` (``act``: 0
+    none, 1 SiLU, fused; the forward then keeps sigmoid of the convolution for the backward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, act):
         lib = _native_conv_library()
         B, S, C = x.shape
         K = weight.shape[-1]
@@ -53,31 +57,36 @@ class _NativeCausalConv(torch.autograd.Function):
         w = weight.reshape(C, K).t().contiguous()  # (K, C)
         b = None if bias is None else bias.contiguous()
         y = torch.empty_like(x)
+        sig = torch.empty_like(x) if act and any(ctx.needs_input_grad[:3]) else None
         p = native.pointer
         native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_fwd(
-            b0, b1, S, C, K, p(x), p(w), None if b is None else p(b), p(y)))
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = bias is not None
+            b0, b1, S, C, K, act, p(x), p(w), None if b is None else p(b), p(y),
+            None if sig is None else p(sig)))
+        ctx.save_for_backward(x, w, b, sig)
+        ctx.act = act
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         lib = _native_conv_library()
-        x, w = ctx.saved_tensors
+        x, w, b, sig = ctx.saved_tensors
         B, S, C = x.shape
         K = w.shape[0]
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         slots = native.slots(B)
         dw = x.new_zeros(slots, K, C)
-        db = x.new_zeros(slots, C) if ctx.has_bias else None
+        db = None if b is None else x.new_zeros(slots, C)
+        ws = x.new_empty(slots, S * 8)
         p = native.pointer
         native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_bwd(
-            b0, b1, S, C, K, p(x), p(w), p(dy), p(dx), p(dw[slot]),
-            None if db is None else p(db[slot])))
-        d_weight = dw.sum(0).t().reshape(C, 1, K)
-        return dx, d_weight, (None if db is None else db.sum(0))
+            b0, b1, S, C, K, ctx.act, p(x), None if sig is None else p(sig), p(w),
+            None if b is None else p(b), p(dy), p(dx), p(dw[slot]),
+            None if db is None else p(db[slot]), p(ws[slot])))
+        d_weight = (dw[0] if slots == 1 else dw.sum(0)).t().reshape(C, 1, K)
+        d_bias = None if db is None else (db[0] if slots == 1 else db.sum(0))
+        return dx, d_weight, d_bias, None
 
 
 def _native_glu_library():
@@ -141,22 +150,30 @@ def glu(gate_up: torch.Tensor, activation: str = "silu", impl: str = "auto") -> 
 
 
 def causal_depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    impl: str = "auto",
+    activation: str | None = None,
 ) -> torch.Tensor:
     """Causal depthwise convolution along the sequence, ``(B, S, C) -> (B, S, C)``.
 
     ``weight`` is ``nn.Conv1d``'s ``(C, 1, K)``: ``y_t = bias + sum_k weight[:, 0, k] x_{t-K+1+k}``
     (zeros before the start), so ``weight[..., K - 1]`` multiplies the current position.
+    ``activation``: None, or "silu" for ``SiLU(y)`` (fused into the C kernel: one pass each way).
     ``impl``: ``"native"`` the C kernel (float32 on the CPU), ``"torch"`` oneDNN's channels-last
     depthwise convolution, ``"auto"`` the C kernel where it is loaded and applies.
     """
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if native.choose(impl, "causal_conv", (x, weight, bias), _native_conv_library):
-        return _NativeCausalConv.apply(x, weight, bias)
+        return _NativeCausalConv.apply(x, weight, bias, CONV_ACTIVATIONS.index(activation))
     K = weight.shape[-1]
     # (B, S, C) seen as a channels-last (B, C, 1, S) image: no copy either way
     image = F.pad(x, (0, 0, K - 1, 0)).transpose(1, 2).unsqueeze(2)
     y = F.conv2d(image, weight.unsqueeze(2), bias, groups=weight.shape[0])
-    return y.squeeze(2).transpose(1, 2)
+    y = y.squeeze(2).transpose(1, 2)
+    return F.silu(y) if activation == "silu" else y
 
 
 def decayed_scores(

@@ -509,7 +509,8 @@ class SLSTMBlock(Block):
         """The sLSTM layer on the normalised input ``x: (B, S, d_model)``."""
         B, S, D = x.shape
         if self.conv_kernel > 0:
-            x_c = F.silu(causal_depthwise_conv(x, self.conv.weight, self.conv.bias))
+            x_c = causal_depthwise_conv(x, self.conv.weight, self.conv.bias,
+                                        activation="silu")
         else:
             x_c = x
         wx_tm = slstm_projections(x_c, x, self.w_i, self.w_f, self.w_z, self.w_o)

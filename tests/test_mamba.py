@@ -163,21 +163,26 @@ def test_native_off_switch_and_failed_build_fall_back_to_torch(tmp_path):
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("channels,kernel,seq,bias", [
-    (5, 4, 11, True), (64, 4, 47, True), (16, 4, 2, False), (24, 2, 9, True), (8, 1, 5, False)])
-def test_causal_depthwise_conv_matches_nn_conv1d(impl, channels, kernel, seq, bias):
-    # outputs and every gradient against nn.Conv1d in float64 (sequences shorter than the kernel
-    # included)
+    (5, 4, 11, True), (64, 4, 47, True), (16, 4, 2, False), (24, 2, 9, True), (8, 1, 5, False),
+    (12, 3, 10, True), (8, 20, 23, True)])
+def test_causal_depthwise_conv_matches_nn_conv1d(impl, activation, channels, kernel, seq, bias):
+    # outputs and every gradient against nn.Conv1d (then F.silu) in float64: sequences shorter
+    # than the kernel, channels past a multiple of eight (12) and a kernel longer than the C
+    # kernel keeps in registers (20) included
     conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1,
                            bias=bias)
     x = torch.randn(3, seq, channels, requires_grad=True)
     dy = torch.randn(3, seq, channels)
     params = [conv.weight] + ([conv.bias] if bias else [])
-    y = causal_depthwise_conv(x, conv.weight, conv.bias, impl=impl)
+    y = causal_depthwise_conv(x, conv.weight, conv.bias, impl=impl, activation=activation)
     grads = torch.autograd.grad(y, [x, *params], dy)
     conv64 = conv.double()
     x64 = x.detach().double().requires_grad_()
     expected = conv64(x64.transpose(1, 2))[..., :seq].transpose(1, 2)
+    if activation == "silu":
+        expected = torch.nn.functional.silu(expected)
     grads_ref = torch.autograd.grad(expected, [x64, *params], dy.double())
     torch.testing.assert_close(y, expected.float(), rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_ref):
@@ -244,3 +249,9 @@ def test_mamba_rejects_bad_options(bad):
 def test_native_scan_refuses_float64_in_one_line():
     with pytest.raises(RuntimeError, match="not float32 on the CPU"):
         selective_scan(*_scan_inputs(1, 3, 2, 2, torch.float64), impl="native")
+
+
+def test_causal_depthwise_conv_refuses_an_unknown_activation():
+    x, w = torch.randn(1, 3, 8), torch.randn(8, 1, 4)
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        causal_depthwise_conv(x, w, activation="relu")

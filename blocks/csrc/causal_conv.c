@@ -1,57 +1,169 @@
 /* mad-search: the short causal depthwise convolution (mLSTM, sLSTM, Mamba, gated short conv),
- * forward and backward, float32.
+ * forward and backward, float32, optionally followed by SiLU.
  *
- *     y[b, t, c] = bias[c] + sum_k w[k, c] x[b, t - K + 1 + k, c]     (zeros before t = 0)
+ *     z[b, t, c] = bias[c] + sum_k w[k, c] x[b, t - K + 1 + k, c]     (zeros before t = 0)
+ *     y = z (act 0)  or  y = SiLU(z) = z sigmoid(z) (act 1)
  *
  * x, y, dx, dy (B, S, C) contiguous; w, dw (K, C) (nn.Conv1d's (C, 1, K) transposed); bias, db
- * (C). A handful of multiply-adds per element, vectorised over the channels; torch's
- * convolutions (oneDNN's depthwise kernel included) spend most of their time elsewhere, their
- * backward above all. Each call handles batch elements [b0, b1); dw and db accumulate.
+ * (C). A handful of multiply-adds per element; torch's convolutions (oneDNN's depthwise kernel
+ * included) spend most of their time elsewhere, their backward above all, and a separate SiLU
+ * is one more pass over memory each way.
+ *
+ * Eight channels at a time (vec8.h) along the whole sequence of one batch element: the K
+ * weights, the bias and, in the backward, the K weight gradients and the bias gradient stay in
+ * registers, and the rows read are the last K (in L1). With SiLU the forward also writes
+ * s = sigmoid(z) (`sig`, the layout of y; NULL: not kept), and the backward recomputes z (K
+ * multiply-adds) for SiLU's derivative, SiLU'(z) = s (1 + z (1 - s)), keeping dz of the eight
+ * channels for the whole sequence in `ws` (S x 8 floats) before the convolution's adjoint.
+ * Channels past the last multiple of eight take the same steps one float at a time.
+ * Each call handles batch elements [b0, b1); dw and db accumulate into the caller's buffers.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-void mad_causal_conv_fwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K,
-                         const float *x, const float *w, const float *bias, float *y)
+#include "vec8.h"
+
+#define KMAX 16 /* kernels up to this length keep their weights in registers */
+
+
+static inline float sigmoid_s(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* z of channels [c0, c0 + 8) at step t of one sequence (row stride C) */
+V8_INLINE vf conv_at(const float *xb, int64_t C, int64_t K, int64_t t, int64_t c0,
+                     const vf *wv, vf bv)
 {
-    for (int64_t b = b0; b < b1; b++)
+    vf acc = bv;
+    for (int64_t k = t - K + 1 < 0 ? K - 1 - t : 0; k < K; k++)
+        acc += wv[k] * v_load(xb + (t - K + 1 + k) * C + c0);
+    return acc;
+}
+
+static float conv_at_s(const float *xb, int64_t C, int64_t K, int64_t t, int64_t c,
+                       const float *w, float bias)
+{
+    float acc = bias;
+    for (int64_t k = t - K + 1 < 0 ? K - 1 - t : 0; k < K; k++)
+        acc += w[k * C + c] * xb[(t - K + 1 + k) * C + c];
+    return acc;
+}
+
+V8_INLINE void fwd_seq(const float *xb, float *yb, float *sb, int64_t S, int64_t C, int64_t K,
+                       int64_t act, const float *w, const float *bias)
+{
+    const int64_t C8 = K <= KMAX ? C - C % 8 : 0;
+    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+        vf wv[KMAX];
+        for (int64_t k = 0; k < K; k++) wv[k] = v_load(w + k * C + c0);
+        const vf bv = bias ? v_load(bias + c0) : v_zero();
         for (int64_t t = 0; t < S; t++) {
-            float *restrict yt = y + (b * S + t) * C;
-            if (bias) memcpy(yt, bias, sizeof(float) * C);
-            else memset(yt, 0, sizeof(float) * C);
-            for (int64_t k = 0; k < K; k++) {
-                const int64_t s = t - K + 1 + k;
-                if (s < 0) continue;
-                const float *restrict xs = x + (b * S + s) * C, *restrict wk = w + k * C;
-                for (int64_t c = 0; c < C; c++) yt[c] += wk[c] * xs[c];
+            const vf z = conv_at(xb, C, K, t, c0, wv, bv);
+            if (act) {
+                const vf sg = v_sigmoid(z);
+                v_store(yb + t * C + c0, z * sg);
+                if (sb) v_store(sb + t * C + c0, sg);
+            } else {
+                v_store(yb + t * C + c0, z);
             }
+        }
+    }
+    for (int64_t c = C8; c < C; c++)
+        for (int64_t t = 0; t < S; t++) {
+            const float z = conv_at_s(xb, C, K, t, c, w, bias ? bias[c] : 0.0f);
+            const float sg = act ? sigmoid_s(z) : 1.0f;
+            yb[t * C + c] = z * sg;
+            if (act && sb) sb[t * C + c] = sg;
         }
 }
 
-void mad_causal_conv_bwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K,
-                         const float *x, const float *w, const float *dy, float *dx, float *dw,
-                         float *db)
+void mad_causal_conv_fwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K, int64_t act,
+                         const float *x, const float *w, const float *bias, float *y, float *sig)
 {
-    for (int64_t b = b0; b < b1; b++)
-        for (int64_t t = 0; t < S; t++) {
-            const float *restrict dyt = dy + (b * S + t) * C;
-            float *restrict dxt = dx + (b * S + t) * C;
-            memset(dxt, 0, sizeof(float) * C);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t at = b * S * C;
+        float *sb = sig ? sig + at : NULL;
+        if (K == 4) /* the blocks' kernel length: loops over it unrolled */
+            fwd_seq(x + at, y + at, sb, S, C, 4, act, w, bias);
+        else
+            fwd_seq(x + at, y + at, sb, S, C, K, act, w, bias);
+    }
+}
+
+V8_INLINE void bwd_seq(const float *xb, const float *sb, const float *dyb, float *dxb, int64_t S,
+                       int64_t C, int64_t K, int64_t act, const float *w, const float *bias,
+                       float *dw, float *db, float *ws)
+{
+    const int64_t C8 = K <= KMAX ? C - C % 8 : 0;
+    {
+        for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+            vf wv[KMAX], dwv[KMAX], dbv = v_zero();
             for (int64_t k = 0; k < K; k++) {
-                /* y[t + K - 1 - k] read x[t] with w[k]; y[t] read x[t - K + 1 + k] with w[k] */
-                const int64_t u = t + K - 1 - k, s = t - K + 1 + k;
-                const float *restrict wk = w + k * C;
-                if (u < S) {
-                    const float *restrict dyu = dy + (b * S + u) * C;
-                    for (int64_t c = 0; c < C; c++) dxt[c] += wk[c] * dyu[c];
-                }
-                if (s >= 0) {
-                    const float *restrict xs = x + (b * S + s) * C;
-                    float *restrict dwk = dw + k * C;
-                    for (int64_t c = 0; c < C; c++) dwk[c] += dyt[c] * xs[c];
-                }
+                wv[k] = v_load(w + k * C + c0);
+                dwv[k] = v_zero();
             }
-            if (db)
-                for (int64_t c = 0; c < C; c++) db[c] += dyt[c];
+            const vf bv = bias ? v_load(bias + c0) : v_zero();
+            /* dz for the whole sequence, then the adjoint of the convolution */
+            const float *dz = dyb + c0;
+            int64_t dz_stride = C;
+            if (act) {
+                for (int64_t t = 0; t < S; t++) {
+                    const vf z = conv_at(xb, C, K, t, c0, wv, bv), sg = v_load(sb + t * C + c0);
+                    v_store(ws + t * 8, v_load(dyb + t * C + c0) * (sg * (1.0f + z * (1.0f - sg))));
+                }
+                dz = ws;
+                dz_stride = 8;
+            }
+            for (int64_t t = 0; t < S; t++) {
+                /* y[t + K - 1 - k] read x[t] with w[k]; y[t] read x[t - K + 1 + k] with w[k] */
+                const vf dzt = v_load(dz + t * dz_stride);
+                vf dxt = v_zero();
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t u = t + K - 1 - k, s = t - K + 1 + k;
+                    if (u < S) dxt += wv[k] * v_load(dz + u * dz_stride);
+                    if (s >= 0) dwv[k] += dzt * v_load(xb + s * C + c0);
+                }
+                dbv += dzt;
+                v_store(dxb + t * C + c0, dxt);
+            }
+            for (int64_t k = 0; k < K; k++)
+                v_store(dw + k * C + c0, v_load(dw + k * C + c0) + dwv[k]);
+            if (db) v_store(db + c0, v_load(db + c0) + dbv);
         }
+        for (int64_t c = C8; c < C; c++) {
+            const float bc = bias ? bias[c] : 0.0f;
+            for (int64_t t = 0; t < S; t++) {
+                float d = dyb[t * C + c];
+                if (act) {
+                    const float z = conv_at_s(xb, C, K, t, c, w, bc), sg = sb[t * C + c];
+                    d *= sg * (1.0f + z * (1.0f - sg));
+                }
+                ws[t] = d;
+            }
+            for (int64_t t = 0; t < S; t++) {
+                float dxt = 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t u = t + K - 1 - k, s = t - K + 1 + k;
+                    if (u < S) dxt += w[k * C + c] * ws[u];
+                    if (s >= 0) dw[k * C + c] += ws[t] * xb[s * C + c];
+                }
+                if (db) db[c] += ws[t];
+                dxb[t * C + c] = dxt;
+            }
+        }
+    }
+}
+
+/* sig: the forward's (act 1; unused otherwise); ws: S * 8 floats */
+void mad_causal_conv_bwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K, int64_t act,
+                         const float *x, const float *sig, const float *w, const float *bias,
+                         const float *dy, float *dx, float *dw, float *db, float *ws)
+{
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t at = b * S * C;
+        const float *sb = act ? sig + at : NULL;
+        if (K == 4)
+            bwd_seq(x + at, sb, dy + at, dx + at, S, C, 4, act, w, bias, dw, db, ws);
+        else
+            bwd_seq(x + at, sb, dy + at, dx + at, S, C, K, act, w, bias, dw, db, ws);
+    }
 }

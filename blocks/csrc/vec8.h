@@ -50,19 +50,37 @@ V8_INLINE float v_hmax(vf x)
     return m;
 }
 
+/* An empty asm that the compiler must assume changes v: keeps (t + M) - M from being folded
+ * to t under -fassociative-math. Where it is not defined, v_exp rounds by conversions. */
+#if defined(__x86_64__) || defined(__i386__)
+#define V8_OPAQUE(v) __asm__("" : "+x"(v))
+#elif defined(__aarch64__)
+#define V8_OPAQUE(v) __asm__("" : "+w"(v))
+#endif
+
 /* exp per lane: fastmath.h's exp_f (same polynomial, same range handling: 0 below -126 log 2,
- * saturating above 88, NaN kept) on 8 lanes at once. */
+ * saturating above 88, NaN kept) on 8 lanes at once. k = round(x log2 e) by adding 1.5 2^23
+ * (k lands in the float's low bits; ties to even, where exp_f rounds them up: the same value
+ * to rounding), which is 5 instructions shorter than converting to integers and back. */
 V8_INLINE vf v_exp(vf x)
 {
     const vf lo = v_splat(-126.0f), hi = v_splat(88.0f);
     vf xc = v_select(x < lo, lo, x);
     xc = v_select(xc > hi, hi, xc);
-    const vf t = xc * 1.4426950408889634f, y = t + 0.5f;
+    const vf t = xc * 1.4426950408889634f;
+#ifdef V8_OPAQUE
+    vf y = t + 12582912.0f;
+    V8_OPAQUE(y);
+    vi ki = (vi)y - 0x4B400000;                   /* y's bits are those of 1.5 2^23, plus k */
+    const vf kf = __builtin_convertvector(ki, vf);
+#else
+    const vf y = t + 0.5f;
     vi ki = __builtin_convertvector(y, vi);       /* truncates towards zero ... */
     vf kf = __builtin_convertvector(ki, vf);
     const vi above = kf > y;                      /* ... so step down where that rounded up */
     ki += above;                                  /* true is -1 */
     kf += __builtin_convertvector(above, vf);
+#endif
     const vf f = t - kf, f2 = f * f;
     const vf p = (1.0f + 6.931472028550421e-1f * f) + f2 * (2.402264791363012e-1f
                  + 5.550332471162809e-2f * f) + (f2 * f2) * ((9.618437357674640e-3f

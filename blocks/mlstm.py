@@ -63,6 +63,7 @@ CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 # 101 / 22 / 17.6 at 128 (eight 64 x 64 states leave the cache). Row kernel / the better torch
 # form, heads of 32: 29.2 / 45.5 at 128; heads of 64: 52.4 / 77.4 at 256, 138 / 154 at 512.
 LANES_MAX_HEAD = 16
+CELL_EPS = 1e-6  # the normaliser's eps in every form of the cell (the official default)
 NATIVE_MIN_SEQ = 96
 NATIVE_SMALL_HEAD = 32
 
@@ -449,6 +450,58 @@ def _lanes_segment(dqk: int, dv: int, seq: int) -> int:
     return max(1, min(seq, 4096 // (dqk * dv)))
 
 
+def _lanes_forward(q, k, v, i_pre, f_pre, eps):
+    """``blocks/csrc/mlstm8.c``'s forward: h (a (B, NH, S, DV) view of (B, S, NH, DV) memory)
+    and what its backward needs (saved, ckpt, T)."""
+    lib = _native_lanes_library()
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    P = B * NH
+    groups = -(-P // 8)
+    T = _lanes_segment(DQK, DV, S)
+    h = q.new_empty(B, S, NH, DV).transpose(1, 2)  # (B, S, inner) memory: no copy after
+    saved = q.new_empty(groups, S * (DV + 2) * 8)
+    ckpt = q.new_empty(groups, -(-S // T) * (DQK * DV + DQK) * 8)
+    st = native.int64s(_strides(q, k, v, i_pre, f_pre, h))
+    ws = q.new_empty(native.slots(groups), S * (2 * DQK + 2 * DV + 2) * 8
+                     + (DQK * DV + DQK) * 8)
+    p = native.pointer
+    native.parallel(groups, lambda slot, g0, g1: lib.mad_mlstm8_fwd(
+        g0, g1, P, NH, S, DQK, DV, T, eps, st, p(q), p(k), p(v), p(i_pre), p(f_pre), p(h),
+        p(saved), p(ckpt), p(ws[slot])))
+    return h, saved, ckpt, T
+
+
+def _lanes_backward(q, k, v, i_pre, f_pre, saved, ckpt, T, eps, dh, di=None, df=None):
+    """``blocks/csrc/mlstm8.c``'s backward: dq, dk, dv ((B, NH, S, D) views of (B, S, NH, D)
+    memory) and di, df, written into the given (B, NH, S) views where there are some."""
+    lib = _native_lanes_library()
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    P = B * NH
+    groups = -(-P // 8)
+    if dh.stride(-1) != 1:
+        dh = dh.contiguous()
+    dq = q.new_empty(B, S, NH, DQK).transpose(1, 2)
+    dk = q.new_empty(B, S, NH, DQK).transpose(1, 2)
+    dv = q.new_empty(B, S, NH, DV).transpose(1, 2)
+    di = i_pre.new_empty(B, NH, S) if di is None else di
+    df = f_pre.new_empty(B, NH, S) if df is None else df
+    st = native.int64s(_strides(q, k, v, i_pre, f_pre, dh, dq, dk, dv, di, df))
+    QV = DQK * DV
+    ws = q.new_empty(native.slots(groups), S * (4 * DQK + 3 * DV + 4) * 8
+                     + (T + 2) * (QV + DQK) * 8)
+    p = native.pointer
+    native.parallel(groups, lambda slot, g0, g1: lib.mad_mlstm8_bwd(
+        g0, g1, P, NH, S, DQK, DV, T, eps, st, p(q), p(k), p(v), p(i_pre), p(f_pre),
+        p(dh), p(saved), p(ckpt), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
+    return dq, dk, dv, di, df
+
+
+def _last_axis_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _NativeMLSTM8(torch.autograd.Function):
     """The recurrent form by the C kernel ``blocks/csrc/mlstm8.c``: eight lanes per vector, inputs
     read in place through their strides; saves C^T q, m and q . n per step and the states at
@@ -456,23 +509,8 @@ class _NativeMLSTM8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, i_pre, f_pre, eps):
-        lib = _native_lanes_library()
-        B, NH, S, DQK = q.shape
-        DV = v.shape[-1]
-        P = B * NH
-        groups = -(-P // 8)
-        T = _lanes_segment(DQK, DV, S)
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        h = q.new_empty(B, S, NH, DV).transpose(1, 2)  # (B, S, inner) memory: no copy after
-        saved = q.new_empty(groups, S * (DV + 2) * 8)
-        ckpt = q.new_empty(groups, -(-S // T) * (DQK * DV + DQK) * 8)
-        st = native.int64s(_strides(q, k, v, i_pre, f_pre, h))
-        ws = q.new_empty(native.slots(groups), S * (2 * DQK + 2 * DV + 2) * 8
-                         + (DQK * DV + DQK) * 8)
-        p = native.pointer
-        native.parallel(groups, lambda slot, g0, g1: lib.mad_mlstm8_fwd(
-            g0, g1, P, NH, S, DQK, DV, T, eps, st, p(q), p(k), p(v), p(i_pre), p(f_pre), p(h),
-            p(saved), p(ckpt), p(ws[slot])))
+        q, k, v = (_last_axis_contiguous(t) for t in (q, k, v))
+        h, saved, ckpt, T = _lanes_forward(q, k, v, i_pre, f_pre, eps)
         ctx.save_for_backward(q, k, v, i_pre, f_pre, saved, ckpt)
         ctx.eps, ctx.T = eps, T
         return h
@@ -480,27 +518,49 @@ class _NativeMLSTM8(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        lib = _native_lanes_library()
         q, k, v, i_pre, f_pre, saved, ckpt = ctx.saved_tensors
-        B, NH, S, DQK = q.shape
-        DV, T = v.shape[-1], ctx.T
-        P = B * NH
-        groups = -(-P // 8)
-        if dh.stride(-1) != 1:
-            dh = dh.contiguous()
-        dq = q.new_empty(B, S, NH, DQK).transpose(1, 2)
-        dk = q.new_empty(B, S, NH, DQK).transpose(1, 2)
-        dv = q.new_empty(B, S, NH, DV).transpose(1, 2)
-        di, df = i_pre.new_empty(B, NH, S), f_pre.new_empty(B, NH, S)
-        st = native.int64s(_strides(q, k, v, i_pre, f_pre, dh, dq, dk, dv, di, df))
-        QV = DQK * DV
-        ws = q.new_empty(native.slots(groups), S * (4 * DQK + 3 * DV + 4) * 8
-                         + (T + 2) * (QV + DQK) * 8)
-        p = native.pointer
-        native.parallel(groups, lambda slot, g0, g1: lib.mad_mlstm8_bwd(
-            g0, g1, P, NH, S, DQK, DV, T, ctx.eps, st, p(q), p(k), p(v), p(i_pre), p(f_pre),
-            p(dh), p(saved), p(ckpt), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
-        return dq, dk, dv, di, df, None
+        return (*_lanes_backward(q, k, v, i_pre, f_pre, saved, ckpt, ctx.T, ctx.eps, dh), None)
+
+
+class _NativeGatedMLSTM8(torch.autograd.Function):
+    """:func:`mlstm_gates` and the eight-lane cell in one autograd node, for the block:
+    ``(q, k, v (B, S, I), weight (2 NH, 3I), bias) -> h`` (a (B, NH, S, DH) view of (B, S, I)
+    memory). The cell's backward writes the gates' gradient straight into a (B, S, 2 NH)
+    tensor, and the gates' products then add their part of dq, dk and dv in place (``addmm_``):
+    no separate gradients for autograd to sum."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, bias, num_heads, eps):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, S, I = q.shape
+        NH = num_heads
+        gates = mlstm_gates(q, k, v, weight, bias)
+        i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
+        qh, kh, vh = (t.view(B, S, NH, I // NH).transpose(1, 2) for t in (q, k, v))
+        h, saved, ckpt, T = _lanes_forward(qh, kh, vh, i_pre, f_pre, eps)
+        ctx.save_for_backward(q, k, v, weight, gates, saved, ckpt)
+        ctx.NH, ctx.eps, ctx.T = NH, eps, T
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        q, k, v, weight, gates, saved, ckpt = ctx.saved_tensors
+        B, S, I = q.shape
+        NH = ctx.NH
+        i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
+        qh, kh, vh = (t.view(B, S, NH, I // NH).transpose(1, 2) for t in (q, k, v))
+        d_gates = gates.new_empty(B, S, 2 * NH)
+        dq, dk, dv, _, _ = _lanes_backward(
+            qh, kh, vh, i_pre, f_pre, saved, ckpt, ctx.T, ctx.eps, dh,
+            di=d_gates[..., :NH].transpose(1, 2), df=d_gates[..., NH:].transpose(1, 2))
+        dg = d_gates.view(-1, 2 * NH)
+        for dx, w in zip((dq, dk, dv), _gate_parts(weight, I)):
+            # dq etc. are (B, NH, S, DH) views of (B, S, I) memory: (B S, I) rows
+            dx.transpose(1, 2).view(-1, I).addmm_(dg, w)
+        d_weight = torch.cat([dg.t() @ x.view(-1, I) for x in (q, k, v)], dim=1)
+        dx_of = [t.transpose(1, 2).reshape(B, S, I) for t in (dq, dk, dv)]
+        return (*dx_of, d_weight, dg.sum(0), None, None)
 
 
 def mlstm_native(
@@ -618,48 +678,9 @@ def mlstm_output(
     return torch.addcmul(normed.reshape(h.shape) * weight, skip, x) * F.silu(z)
 
 
-def _native_gates_library():
-    I64, PTR = native.I64, native.PTR
-    return native.library("mlstm_gates", {"mad_mlstm_gates_fwd": [I64] * 5 + [PTR] * 6,
-                                          "mad_mlstm_gates_bwd": [I64] * 5 + [PTR] * 10})
-
-
-GATES_MAX = 32  # blocks/csrc/mlstm_gates.c's JMAX: gates per token (2 x heads)
-
-
-class _NativeGates(torch.autograd.Function):
-    """:func:`mlstm_gates` by the C kernel ``blocks/csrc/mlstm_gates.c``."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, weight, bias):
-        lib = _native_gates_library()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        weight, bias = weight.contiguous(), bias.contiguous()
-        *lead, I = q.shape
-        N, J = q.numel() // I, weight.shape[0]
-        g = q.new_empty(*lead, J)
-        p = native.pointer
-        native.parallel(N, lambda slot, n0, n1: lib.mad_mlstm_gates_fwd(
-            n0, n1, I, J, I, p(q), p(k), p(v), p(weight), p(bias), p(g)))
-        ctx.save_for_backward(q, k, v, weight)
-        return g
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dg):
-        lib = _native_gates_library()
-        q, k, v, weight = ctx.saved_tensors
-        dg = dg.contiguous()
-        I = q.shape[-1]
-        N, J = q.numel() // I, weight.shape[0]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        slots = native.slots(N)
-        dW, db = q.new_zeros(slots, J, 3 * I), q.new_zeros(slots, J)
-        p = native.pointer
-        native.parallel(N, lambda slot, n0, n1: lib.mad_mlstm_gates_bwd(
-            n0, n1, I, J, I, p(q), p(k), p(v), p(weight), p(dg), p(dq), p(dk), p(dv),
-            p(dW[slot]), p(db[slot])))
-        return dq, dk, dv, dW.sum(0), db.sum(0)
+def _gate_parts(weight: torch.Tensor, width: int) -> list[torch.Tensor]:
+    """The (J, I) blocks of the gates' (J, 3I) weight that multiply q, k and v."""
+    return [weight[:, i * width:(i + 1) * width] for i in range(3)]
 
 
 def mlstm_gates(
@@ -668,22 +689,22 @@ def mlstm_gates(
     v: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    impl: str = "auto",
 ) -> torch.Tensor:
     """Gate pre-activations from each token's q, k, v: ``Linear(3I -> J)([q, k, v])``.
 
-    q, k, v (..., I); weight (J, 3I); bias (J); returns (..., J). ``impl``: ``"native"`` the C
-    kernel ``blocks/csrc/mlstm_gates.c`` (float32 on the CPU, I a multiple of 8, J up to
-    ``GATES_MAX``), ``"torch"`` a product with the concatenation, ``"auto"`` the C kernel where
-    it is loaded and applies.
+    q, k, v (..., I); weight (J, 3I); bias (J); returns (..., J). Three accumulating products,
+    one per part, instead of one over the concatenation: no copy of q, k, v, and the backward's
+    products read them in place (measured faster on the CPU than a C kernel for it, which an
+    earlier version had: with eight gates per token a kernel spends its time on horizontal
+    sums).
     """
-    unsupported = (None if q.shape[-1] % 8 == 0 and weight.shape[0] <= GATES_MAX
-                   else f"the native gates kernel takes I a multiple of 8 and at most "
-                        f"{GATES_MAX} gates, got I {q.shape[-1]}, {weight.shape[0]}")
-    if native.choose(impl, "mlstm_gates", (q, k, v, weight, bias), _native_gates_library,
-                     unsupported):
-        return _NativeGates.apply(q, k, v, weight, bias)
-    return F.linear(torch.cat([q, k, v], dim=-1), weight, bias)
+    *lead, I = q.shape
+    rows = [t.reshape(-1, I) for t in (q, k, v)]
+    wq, wk, wv = _gate_parts(weight, I)
+    g = torch.addmm(bias, rows[0], wq.t())
+    g = torch.addmm(g, rows[1], wk.t())
+    g = torch.addmm(g, rows[2], wv.t())
+    return g.view(*lead, weight.shape[0])
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -909,17 +930,22 @@ class MLSTMBlock(Block):
                                     activation="silu")
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
 
-        # (B, S, 2 NH); the cells take (B, NH, S) views of it (the native ones read it in place)
-        gates = mlstm_gates(q, k, v, torch.cat([self.igate.weight, self.fgate.weight]),
-                            torch.cat([self.igate.bias, self.fgate.bias]))
-        i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, S, NH, DH).transpose(1, 2)
-
+        gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
+        gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
         cell = self.cell_for(S, x.device, x.dtype)
-        kwargs = {"chunk_size": self.chunk_size} if cell == "chunkwise" else {}
-        h = _CELL_FNS[cell](heads(q), heads(k), heads(v), i_pre, f_pre, **kwargs)
+        if cell == "native" and DH <= LANES_MAX_HEAD:  # the eight-lane kernel, gates fused
+            h = _NativeGatedMLSTM8.apply(q, k, v, gate_weight, gate_bias, NH, CELL_EPS)
+        else:
+            # (B, S, 2 NH); the cells take (B, NH, S) views of it (the native ones in place)
+            gates = mlstm_gates(q, k, v, gate_weight, gate_bias)
+            i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
+
+            def heads(t: torch.Tensor) -> torch.Tensor:
+                return t.view(B, S, NH, DH).transpose(1, 2)
+
+            kwargs = {"chunk_size": self.chunk_size} if cell == "chunkwise" else {}
+            h = _CELL_FNS[cell](heads(q), heads(k), heads(v), i_pre, f_pre, eps=CELL_EPS,
+                                **kwargs)
 
         # multi-head group norm: each head normalised on its own, then one weight per channel
         # (B, S, NH, DH) order: the native cells write h in it, so this costs no copy there

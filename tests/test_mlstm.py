@@ -706,30 +706,61 @@ def test_native_output_gate_matches_torch(B, S, I, DH, threads):
     _assert_rel(got, want, 2e-6)
 
 
-@needs_native
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("B, S, I, J", [(3, 11, 64, 8), (2, 5, 8, 2), (1, 7, 128, 32)])
-def test_native_gates_match_torch(B, S, I, J, threads):
-    # q, k, v as views of one wider tensor (the kernel reads contiguous copies of them)
-    wide = torch.randn(B, S, 3 * I + 2)
-    inputs = [wide[..., :I], wide[..., I:2 * I], wide[..., 2 * I:3 * I], torch.randn(J, 3 * I),
-              torch.randn(J)]
-    dg = torch.randn(B, S, J)
-    want = _grads_of(mlstm_gates, inputs, dg, torch.float64, impl="torch")
-    torch.set_num_threads(threads)
-    got = _grads_of(mlstm_gates, inputs, dg, torch.float32, impl="native")
-    _assert_rel(got, want, 2e-6)
+@pytest.mark.parametrize("B, S, I, J", [(3, 11, 64, 8), (2, 5, 12, 2), (1, 7, 128, 32)])
+def test_gates_equal_the_linear_map_of_the_concatenation(B, S, I, J):
+    # q, k, v as views of one wider tensor; outputs and gradients in float64
+    wide = torch.randn(B, S, 3 * I + 2, dtype=torch.float64)
+    inputs = [wide[..., :I], wide[..., I:2 * I], wide[..., 2 * I:3 * I],
+              torch.randn(J, 3 * I, dtype=torch.float64), torch.randn(J, dtype=torch.float64)]
+    dg = torch.randn(B, S, J, dtype=torch.float64)
+
+    def concatenated(q, k, v, W, b):
+        return F.linear(torch.cat([q, k, v], -1), W, b)
+
+    want = _grads_of(concatenated, inputs, dg, torch.float64)
+    got = _grads_of(mlstm_gates, inputs, dg, torch.float64)
+    _assert_rel(got, want, 1e-12)
 
 
-def test_gates_and_output_kernels_refuse_what_they_cannot_run():
+def test_output_kernel_refuses_what_it_cannot_run():
     q = torch.randn(2, 3, 12)
-    W, b = torch.randn(4, 36), torch.randn(4)
-    torch.testing.assert_close(mlstm_gates(q, q, q, W, b),  # 12 channels: torch's product
-                               F.linear(torch.cat([q, q, q], -1), W, b))
-    with pytest.raises(RuntimeError, match="multiple of 8"):
-        mlstm_gates(q, q, q, W, b, impl="native")
     with pytest.raises(ValueError, match="impl must be"):
         mlstm_output(q, q, q, torch.ones(12), torch.ones(12), 4, impl="fast")
     with pytest.raises(RuntimeError, match="not float32 on the CPU"):
         mlstm_output(*(t.double() for t in (q, q, q, torch.ones(12), torch.ones(12))), 4,
                      impl="native")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B, S, NH, DH", [(3, 19, 4, 16), (2, 7, 3, 8), (1, 5, 5, 12)])
+def test_fused_gates_and_lanes_cell_equal_the_two_steps(B, S, NH, DH, threads):
+    # the block's fused node (gates, cell, and the gates' gradients added into the cell's in
+    # place) against mlstm_gates then mlstm_recurrent, in float64
+    from blocks.mlstm import _NativeGatedMLSTM8
+
+    I = NH * DH
+    q, k = torch.randn(B, S, I).abs(), torch.randn(B, S, I).abs()  # q . n without cancellation
+    inputs = [q, k, torch.randn(B, S, I), 0.1 * torch.randn(2 * NH, 3 * I),
+              torch.cat([torch.randn(NH), 3.0 + torch.randn(NH)])]
+    dh = torch.randn(B, NH, S, DH)
+
+    def two_steps(q, k, v, W, b):
+        g = mlstm_gates(q, k, v, W, b)
+
+        def heads(t):
+            return t.view(B, S, NH, DH).transpose(1, 2)
+
+        return mlstm_recurrent(heads(q), heads(k), heads(v), g[..., :NH].transpose(1, 2),
+                               g[..., NH:].transpose(1, 2))
+
+    def fused(q, k, v, W, b):
+        return _NativeGatedMLSTM8.apply(q, k, v, W, b, NH, 1e-6)
+
+    want = _grads_of(two_steps, inputs, dh, torch.float64)
+    torch.set_num_threads(threads)
+    try:
+        got = _grads_of(fused, inputs, dh, torch.float32)
+    finally:
+        torch.set_num_threads(1)
+    _assert_rel(got, want, 1e-4)

@@ -723,7 +723,37 @@ def _from_channels_last(y: torch.Tensor) -> torch.Tensor:
 def _native_headwise_library():
     I64, PTR = native.I64, native.PTR
     return native.library("headwise", {"mad_headwise_fwd": [I64] * 4 + [PTR] * 4,
-                                       "mad_headwise_bwd": [I64] * 4 + [PTR] * 6})
+                                       "mad_headwise_bwd": [I64] * 5 + [PTR] * 6})
+
+
+def _headwise_forward(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``blocks/csrc/headwise.c``'s forward on contiguous x and W."""
+    lib = _native_headwise_library()
+    nb, bs = W.shape[0], W.shape[1]
+    rows = x.numel() // (nb * bs)
+    y = torch.empty_like(x)
+    ws = x.new_empty(native.slots(rows), 4 * nb * bs)
+    p = native.pointer
+    native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_fwd(
+        t0, t1, nb, bs, p(x), p(W), p(y), p(ws[slot])))
+    return y
+
+
+def _headwise_backward(x, W, dy, dx=None):
+    """``blocks/csrc/headwise.c``'s backward: (dx, dW); adds to ``dx`` where one is given."""
+    lib = _native_headwise_library()
+    nb, bs = W.shape[0], W.shape[1]
+    dy = dy.contiguous()
+    rows = x.numel() // (nb * bs)
+    accumulate = dx is not None
+    dx = torch.empty_like(x) if dx is None else dx
+    slots = native.slots(rows)
+    dW = W.new_zeros(slots, nb, bs, bs)
+    ws = x.new_empty(slots, 8 * nb * bs)
+    p = native.pointer
+    native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_bwd(
+        t0, t1, nb, bs, int(accumulate), p(x), p(W), p(dy), p(dx), p(dW[slot]), p(ws[slot])))
+    return dx, (dW[0] if slots == 1 else dW.sum(0))
 
 
 class _NativeHeadwise(torch.autograd.Function):
@@ -732,34 +762,53 @@ class _NativeHeadwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight):
-        lib = _native_headwise_library()
-        nb, bs = weight.shape[0], weight.shape[1]
         x, W = x.contiguous(), weight.contiguous()
-        rows = x.numel() // (nb * bs)
-        y = torch.empty_like(x)
-        ws = x.new_empty(native.slots(rows), 4 * nb * bs)
-        p = native.pointer
-        native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_fwd(
-            t0, t1, nb, bs, p(x), p(W), p(y), p(ws[slot])))
         ctx.save_for_backward(x, W)
-        return y
+        return _headwise_forward(x, W)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        lib = _native_headwise_library()
         x, W = ctx.saved_tensors
-        nb, bs = W.shape[0], W.shape[1]
-        dy = dy.contiguous()
-        rows = x.numel() // (nb * bs)
-        dx = torch.empty_like(x)
-        slots = native.slots(rows)
-        dW = W.new_zeros(slots, nb, bs, bs)
-        ws = x.new_empty(slots, 8 * nb * bs)
-        p = native.pointer
-        native.parallel(rows, lambda slot, t0, t1: lib.mad_headwise_bwd(
-            t0, t1, nb, bs, p(x), p(W), p(dy), p(dx), p(dW[slot]), p(ws[slot])))
-        return dx, dW.sum(0)
+        return _headwise_backward(x, W, dy)
+
+
+class _NativeHeadwiseQKV(torch.autograd.Function):
+    """The mLSTM's three headwise maps in one autograd node: ``q, k = Wq x_c, Wk x_c`` and
+    ``v = Wv x_m``; the backward adds k's part of dx_c to q's in the same pass (no separate sum)."""
+
+    @staticmethod
+    def forward(ctx, x_c, x_m, wq, wk, wv):
+        x_c, x_m = x_c.contiguous(), x_m.contiguous()
+        wq, wk, wv = wq.contiguous(), wk.contiguous(), wv.contiguous()
+        ctx.save_for_backward(x_c, x_m, wq, wk, wv)
+        return _headwise_forward(x_c, wq), _headwise_forward(x_c, wk), _headwise_forward(x_m, wv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq, dk, dv):
+        x_c, x_m, wq, wk, wv = ctx.saved_tensors
+        dx_c, dx_m, dws = None, None, []
+        for x, w, dy, of_c in ((x_c, wq, dq, True), (x_c, wk, dk, True), (x_m, wv, dv, False)):
+            if dy is None:
+                dws.append(torch.zeros_like(w))
+                continue
+            if of_c:
+                dx_c, dw = _headwise_backward(x, w, dy, dx_c)
+            else:
+                dx_m, dw = _headwise_backward(x, w, dy)
+            dws.append(dw)
+        return dx_c, dx_m, *dws
+
+
+def headwise_qkv(x_c: torch.Tensor, x_m: torch.Tensor, q_proj: HeadwiseLinear,
+                 k_proj: HeadwiseLinear, v_proj: HeadwiseLinear, impl: str = "auto"):
+    """``q_proj(x_c), k_proj(x_c), v_proj(x_m)``; as one C-kernel node where the headwise kernel
+    applies (``impl`` as :meth:`HeadwiseLinear.forward`)."""
+    weights = (q_proj.weight, k_proj.weight, v_proj.weight)
+    if native.choose(impl, "headwise", (x_c, x_m, *weights), _native_headwise_library):
+        return _NativeHeadwiseQKV.apply(x_c, x_m, *weights)
+    return q_proj(x_c, impl), k_proj(x_c, impl), v_proj(x_m, impl)
 
 
 class HeadwiseLinear(nn.Module):
@@ -928,7 +977,7 @@ class MLSTMBlock(Block):
         z = F.linear(x, self.proj_up.weight[inner:])
         x_c = causal_depthwise_conv(x_m, self.conv1d.weight, self.conv1d.bias,
                                     activation="silu")
-        q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)
+        q, k, v = headwise_qkv(x_c, x_m, self.q_proj, self.k_proj, self.v_proj)
 
         gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
         gate_bias = torch.cat([self.igate.bias, self.fgate.bias])

@@ -650,6 +650,30 @@ def test_headwise_linear_matches_block_diagonal_matrix(impl, dim, block, shape):
     torch.testing.assert_close(gw, gw_ref.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("dim,block", [(64, 4), (12, 4), (30, 5)])
+def test_headwise_qkv_matches_three_block_diagonal_maps(impl, dim, block):
+    # q, k from x_c and v from x_m in one node: x_c's gradient is the sum of q's and k's parts
+    from blocks.mlstm import headwise_qkv
+
+    projs = [HeadwiseLinear(dim, block) for _ in range(3)]
+    for proj in projs:
+        torch.nn.init.normal_(proj.weight)
+    x_c, x_m = (torch.randn(2, 9, dim, requires_grad=True) for _ in range(2))
+    dys = [torch.randn(2, 9, dim) for _ in range(3)]
+    outs = headwise_qkv(x_c, x_m, *projs, impl=impl)
+    leaves = [x_c, x_m, *(proj.weight for proj in projs)]
+    grads = torch.autograd.grad(outs, leaves, dys)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    xc64, xm64, *ws64 = leaves64
+    refs = [x @ _block_diagonal(w).T for x, w in zip((xc64, xc64, xm64), ws64)]
+    grads_ref = torch.autograd.grad(refs, leaves64, [dy.double() for dy in dys])
+    for y, y_ref in zip(outs, refs):
+        torch.testing.assert_close(y, y_ref.float(), rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-4)
+
+
 @needs_native
 def test_native_headwise_kernel_builds_where_a_compiler_exists():
     from blocks.mlstm import _native_headwise_library

@@ -13,7 +13,8 @@
  *     y[c] = sum_i E_i[c] x[g(c) * 4 + i],
  * and x[g(c) * 4 + i] is x's vector with element i of each block copied over its block (one
  * shuffle). The backward does the same with dy for dx, and keeps dW expanded over the rows.
- * Other sizes run plain loops.
+ * Other sizes run plain loops. With `accumulate` the backward adds to dx instead of writing it
+ * (q and k are maps of the same input: one pass each, no separate sum).
  */
 #include <stdint.h>
 #include <string.h>
@@ -36,12 +37,13 @@ static void expand4(int64_t nb, const float *W, int transposed, float *E)
                 E[i * D + g * 4 + o] = transposed ? W[(g * 4 + i) * 4 + o] : W[(g * 4 + o) * 4 + i];
 }
 
-/* out[c] = sum_i E[i][c] in[g(c) * 4 + i] for one row */
-static inline void mix4_row(int64_t D, const float *E, const float *in, float *out)
+/* out[c] (+)= sum_i E[i][c] in[g(c) * 4 + i] for one row */
+static inline void mix4_row(int64_t D, const float *E, const float *in, float *out, int add)
 {
     for (int64_t c = 0; c < D; c += 8) {
         const vf v = v_load(in + c);
-        vf acc = v_load(E + c) * SPREAD(v, 0);
+        vf acc = add ? v_load(out + c) : v_zero();
+        acc += v_load(E + c) * SPREAD(v, 0);
         acc += v_load(E + D + c) * SPREAD(v, 1);
         acc += v_load(E + 2 * D + c) * SPREAD(v, 2);
         acc += v_load(E + 3 * D + c) * SPREAD(v, 3);
@@ -56,7 +58,7 @@ void mad_headwise_fwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, const floa
     const int64_t D = nb * bs;
     if (bs == 4 && D % 8 == 0) {
         expand4(nb, W, 0, ws);
-        for (int64_t t = t0; t < t1; t++) mix4_row(D, ws, x + t * D, y + t * D);
+        for (int64_t t = t0; t < t1; t++) mix4_row(D, ws, x + t * D, y + t * D, 0);
         return;
     }
     for (int64_t t = t0; t < t1; t++)
@@ -72,8 +74,9 @@ void mad_headwise_fwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, const floa
 }
 
 /* ws: 8 D floats */
-void mad_headwise_bwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, const float *x,
-                      const float *W, const float *dy, float *dx, float *dW, float *ws)
+void mad_headwise_bwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, int64_t accumulate,
+                      const float *x, const float *W, const float *dy, float *dx, float *dW,
+                      float *ws)
 {
     const int64_t D = nb * bs;
     if (bs == 4 && D % 8 == 0) {
@@ -82,7 +85,7 @@ void mad_headwise_bwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, const floa
         memset(A, 0, sizeof(float) * 4 * D);
         for (int64_t t = t0; t < t1; t++) {
             const float *xt = x + t * D, *dyt = dy + t * D;
-            mix4_row(D, E, dyt, dx + t * D);
+            mix4_row(D, E, dyt, dx + t * D, (int)accumulate);
             for (int64_t c = 0; c < D; c += 8) {
                 const vf xv = v_load(xt + c), d = v_load(dyt + c);
                 v_store(A + c, v_load(A + c) + SPREAD(d, 0) * xv);
@@ -101,7 +104,8 @@ void mad_headwise_bwd(int64_t t0, int64_t t1, int64_t nb, int64_t bs, const floa
             const float *xg = x + t * D + g * bs, *dyg = dy + t * D + g * bs;
             const float *Wg = W + g * bs * bs;
             float *dxg = dx + t * D + g * bs, *dWg = dW + g * bs * bs;
-            for (int64_t i = 0; i < bs; i++) dxg[i] = 0.0f;
+            if (!accumulate)
+                for (int64_t i = 0; i < bs; i++) dxg[i] = 0.0f;
             for (int64_t o = 0; o < bs; o++)
                 for (int64_t i = 0; i < bs; i++) {
                     dxg[i] += Wg[o * bs + i] * dyg[o];

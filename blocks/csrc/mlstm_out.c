@@ -12,6 +12,9 @@
  *
  * Layouts (contiguous, N tokens): h, x, z, y, dy, dh, dx, dz (N, I); w, s, dw, ds (I); stats
  * (N, NH, 2): mu, rstd. A call handles tokens [n0, n1); dw and ds accumulate.
+ *
+ * Heads of a multiple of 8 channels run on 8-float vectors (vec8.h), the head size a
+ * compile-time constant where it is a common one. Other head sizes run plain loops.
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,9 +22,9 @@
 #include "fastmath.h"
 #include "vec8.h"
 
-void mad_mlstm_out_fwd(int64_t n0, int64_t n1, int64_t I, int64_t DH, float eps,
-                       const float *h, const float *x, const float *z, const float *w,
-                       const float *s, float *y, float *stats)
+static void fwd_any(int64_t n0, int64_t n1, int64_t I, int64_t DH, float eps, const float *h,
+                    const float *x, const float *z, const float *w, const float *s, float *y,
+                    float *stats)
 {
     const int64_t NH = I / DH;
     for (int64_t n = n0; n < n1; n++)
@@ -43,10 +46,10 @@ void mad_mlstm_out_fwd(int64_t n0, int64_t n1, int64_t I, int64_t DH, float eps,
         }
 }
 
-void mad_mlstm_out_bwd(int64_t n0, int64_t n1, int64_t I, int64_t DH, const float *h,
-                       const float *x, const float *z, const float *w, const float *s,
-                       const float *stats, const float *dy, float *dh, float *dx, float *dz,
-                       float *dw, float *ds)
+static void bwd_any(int64_t n0, int64_t n1, int64_t I, int64_t DH, const float *h,
+                    const float *x, const float *z, const float *w, const float *s,
+                    const float *stats, const float *dy, float *dh, float *dx, float *dz,
+                    float *dw, float *ds)
 {
     const int64_t NH = I / DH;
     for (int64_t n = n0; n < n1; n++)
@@ -92,4 +95,96 @@ void mad_mlstm_out_bwd(int64_t n0, int64_t n1, int64_t I, int64_t DH, const floa
             for (int64_t c = 0; c < DH; c++)  /* the layer norm's backward */
                 dhg[c] = rstd * (dhg[c] - m1 - (hg[c] - mu) * rstd * m2);
         }
+}
+
+V8_INLINE void fwd_vec(int64_t n0, int64_t n1, int64_t I, int64_t DH, float eps, const float *h,
+                       const float *x, const float *z, const float *w, const float *s, float *y,
+                       float *stats)
+{
+    const int64_t NH = I / DH;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t g = 0; g < NH; g++) {
+            const int64_t o = n * I + g * DH;
+            vf acc = v_zero();
+            for (int64_t c = 0; c < DH; c += 8) acc += v_load(h + o + c);
+            const float mu = v_sum(acc) / (float)DH;
+            vf acc2 = v_zero();
+            for (int64_t c = 0; c < DH; c += 8) {
+                const vf d = v_load(h + o + c) - mu;
+                acc2 += d * d;
+            }
+            const float rstd = 1.0f / sqrtf(v_sum(acc2) / (float)DH + eps);
+            for (int64_t c = 0; c < DH; c += 8) {
+                const vf zc = v_load(z + o + c);
+                const vf pre = (v_load(h + o + c) - mu) * rstd * v_load(w + g * DH + c)
+                               + v_load(s + g * DH + c) * v_load(x + o + c);
+                v_store(y + o + c, pre * zc * v_sigmoid(zc));
+            }
+            stats[(n * NH + g) * 2] = mu;
+            stats[(n * NH + g) * 2 + 1] = rstd;
+        }
+}
+
+#define HMAX8 8 /* the vector path's largest head: 64 channels */
+
+V8_INLINE void bwd_vec(int64_t n0, int64_t n1, int64_t I, int64_t DH, const float *h,
+                       const float *x, const float *z, const float *w, const float *s,
+                       const float *stats, const float *dy, float *dh, float *dx, float *dz,
+                       float *dw, float *ds)
+{
+    const int64_t NH = I / DH;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t g = 0; g < NH; g++) {
+            const int64_t o = n * I + g * DH;
+            const float mu = stats[(n * NH + g) * 2], rstd = stats[(n * NH + g) * 2 + 1];
+            vf m1v = v_zero(), m2v = v_zero();
+            for (int64_t c = 0; c < DH; c += 8) {
+                const int64_t at = o + c, wc = g * DH + c;
+                const vf zc = v_load(z + at), xv = v_load(x + at), dyc = v_load(dy + at);
+                const vf wv = v_load(w + wc), sv = v_load(s + wc);
+                const vf hc = v_load(h + at) - mu, hn = hc * rstd, sig = v_sigmoid(zc);
+                const vf pre = hn * wv + sv * xv;
+                const vf d_pre = dyc * zc * sig; /* through silu(z) */
+                v_store(dz + at, dyc * pre * sig * (1.0f + zc * (1.0f - sig)));
+                v_store(dw + wc, v_load(dw + wc) + d_pre * hn);
+                v_store(ds + wc, v_load(ds + wc) + d_pre * xv);
+                v_store(dx + at, d_pre * sv);
+                const vf dhn = d_pre * wv; /* d GN(h) */
+                v_store(dh + at, dhn);
+                m1v += dhn;
+                m2v += dhn * hc;
+            }
+            const float m1 = v_sum(m1v) / (float)DH, m2 = v_sum(m2v) * rstd / (float)DH;
+            for (int64_t c = 0; c < DH; c += 8) { /* the layer norm's backward */
+                const int64_t at = o + c;
+                v_store(dh + at, rstd * (v_load(dh + at) - m1 - (v_load(h + at) - mu) * rstd * m2));
+            }
+        }
+}
+
+void mad_mlstm_out_fwd(int64_t n0, int64_t n1, int64_t I, int64_t DH, float eps,
+                       const float *h, const float *x, const float *z, const float *w,
+                       const float *s, float *y, float *stats)
+{
+#define FWD(D) fwd_vec(n0, n1, I, D, eps, h, x, z, w, s, y, stats)
+    if (DH % 8 == 0 && DH <= 8 * HMAX8) {
+        V8_BY_HEAD_SIZE(FWD, DH)
+    } else {
+        fwd_any(n0, n1, I, DH, eps, h, x, z, w, s, y, stats);
+    }
+#undef FWD
+}
+
+void mad_mlstm_out_bwd(int64_t n0, int64_t n1, int64_t I, int64_t DH, const float *h,
+                       const float *x, const float *z, const float *w, const float *s,
+                       const float *stats, const float *dy, float *dh, float *dx, float *dz,
+                       float *dw, float *ds)
+{
+#define BWD(D) bwd_vec(n0, n1, I, D, h, x, z, w, s, stats, dy, dh, dx, dz, dw, ds)
+    if (DH % 8 == 0 && DH <= 8 * HMAX8) {
+        V8_BY_HEAD_SIZE(BWD, DH)
+    } else {
+        bwd_any(n0, n1, I, DH, h, x, z, w, s, stats, dy, dh, dx, dz, dw, ds);
+    }
+#undef BWD
 }

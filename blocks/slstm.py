@@ -232,7 +232,7 @@ class _SLSTMScan(torch.autograd.Function):
 def _native_library():
     I64, PTR = native.I64, native.PTR
     return native.library("slstm", {"mad_slstm_fwd": [I64] * 7 + [PTR] * 8,
-                                    "mad_slstm_bwd": [I64] * 6 + [PTR] * 9})
+                                    "mad_slstm_bwd": [I64] * 6 + [PTR] * 11})
 
 
 class _NativeSLSTMScan(torch.autograd.Function):
@@ -240,8 +240,8 @@ class _NativeSLSTMScan(torch.autograd.Function):
 
     The whole step, memory mixing included, runs per lane (head x batch element) with its state
     in registers; the forward keeps the pre-activations and the states (c, n, m, y), and the
-    backward recomputes the gates from them. ``d R`` and ``d b`` are two reductions over all
-    steps at once, done here by torch as in the torch scan.
+    backward recomputes the gates from them, and sums ``d R`` and ``d b`` over the steps and the
+    batch as it goes (per thread; the threads' sums are added here).
     """
 
     @staticmethod
@@ -276,15 +276,24 @@ class _NativeSLSTMScan(torch.autograd.Function):
         d_raw = torch.empty_like(raw)
         RT = R.reshape(NH, DH, G * DH).transpose(1, 2).contiguous()  # (NH, G DH_out, DH_in)
         ws = raw.new_empty(P, 4 * DH)  # per lane: dy, dc, dn, f' of the step after
+        # the recurrent weights' and bias's gradients, summed by the kernel per thread
+        slots = native.slots(P)
+        need_R, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        d_R = raw.new_zeros(slots, NH, DH, G * DH) if need_R else None
+        d_b = raw.new_zeros(slots, NH, G * DH) if need_b else None
         p = native.pointer
 
         def run(slot, p0, p1):
             lib.mad_slstm_bwd(p0, p1, S, P, B, DH, p(RT), p(raw), p(m), p(c), p(n), p(y_all),
-                              p(dy), p(d_raw), p(ws[p0]))
+                              p(dy), p(d_raw), p(ws[p0]), None if d_R is None else p(d_R[slot]),
+                              None if d_b is None else p(d_b[slot]))
 
         native.parallel(P, run)
-        return (d_raw if ctx.needs_input_grad[0] else None, *_recurrent_and_bias_grads(
-            ctx, d_raw, y_all))
+        if d_R is not None:
+            d_R = d_R.sum(0).view(NH, DH, G, DH)
+        if d_b is not None:  # b is (4H,) gate-major: [gate, head, unit]
+            d_b = d_b.sum(0).view(NH, G, DH).transpose(0, 1).reshape(-1)
+        return d_raw if ctx.needs_input_grad[0] else None, d_R, d_b
 
 
 def _recurrent_and_bias_grads(ctx, d_raw: torch.Tensor, y_all: torch.Tensor):

@@ -156,11 +156,12 @@ def test_slstm_scan_gradient_of_only_some_inputs():
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_slstm_scan_agrees_with_torch_scan(threads):
-    # the lanes (head x batch element) split over threads; only R and b need gradients
+    # the lanes (head x batch element) split over threads; only R and b need gradients (the
+    # kernel sums them per thread as it goes)
     wx, R, b = (t.float() for t in cell_inputs(5, 21, 3, 8, dtype=torch.float64))
     grad_out = torch.randn(5, 21, 24)
-    R_ref = R.clone().requires_grad_()
-    y_ref = slstm_scan(wx, R_ref, b, 3, impl="torch")
+    R_ref, b_ref = R.clone().requires_grad_(), b.clone().requires_grad_()
+    y_ref = slstm_scan(wx, R_ref, b_ref, 3, impl="torch")
     y_ref.backward(grad_out)
     R_leaf, b_leaf = R.clone().requires_grad_(), b.clone().requires_grad_()
     before = torch.get_num_threads()
@@ -172,6 +173,7 @@ def test_native_slstm_scan_agrees_with_torch_scan(threads):
         torch.set_num_threads(before)
     assert_close_rel(y, y_ref.detach(), 1e-5)
     assert_close_rel(R_leaf.grad, R_ref.grad, 3e-5)
+    assert_close_rel(b_leaf.grad, b_ref.grad, 3e-5)
 
 
 @needs_native

@@ -33,6 +33,17 @@ static inline void add_vec_mat(int64_t DH, const float *restrict v, const float 
     }
 }
 
+/* M[k][gj] += u[k] v[gj] (M: (DH, W)) */
+static inline void add_outer(int64_t DH, int64_t W, const float *restrict u,
+                             const float *restrict v, float *restrict M)
+{
+    for (int64_t k = 0; k < DH; k++) {
+        const float uk = u[k];
+        float *restrict Mk = M + k * W;
+        for (int64_t gj = 0; gj < W; gj++) Mk[gj] += uk * v[gj];
+    }
+}
+
 /* one step of one lane: states from (m, c, n)_{t-1} and the raw gates r = (i~, f~, z~, o~) */
 /* out[k] += sum_gj v[gj] RT[gj][k] over k < DH (RT: (G * DH, DH), R transposed, one head) */
 static inline void add_vec_mat_t(int64_t DH, const float *restrict v, const float *restrict RT,
@@ -136,9 +147,12 @@ void mad_slstm_fwd(int64_t p0, int64_t p1, int64_t S, int64_t P, int64_t B, int6
 }
 
 /* ws: 4 DH floats per lane of the call: dy, dc, dn and f' of the step after */
+/* dR (NH, DH_in, G DH_out) and db (NH, G DH) accumulate the recurrent weights' and the bias's
+ * gradients, sum over steps and batch of y_{t-1}^T d raw_t and of d raw_t (NULL: not needed) */
 void mad_slstm_bwd(int64_t p0, int64_t p1, int64_t S, int64_t P, int64_t B, int64_t DH,
                    const float *RT, const float *raw, const float *m, const float *c,
-                   const float *n, const float *y, const float *dy_out, float *draw, float *ws)
+                   const float *n, const float *y, const float *dy_out, float *draw, float *ws,
+                   float *dR, float *db)
 {
     const int64_t W = G * DH;
     memset(ws, 0, sizeof(float) * (p1 - p0) * 4 * DH);
@@ -166,6 +180,11 @@ void mad_slstm_bwd(int64_t p0, int64_t p1, int64_t S, int64_t P, int64_t B, int6
             const float *mt = m + row * DH, *mp = t > 0 ? m + (row - P) * DH : mt;
             cell_backward(DH, t == 0, r, mp, mt, c + row * DH, n + row * DH,
                           n + (row + P) * DH, y + (row + P) * DH, dy, dc, dn, dr, f_next);
+            if (dR) add_outer(DH, W, y + row * DH, dr, dR + h * DH * W);  /* y_{t-1} */
+            if (db) {
+                float *restrict dbh = db + h * W;
+                for (int64_t gj = 0; gj < W; gj++) dbh[gj] += dr[gj];
+            }
         }
     }
 }

@@ -390,6 +390,63 @@ class _NativeProjections(torch.autograd.Function):
         return dxc, dx, *dW.sum(0).unbind(0)
 
 
+def _native_norm_library():
+    I64, F32, PTR = native.I64, native.F32, native.PTR
+    return native.library("slstm_norm", {"mad_slstm_norm_fwd": [I64] * 6 + [F32] + [PTR] * 4,
+                                         "mad_slstm_norm_bwd": [I64] * 6 + [PTR] * 6})
+
+
+class _NativeGroupNorm(torch.autograd.Function):
+    """:func:`slstm_group_norm` by the C kernel ``blocks/csrc/slstm_norm.c``."""
+
+    @staticmethod
+    def forward(ctx, y_tm, weight, eps):
+        lib = _native_norm_library()
+        S, NH, B, DH = y_tm.shape
+        y, w = y_tm.contiguous(), weight.contiguous()
+        out = y.new_empty(B, S, NH * DH)
+        stats = y.new_empty(S, NH, B, 2)
+        p = native.pointer
+        native.parallel(S * NH * B, lambda slot, r0, r1: lib.mad_slstm_norm_fwd(
+            r0, r1, S, NH, B, DH, eps, p(y), p(w), p(out), p(stats)))
+        ctx.save_for_backward(y, w, stats)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        lib = _native_norm_library()
+        y, w, stats = ctx.saved_tensors
+        S, NH, B, DH = y.shape
+        d_out = d_out.contiguous()
+        dy = torch.empty_like(y)
+        rows = S * NH * B
+        slots = native.slots(rows)
+        dw = w.new_zeros(slots, *w.shape)
+        p = native.pointer
+        native.parallel(rows, lambda slot, r0, r1: lib.mad_slstm_norm_bwd(
+            r0, r1, S, NH, B, DH, p(y), p(w), p(stats), p(d_out), p(dy), p(dw[slot])))
+        return dy, (dw[0] if slots == 1 else dw.sum(0)), None
+
+
+def slstm_group_norm(y_tm: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5,
+                     impl: str = "auto") -> torch.Tensor:
+    """The sLSTM block's multi-head group norm on the scan's output, in the block's layout.
+
+    ``y_tm: (S, NH, B, DH)`` (:func:`slstm_scan_time_major`), ``weight: (NH * DH,)``; each head's
+    units normalised on their own (a layer norm without affine, as F.layer_norm), times one
+    weight per unit; returns ``(B, S, NH * DH)``. ``impl``: ``"native"`` the C kernel
+    ``blocks/csrc/slstm_norm.c`` (float32 on the CPU), ``"torch"`` torch's operators, ``"auto"``
+    the C kernel where it is loaded and applies.
+    """
+    S, NH, B, DH = y_tm.shape
+    w = weight.view(NH, DH)
+    if native.choose(impl, "slstm_norm", (y_tm, weight), _native_norm_library):
+        return _NativeGroupNorm.apply(y_tm, w, float(eps))
+    y = F.layer_norm(y_tm, (DH,), eps=eps) * w.view(NH, 1, DH)
+    return y.permute(2, 0, 1, 3).reshape(B, S, NH * DH)
+
+
 def slstm_projections(
     x_c: torch.Tensor,
     x: torch.Tensor,
@@ -525,9 +582,7 @@ class SLSTMBlock(Block):
         wx_tm = slstm_projections(x_c, x, self.w_i, self.w_f, self.w_z, self.w_o)
         y = slstm_scan_time_major(wx_tm, self.R, self.b.reshape(-1))  # (S, NH, B, DH)
         # multi-head group norm: each head's units normalised on their own, one weight per unit
-        y = F.layer_norm(y, (self.head_dim,), eps=1e-5)
-        y = y * self.group_norm_weight.view(self.num_heads, 1, self.head_dim)
-        return y.permute(2, 0, 1, 3).reshape(B, S, D)
+        return slstm_group_norm(y, self.group_norm_weight, eps=1e-5)
 
     def ffn(self, u: torch.Tensor) -> torch.Tensor:
         return self.ffn_down(glu(self.ffn_up(u), "gelu"))

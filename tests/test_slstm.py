@@ -444,3 +444,33 @@ def test_projections_the_kernel_cannot_take_run_on_torch():
     assert y.shape == (3, 2, 2, 4, 5)
     with pytest.raises(RuntimeError, match="multiples of 8"):
         slstm_projections(x, x, *ws, impl="native")
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("S, NH, B, DH", [(7, 4, 3, 8), (5, 2, 2, 16), (3, 3, 2, 5)])
+def test_group_norm_matches_layer_norm_per_head(impl, threads, S, NH, B, DH):
+    # against F.layer_norm written out in float64: each (step, head, batch element) row of DH
+    # units normalised, times its head's weights, then laid out as (B, S, NH DH)
+    from blocks.slstm import slstm_group_norm
+
+    y = 3.0 * torch.randn(S, NH, B, DH) + 1.0
+    w = torch.randn(NH * DH)
+    d_out = torch.randn(B, S, NH * DH)
+    y64, w64 = y.double().requires_grad_(), w.double().requires_grad_()
+    mu = y64.mean(-1, keepdim=True)
+    var = ((y64 - mu) ** 2).mean(-1, keepdim=True)
+    ref = ((y64 - mu) / torch.sqrt(var + 1e-5) * w64.view(NH, 1, DH)).permute(2, 0, 1, 3)
+    ref = ref.reshape(B, S, NH * DH)
+    grads_ref = torch.autograd.grad(ref, (y64, w64), d_out.double())
+    y32, w32 = y.requires_grad_(), w.requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = slstm_group_norm(y32, w32, impl=impl)
+        grads = torch.autograd.grad(out, (y32, w32), d_out)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_rel(out, ref.detach().float(), 1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_rel(g, g_ref.float(), 1e-4)

@@ -78,7 +78,7 @@ class _NativeCausalConv(torch.autograd.Function):
         slots = native.slots(B)
         dw = x.new_zeros(slots, K, C)
         db = None if b is None else x.new_zeros(slots, C)
-        ws = x.new_empty(slots, S * 8)
+        ws = x.new_empty(slots, (S + K) * 8)
         p = native.pointer
         native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_bwd(
             b0, b1, S, C, K, ctx.act, p(x), None if sig is None else p(sig), p(w),

@@ -166,11 +166,12 @@ def test_native_off_switch_and_failed_build_fall_back_to_torch(tmp_path):
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("channels,kernel,seq,bias", [
     (5, 4, 11, True), (64, 4, 47, True), (16, 4, 2, False), (24, 2, 9, True), (8, 1, 5, False),
-    (12, 3, 10, True), (8, 20, 23, True)])
+    (12, 3, 10, True), (8, 20, 23, True), (256, 4, 40, True)])
 def test_causal_depthwise_conv_matches_nn_conv1d(impl, activation, channels, kernel, seq, bias):
     # outputs and every gradient against nn.Conv1d (then F.silu) in float64: sequences shorter
     # than the kernel, channels past a multiple of eight (12) and a kernel longer than the C
-    # kernel keeps in registers (20) included
+    # kernel keeps in registers (20) and a sequence in several tiles of rows (256 channels: 16
+    # rows a tile) included
     conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1,
                            bias=bias)
     x = torch.randn(3, seq, channels, requires_grad=True)

@@ -14,7 +14,9 @@
  * registers, and the rows read are the last K (in L1). With SiLU the forward also writes
  * s = sigmoid(z) (`sig`, the layout of y; NULL: not kept), and the backward recomputes z (K
  * multiply-adds) for SiLU's derivative, SiLU'(z) = s (1 + z (1 - s)), keeping dz of the eight
- * channels for the whole sequence in `ws` (S x 8 floats) before the convolution's adjoint.
+ * channels in `ws` ((S + K) x 8 floats) before the convolution's adjoint. The sequence goes in
+ * tiles of rows whose slice of x (and dy, sigmoid) stays in L1 while the channel blocks cross
+ * it: at wide inner sizes (256 channels) a whole sequence per channel block does not.
  * Channels past the last multiple of eight take the same steps one float at a time.
  * Each call handles batch elements [b0, b1); dw and db accumulate into the caller's buffers.
  */
@@ -26,6 +28,10 @@
 
 #define KMAX 16 /* kernels up to this length keep their weights in registers */
 
+
+/* rows per tile of the sequence: a tile's rows of x, dy and sigmoid stay in L1 (about 16 KB
+ * each) while the eight-channel blocks go across them */
+static inline int64_t tile_rows(int64_t C) { return C >= 512 ? 8 : 4096 / (C > 8 ? C : 8); }
 
 static inline float sigmoid_s(float z) { return 1.0f / (1.0f + expf(-z)); }
 
@@ -52,11 +58,13 @@ V8_INLINE void fwd_seq(const float *xb, float *yb, float *sb, int64_t S, int64_t
                        int64_t act, const float *w, const float *bias)
 {
     const int64_t C8 = K <= KMAX ? C - C % 8 : 0;
+    const int64_t TT = tile_rows(C);
+    for (int64_t t0 = 0; t0 < S; t0 += TT)
     for (int64_t c0 = 0; c0 < C8; c0 += 8) {
         vf wv[KMAX];
         for (int64_t k = 0; k < K; k++) wv[k] = v_load(w + k * C + c0);
         const vf bv = bias ? v_load(bias + c0) : v_zero();
-        for (int64_t t = 0; t < S; t++) {
+        for (int64_t t = t0; t < (t0 + TT < S ? t0 + TT : S); t++) {
             const vf z = conv_at(xb, C, K, t, c0, wv, bv);
             if (act) {
                 const vf sg = v_sigmoid(z);
@@ -93,38 +101,39 @@ V8_INLINE void bwd_seq(const float *xb, const float *sb, const float *dyb, float
                        int64_t C, int64_t K, int64_t act, const float *w, const float *bias,
                        float *dw, float *db, float *ws)
 {
-    const int64_t C8 = K <= KMAX ? C - C % 8 : 0;
+    const int64_t C8 = K <= KMAX ? C - C % 8 : 0, TT = tile_rows(C);
     {
+        for (int64_t t0 = 0; t0 < S; t0 += TT)
         for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+            const int64_t t1 = t0 + TT < S ? t0 + TT : S, e = t1 + K - 1 < S ? t1 + K - 1 : S;
             vf wv[KMAX], dwv[KMAX], dbv = v_zero();
             for (int64_t k = 0; k < K; k++) {
                 wv[k] = v_load(w + k * C + c0);
                 dwv[k] = v_zero();
             }
             const vf bv = bias ? v_load(bias + c0) : v_zero();
-            /* dz for the whole sequence, then the adjoint of the convolution */
-            const float *dz = dyb + c0;
-            int64_t dz_stride = C;
-            if (act) {
-                for (int64_t t = 0; t < S; t++) {
+            /* dz of the tile's rows and the K - 1 after them (ws row u - t0), then the adjoint
+             * of the convolution for the tile's rows */
+            if (act)
+                for (int64_t t = t0; t < e; t++) {
                     const vf z = conv_at(xb, C, K, t, c0, wv, bv), sg = v_load(sb + t * C + c0);
-                    v_store(ws + t * 8, v_load(dyb + t * C + c0) * (sg * (1.0f + z * (1.0f - sg))));
+                    v_store(ws + (t - t0) * 8,
+                            v_load(dyb + t * C + c0) * (sg * (1.0f + z * (1.0f - sg))));
                 }
-                dz = ws;
-                dz_stride = 8;
-            }
-            for (int64_t t = 0; t < S; t++) {
+#define DZ(u) (act ? v_load(ws + ((u) - t0) * 8) : v_load(dyb + (u) * C + c0))
+            for (int64_t t = t0; t < t1; t++) {
                 /* y[t + K - 1 - k] read x[t] with w[k]; y[t] read x[t - K + 1 + k] with w[k] */
-                const vf dzt = v_load(dz + t * dz_stride);
+                const vf dzt = DZ(t);
                 vf dxt = v_zero();
                 for (int64_t k = 0; k < K; k++) {
                     const int64_t u = t + K - 1 - k, s = t - K + 1 + k;
-                    if (u < S) dxt += wv[k] * v_load(dz + u * dz_stride);
+                    if (u < S) dxt += wv[k] * DZ(u);
                     if (s >= 0) dwv[k] += dzt * v_load(xb + s * C + c0);
                 }
                 dbv += dzt;
                 v_store(dxb + t * C + c0, dxt);
             }
+#undef DZ
             for (int64_t k = 0; k < K; k++)
                 v_store(dw + k * C + c0, v_load(dw + k * C + c0) + dwv[k]);
             if (db) v_store(db + c0, v_load(db + c0) + dbv);
@@ -153,7 +162,7 @@ V8_INLINE void bwd_seq(const float *xb, const float *sb, const float *dyb, float
     }
 }
 
-/* sig: the forward's (act 1; unused otherwise); ws: S * 8 floats */
+/* sig: the forward's (act 1; unused otherwise); ws: (S + K) * 8 floats */
 void mad_causal_conv_bwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K, int64_t act,
                          const float *x, const float *sig, const float *w, const float *bias,
                          const float *dy, float *dx, float *dw, float *db, float *ws)

@@ -480,8 +480,7 @@ def _lanes_backward(q, k, v, i_pre, f_pre, saved, ckpt, T, eps, dh, di=None, df=
     DV = v.shape[-1]
     P = B * NH
     groups = -(-P // 8)
-    if dh.stride(-1) != 1:
-        dh = dh.contiguous()
+    dh = _last_axis_contiguous(dh)
     dq = q.new_empty(B, S, NH, DQK).transpose(1, 2)
     dk = q.new_empty(B, S, NH, DQK).transpose(1, 2)
     dv = q.new_empty(B, S, NH, DV).transpose(1, 2)

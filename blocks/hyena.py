@@ -41,9 +41,9 @@ DECAY_FAST_PCT, DECAY_SLOW_PCT, DECAY_TARGET = 0.3, 1.5, 1e-2
 
 # fft_causal_conv multiplies by the Toeplitz matrix instead of going through the FFT up to this
 # many steps, where it was measured faster (forward + backward, one thread, batch 64 x 256
-# channels: 18.6 against 27.7 ms at 64 steps, 37 / 44 at 96, even at 128, slower beyond; at 47
-# steps and 128 channels 7.5 / 28).
-TOEPLITZ_MAX_SEQ = 96
+# channels, both forms with their own backward: 8.7 against 17.1 ms at 48 steps, 14.0 / 15.3
+# at 64, 29.5 / 23.9 at 96, 48.7 / 26.1 at 128).
+TOEPLITZ_MAX_SEQ = 64
 
 
 def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -56,13 +56,98 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     seq_len = u.shape[-1]
     if (seq_len <= TOEPLITZ_MAX_SEQ and k.dim() == 2 and u.dim() == 3
             and u.shape[1] == k.shape[0] and k.shape[1] == seq_len):
+        return _ToeplitzCausalConv.apply(u, k)
+    return _FFTCausalConv.apply(u, k)
+
+
+class _ToeplitzCausalConv(torch.autograd.Function):
+    """The Toeplitz form of :func:`fft_causal_conv` for ``u: (B, C, S)``, ``k: (C, S)``.
+
+    T[c, t, s] = k[c, t - s] (s <= t, else 0); per channel ``y = u T^T``, ``du = dy T`` and
+    dT = dy^T u (the batch summed by the product), whose diagonal t - s = j sums to dk[c, j].
+    The diagonals are read through a strided view of dT laid out in a zero-padded buffer of
+    2 S^2 per channel: entry (j, m) of the view, at offset j S + m (S + 1), is dT[c, j + m, m]
+    while j + m < S and padding beyond. Autograd's backward of the gather that builds T would
+    scatter-add S^2 entries per channel instead.
+    """
+
+    @staticmethod
+    def forward(ctx, u, k):
+        seq_len = u.shape[-1]
         pos = torch.arange(seq_len, device=u.device)
         lag = pos[:, None] - pos[None, :]
         toeplitz = k[:, lag.clamp(min=0)] * (lag >= 0)  # (C, t, s) = k[c, t - s], s <= t
+        ctx.save_for_backward(u, toeplitz)
         return torch.matmul(u.transpose(0, 1), toeplitz.transpose(1, 2)).transpose(0, 1)
-    n = 2 * seq_len
-    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)
-    return y[..., :seq_len]
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, toeplitz = ctx.saved_tensors
+        channels, seq_len = toeplitz.shape[0], toeplitz.shape[-1]
+        dy_c = dy.transpose(0, 1)  # (C, B, t)
+        du = dk = None
+        if ctx.needs_input_grad[0]:
+            du = torch.matmul(dy_c, toeplitz).transpose(0, 1)
+        if ctx.needs_input_grad[1]:
+            flat = dy.new_zeros(channels, 2 * seq_len * seq_len)
+            d_toeplitz = flat[:, : seq_len * seq_len].view(channels, seq_len, seq_len)
+            torch.matmul(dy_c.transpose(1, 2), u.transpose(0, 1), out=d_toeplitz)
+            diagonals = flat.as_strided(
+                (channels, seq_len, seq_len), (2 * seq_len * seq_len, seq_len, seq_len + 1)
+            )
+            dk = diagonals.sum(-1)
+        return du, dk
+
+
+class _FFTCausalConv(torch.autograd.Function):
+    """The FFT form of :func:`fft_causal_conv`, with a backward that stays in the frequency domain.
+
+    With n = 2S, U = rfft(u, n), K = rfft(k, n) and G = rfft(dy, n) (dy zero-padded too)::
+
+        y  = irfft(U K)[:S]
+        du = irfft(G conj(K))[:S]      du[s] = sum_{t>=s} k[t-s] dy[t]
+        dk = irfft(G conj(U))[:S]      dk[j] = sum_t dy[t] u[t-j], summed over broadcast axes
+
+    Each product's circular wrap-around lands on the zero padding, so these are the linear
+    correlations. Autograd's own backward of rfft goes through full complex FFTs of the padded
+    length; this one takes one rfft of dy and one irfft per gradient, and dk's broadcast sum is
+    taken on the spectrum, before its irfft.
+    """
+
+    @staticmethod
+    def forward(ctx, u, k):
+        seq_len = u.shape[-1]
+        n = 2 * seq_len
+        u_f, k_f = torch.fft.rfft(u, n=n), torch.fft.rfft(k, n=n)
+        ctx.save_for_backward(u_f, k_f)
+        ctx.shapes = (u.shape, k.shape)
+        return torch.fft.irfft(u_f * k_f, n=n)[..., :seq_len]
+
+    @staticmethod
+    def backward(ctx, dy):
+        u_f, k_f = ctx.saved_tensors
+        u_shape, k_shape = ctx.shapes
+        seq_len = dy.shape[-1]
+        n = 2 * seq_len
+        dy_f = torch.fft.rfft(dy, n=n)
+        du = dk = None
+        if ctx.needs_input_grad[0]:
+            du = _sum_to(torch.fft.irfft(dy_f * k_f.conj(), n=n)[..., :seq_len], u_shape)
+        if ctx.needs_input_grad[1]:
+            dk_f = _sum_to(dy_f * u_f.conj(), k_f.shape)
+            dk = _sum_to(torch.fft.irfft(dk_f, n=n)[..., :seq_len], k_shape)
+        return du, dk
+
+
+def _sum_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``x`` summed over the axes it was broadcast along, down to ``shape`` (leading axes too)."""
+    if x.shape == shape:
+        return x
+    extra = x.dim() - len(shape)
+    if extra:
+        x = x.sum(tuple(range(extra)))
+    axes = tuple(i for i, size in enumerate(shape) if size == 1 and x.shape[i] != 1)
+    return x.sum(axes, keepdim=True) if axes else x
 
 
 def heads_long_conv_fft(
@@ -269,11 +354,13 @@ class HyenaBlock(_HyenaBase):
         seq_len = x.shape[1]
         *gates, v = self._projections(x).split(self.inner, dim=1)  # each (B, D, S)
         h = self.filter(seq_len).view(self.order - 1, self.inner, seq_len)
-        bias = None if self.filter_bias is None else self.filter_bias.view(self.order - 1, -1, 1)
+        if self.filter_bias is not None:
+            # b_o v is the convolution with b_o at lag 0: folded into the filter's first tap, so
+            # the long convolution computes h_o * v + b_o v in one pass (and one backward)
+            bias = self.filter_bias.view(self.order - 1, -1, 1)
+            h = torch.cat([h[..., :1] + bias, h[..., 1:]], dim=-1)
         for o, gate in enumerate(reversed(gates[1:])):
-            v = v * gate
-            conv = fft_causal_conv(v, h[o])
-            v = conv if bias is None else conv + bias[o] * v
+            v = fft_causal_conv(v * gate, h[o])
         return self.out_proj((v * gates[0]).transpose(1, 2))
 
     def state_size(self, seq_len: int) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mad_search import tasks
+from mad_search.allocator import keep_freed_memory
 from mad_search.backend import train_plan
 from mad_search.model import count_params
 from mad_search.plan import RunPlan
@@ -17,6 +18,7 @@ from mad_search.plan import RunPlan
 
 def run_single(plan: RunPlan, out_dir: str | os.PathLike) -> dict:
     """Train ``plan``'s layer sequence on its task; write and return ``results.json``'s content."""
+    keep_freed_memory()
     if plan.threads:
         torch.set_num_threads(plan.threads)
     if plan.backend == "mlx":  # MLX's matrix products (OpenBLAS on Linux): the same threads

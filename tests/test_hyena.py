@@ -64,6 +64,23 @@ def test_fft_causal_conv_matches_direct_sum(low, high):
     )
 
 
+@pytest.mark.parametrize("u_shape,k_shape", [((2, 3, 4, 5), (3, 1, 1)), ((3, 2), ()), ((4,), (1,))])
+def test_fft_causal_conv_gradients_sum_over_broadcast_axes(u_shape, k_shape):
+    # the FFT path's own backward reduces dk over the axes k was broadcast along (multi-head
+    # Hyena convolves (B, H, hd, hd, S) with (H, 1, 1, S)); against the direct sum's autograd
+    S = int(torch.randint(TOEPLITZ_MAX_SEQ + 1, TOEPLITZ_MAX_SEQ + 30, ()).item())
+    u = torch.randn(*u_shape, S, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(*k_shape, S, dtype=torch.float64, requires_grad=True)
+    y, ref = fft_causal_conv(u, k), _direct_causal_conv(u, k.expand(*u_shape, S))
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (u, k), dy)
+    want = torch.autograd.grad(ref, (u, k), dy)
+    for g, g_ref in zip(got, want):
+        assert g.shape == g_ref.shape
+        torch.testing.assert_close(g, g_ref)
+
+
 def test_fft_causal_conv_is_not_circular():
     S = 16
     u = torch.zeros(1, S, dtype=torch.float64)

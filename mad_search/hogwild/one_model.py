@@ -53,6 +53,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from mad_search.allocator import keep_freed_memory
 from mad_search.model import aux_loss, build_model
 from mad_search.train import (
     TorchSteps,
@@ -405,6 +406,7 @@ def _worker(slot: int, plan: RunPlan, sh: _Shared) -> None:
     """Spawn target: quiet Ctrl-C (the parent stops the run), one thread budget, the loop; an
     error is reported as one line and stops every worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
     torch.set_num_threads(sh.threads)
     try:
         _loop(slot, plan, sh)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mad_search.allocator import keep_freed_memory
 from mad_search.hogwild.messages import Ready, Report, Stop, TrialEnd, TrialJob, Verdict
 from mad_search.hogwild.table import NonFiniteUpdate, SharedTable, TableEmbedding
 
@@ -177,6 +178,7 @@ def _diverged(plan, reason: str) -> dict:
 def worker_main(slot: int, conn, threads: int, backend: str = "torch") -> None:
     """Entry point of a spawned worker process (``backend`` torch or mlx)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C for everyone
+    keep_freed_memory()
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     if backend == "mlx":  # MLX's matrix products: OpenBLAS on Linux, this many threads

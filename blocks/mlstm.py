@@ -53,15 +53,17 @@ __all__ = ["MLSTMBlock", "mlstm_chunkwise", "mlstm_gates", "mlstm_native", "mlst
 CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 
 # cell="auto" on the CPU in float32 runs the recurrent form as a C kernel: for heads up to
-# LANES_MAX_HEAD at every length, the eight-lane kernel (blocks/csrc/mlstm8.c); for larger heads
-# the row kernel (blocks/csrc/mlstm.c) from NATIVE_MIN_SEQ steps, and for heads above
-# NATIVE_SMALL_HEAD only beyond 128 steps (where the parallel form gives way to the chunkwise one).
-# Measured, forward + backward, one thread, CPU time. Eight-lane / row kernel / parallel form,
-# heads of 16 (batch 64 x 4 heads): 0.62 / 0.97 / 1.09 ms at 8 steps, 1.0 / 1.8 / 1.9 at 16,
-# 2.7 / 5.0 / 9.1 at 47, 10.2 / 14.2 / 33.4 at 128; heads of 8 (64 x 2) at 47: 0.74 / 1.8 / 3.6;
-# heads of 32 (32 x 4): 4.7 / 5.1 / 4.0 at 47, 17.8 / 14.1 / 20.8 at 128; heads of 64 (16 x 4):
-# 101 / 22 / 17.6 at 128 (eight 64 x 64 states leave the cache). Row kernel / the better torch
-# form, heads of 32: 29.2 / 45.5 at 128; heads of 64: 52.4 / 77.4 at 256, 138 / 154 at 512.
+# LANES_MAX_HEAD the eight-lane kernel (blocks/csrc/mlstm8.c), for larger heads the row kernel
+# (blocks/csrc/mlstm.c): at every length for heads up to NATIVE_SMALL_HEAD, from NATIVE_MIN_SEQ
+# steps beyond (shorter, the parallel form). Measured, forward + backward, one thread, CPU time.
+# Cells alone, eight-lane / row kernel / parallel form, heads of 16 (batch 64 x 4 heads): 0.62 /
+# 0.97 / 1.09 ms at 8 steps, 1.0 / 1.8 / 1.9 at 16, 2.7 / 5.0 / 9.1 at 47, 10.2 / 14.2 / 33.4
+# at 128; heads of 8 (64 x 2) at 47: 0.74 / 1.8 / 3.6; heads of 64 (16 x 4): 101 / 22 / 17.6 at
+# 128 (eight 64 x 64 states leave the cache). Whole block, batch 16, row kernel / auto's torch
+# form (median of 15, 2026-12-05, after the row kernel's vector loops and in-place layout):
+# heads of 32 (d_model 64): 1.72 / 2.57 ms at 8 steps, 2.42 / 2.83 at 16, 3.90 / 4.50 at 32,
+# 7.0 / 9.5 at 64, 11.8 / 13.6 at 96; heads of 64 (d_model 128): 9.35 / 9.16 at 32, 20.7 / 19.3
+# at 64, 25.2 / 24.4 at 80, 29.1 / 31.2 at 96, 40.5 / 44.2 at 128.
 LANES_MAX_HEAD = 16
 CELL_EPS = 1e-6  # the normaliser's eps in every form of the cell (the official default)
 NATIVE_MIN_SEQ = 96
@@ -384,52 +386,90 @@ def mlstm_chunkwise(
 
 def _native_cell_library():
     I64, F32, PTR = native.I64, native.F32, native.PTR
-    return native.library("mlstm", {"mad_mlstm_fwd": [I64] * 5 + [F32] + [PTR] * 10,
-                                    "mad_mlstm_bwd": [I64] * 5 + [F32] + [PTR] * 15})
+    head = [I64] * 6 + [PTR, PTR, F32]
+    return native.library("mlstm", {"mad_mlstm_fwd": head + [PTR] * 10,
+                                    "mad_mlstm_bwd": head + [PTR] * 15})
+
+
+def _lane_strides(t: torch.Tensor) -> torch.Tensor:
+    """(batch, head, step) element strides of a (B, NH, S, D) tensor, for ``mlstm.c``."""
+    return torch.tensor(t.stride()[:3], dtype=torch.int64)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its last axis is contiguous and ``empty_like`` keeps its strides, else a
+    contiguous copy, so that outputs made with ``empty_like`` share its layout."""
+    if t.stride(-1) == 1 and torch.empty_like(t).stride() == t.stride():
+        return t
+    return t.contiguous()
+
+
+def _like_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s strides (a copy only where they differ)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
+def _rows_forward(q, k, v, i_pre, f_pre, eps):
+    """``blocks/csrc/mlstm.c``'s forward: h in v's layout, and what the backward needs."""
+    lib = _native_cell_library()
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    P = B * NH
+    q, v = _dense(q), _dense(v)
+    k = _like_layout(k, q)
+    i_pre, f_pre = i_pre.contiguous(), f_pre.contiguous()
+    h, hnum = torch.empty_like(v), v.new_empty(B, NH, S, DV)
+    m, qn = torch.empty_like(i_pre), torch.empty_like(i_pre)
+    ws = q.new_empty(native.slots(P), 2 * (DQK * DV + DQK))
+    sq, sv = _lane_strides(q), _lane_strides(v)
+    p = native.pointer
+    native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_fwd(
+        p0, p1, S, DQK, DV, NH, p(sq), p(sv), eps, p(q), p(k), p(v), p(i_pre), p(f_pre),
+        p(h), p(hnum), p(m), p(qn), p(ws[slot])))
+    return h, (q, k, v, i_pre, f_pre, hnum, m, qn)
+
+
+def _rows_backward(saved, eps, dh):
+    """``blocks/csrc/mlstm.c``'s backward: dq, dk, dv in the layouts of q, k (as q) and v; di, df
+    contiguous (B, NH, S)."""
+    lib = _native_cell_library()
+    q, k, v, i_pre, f_pre, hnum, m, qn = saved
+    B, NH, S, DQK = q.shape
+    DV = v.shape[-1]
+    P = B * NH
+    dh = _like_layout(dh, v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(v)
+    di, df = torch.empty_like(i_pre), torch.empty_like(f_pre)
+    QV = DQK * DV
+    ws = q.new_empty(native.slots(P), (S + 2) * QV + (S + 1) * DQK + 5 * DQK + 2 * DV)
+    sq, sv = _lane_strides(q), _lane_strides(v)
+    p = native.pointer
+    native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_bwd(
+        p0, p1, S, DQK, DV, NH, p(sq), p(sv), eps, p(q), p(k), p(v), p(i_pre), p(f_pre),
+        p(hnum), p(m), p(qn), p(dh), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
+    return dq, dk, dv, di, df
 
 
 class _NativeMLSTM(torch.autograd.Function):
     """The recurrent form by the C kernel ``blocks/csrc/mlstm.c``, one lane (batch x head) at a
     time; the backward recomputes a lane's states. Saves the inputs, C^T q, q . n and the
-    stabiliser per step."""
+    stabiliser per step. q, k, v are read where they lie (any strides with the last axis
+    contiguous), h and the gradients are written in the layout of v, q and q: the block's
+    (B, S, NH, D) memory passes through without copies."""
 
     @staticmethod
     def forward(ctx, q, k, v, i_pre, f_pre, eps):
-        lib = _native_cell_library()
-        B, NH, S, DQK = q.shape
-        DV = v.shape[-1]
-        P = B * NH
-        q, k, v, i_pre, f_pre = (t.contiguous() for t in (q, k, v, i_pre, f_pre))
-        h, hnum = torch.empty_like(v), torch.empty_like(v)
-        m, qn = torch.empty_like(i_pre), torch.empty_like(i_pre)
-        ws = q.new_empty(native.slots(P), 2 * (DQK * DV + DQK))
-        p = native.pointer
-        native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_fwd(
-            p0, p1, S, DQK, DV, eps, p(q), p(k), p(v), p(i_pre), p(f_pre), p(h), p(hnum), p(m),
-            p(qn), p(ws[slot])))
-        ctx.save_for_backward(q, k, v, i_pre, f_pre, hnum, m, qn)
+        h, saved = _rows_forward(q, k, v, i_pre, f_pre, eps)
+        ctx.save_for_backward(*saved)
         ctx.eps = eps
         return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        lib = _native_cell_library()
-        q, k, v, i_pre, f_pre, hnum, m, qn = ctx.saved_tensors
-        B, NH, S, DQK = q.shape
-        DV = v.shape[-1]
-        P = B * NH
-        dh = dh.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        di, df = torch.empty_like(i_pre), torch.empty_like(f_pre)
-        QV = DQK * DV
-        ws = q.new_empty(native.slots(P),
-                         (S + 2) * QV + (S + 1) * DQK + 5 * DQK + 2 * DV)
-        p = native.pointer
-        native.parallel(P, lambda slot, p0, p1: lib.mad_mlstm_bwd(
-            p0, p1, S, DQK, DV, ctx.eps, p(q), p(k), p(v), p(i_pre), p(f_pre), p(hnum), p(m),
-            p(qn), p(dh), p(dq), p(dk), p(dv), p(di), p(df), p(ws[slot])))
-        return dq, dk, dv, di, df, None
+        return (*_rows_backward(ctx.saved_tensors, ctx.eps, dh), None)
 
 
 def _native_lanes_library():
@@ -521,45 +561,64 @@ class _NativeMLSTM8(torch.autograd.Function):
         return (*_lanes_backward(q, k, v, i_pre, f_pre, saved, ckpt, ctx.T, ctx.eps, dh), None)
 
 
-class _NativeGatedMLSTM8(torch.autograd.Function):
-    """:func:`mlstm_gates` and the eight-lane cell in one autograd node, for the block:
+def _gates_backward(q, k, v, weight, d_gates, dq, dk, dv):
+    """The gates' part of the backward of a fused node: their part of dq, dk, dv added in place
+    (dq etc. are (B, NH, S, DH) views of (B, S, I) memory), the weight's and bias's gradients."""
+    B, S, I = q.shape
+    dg = d_gates.view(-1, d_gates.shape[-1])
+    for dx, w in zip((dq, dk, dv), _gate_parts(weight, I)):
+        dx.transpose(1, 2).view(-1, I).addmm_(dg, w)
+    d_weight = torch.cat([dg.t() @ x.view(-1, I) for x in (q, k, v)], dim=1)
+    dx_of = [t.transpose(1, 2).reshape(B, S, I) for t in (dq, dk, dv)]
+    return (*dx_of, d_weight, dg.sum(0))
+
+
+class _NativeGatedMLSTM(torch.autograd.Function):
+    """:func:`mlstm_gates` and a native cell in one autograd node, for the block:
     ``(q, k, v (B, S, I), weight (2 NH, 3I), bias) -> h`` (a (B, NH, S, DH) view of (B, S, I)
-    memory). The cell's backward writes the gates' gradient straight into a (B, S, 2 NH)
-    tensor, and the gates' products then add their part of dq, dk and dv in place (``addmm_``):
-    no separate gradients for autograd to sum."""
+    memory); ``kernel`` "lanes" (``mlstm8.c``) or "rows" (``mlstm.c``). The cell's backward
+    gives the gates' gradient as a (B, S, 2 NH) tensor (the eight-lane kernel writes it there
+    directly), and the gates' products then add their part of dq, dk and dv in place
+    (``addmm_``): no separate gradients for autograd to sum."""
 
     @staticmethod
-    def forward(ctx, q, k, v, weight, bias, num_heads, eps):
+    def forward(ctx, q, k, v, weight, bias, num_heads, eps, kernel):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, S, I = q.shape
         NH = num_heads
         gates = mlstm_gates(q, k, v, weight, bias)
         i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
         qh, kh, vh = (t.view(B, S, NH, I // NH).transpose(1, 2) for t in (q, k, v))
-        h, saved, ckpt, T = _lanes_forward(qh, kh, vh, i_pre, f_pre, eps)
-        ctx.save_for_backward(q, k, v, weight, gates, saved, ckpt)
-        ctx.NH, ctx.eps, ctx.T = NH, eps, T
+        if kernel == "lanes":
+            h, saved, ckpt, T = _lanes_forward(qh, kh, vh, i_pre, f_pre, eps)
+            ctx.save_for_backward(q, k, v, weight, gates, saved, ckpt)
+            ctx.T = T
+        else:
+            h, saved = _rows_forward(qh, kh, vh, i_pre, f_pre, eps)
+            ctx.save_for_backward(q, k, v, weight, gates, *saved[5:])  # hnum, m, qn
+        ctx.NH, ctx.eps, ctx.kernel = NH, eps, kernel
         return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        q, k, v, weight, gates, saved, ckpt = ctx.saved_tensors
+        q, k, v, weight, gates, *rest = ctx.saved_tensors
         B, S, I = q.shape
         NH = ctx.NH
         i_pre, f_pre = gates[..., :NH].transpose(1, 2), gates[..., NH:].transpose(1, 2)
         qh, kh, vh = (t.view(B, S, NH, I // NH).transpose(1, 2) for t in (q, k, v))
         d_gates = gates.new_empty(B, S, 2 * NH)
-        dq, dk, dv, _, _ = _lanes_backward(
-            qh, kh, vh, i_pre, f_pre, saved, ckpt, ctx.T, ctx.eps, dh,
-            di=d_gates[..., :NH].transpose(1, 2), df=d_gates[..., NH:].transpose(1, 2))
-        dg = d_gates.view(-1, 2 * NH)
-        for dx, w in zip((dq, dk, dv), _gate_parts(weight, I)):
-            # dq etc. are (B, NH, S, DH) views of (B, S, I) memory: (B S, I) rows
-            dx.transpose(1, 2).view(-1, I).addmm_(dg, w)
-        d_weight = torch.cat([dg.t() @ x.view(-1, I) for x in (q, k, v)], dim=1)
-        dx_of = [t.transpose(1, 2).reshape(B, S, I) for t in (dq, dk, dv)]
-        return (*dx_of, d_weight, dg.sum(0), None, None)
+        if ctx.kernel == "lanes":
+            saved, ckpt = rest
+            dq, dk, dv, _, _ = _lanes_backward(
+                qh, kh, vh, i_pre, f_pre, saved, ckpt, ctx.T, ctx.eps, dh,
+                di=d_gates[..., :NH].transpose(1, 2), df=d_gates[..., NH:].transpose(1, 2))
+        else:
+            saved = (qh, kh, vh, i_pre.contiguous(), f_pre.contiguous(), *rest)
+            dq, dk, dv, di, df = _rows_backward(saved, ctx.eps, dh)
+            d_gates[..., :NH] = di.transpose(1, 2)
+            d_gates[..., NH:] = df.transpose(1, 2)
+        return (*_gates_backward(q, k, v, weight, d_gates, dq, dk, dv), None, None, None)
 
 
 def mlstm_native(
@@ -848,8 +907,9 @@ class MLSTMBlock(Block):
 
     ``cell`` picks the form of the cell: "parallel", "chunkwise", "recurrent" (slow reference),
     "native" (the recurrent form as a C kernel; float32 on the CPU), or "auto": on the CPU in
-    float32 native for heads up to ``LANES_MAX_HEAD`` at any length, for larger heads from
-    ``NATIVE_MIN_SEQ`` steps (beyond 128 for heads above ``NATIVE_SMALL_HEAD``); otherwise
+    float32 native for heads up to ``NATIVE_SMALL_HEAD`` at any length (the eight-lane kernel up
+    to ``LANES_MAX_HEAD``, the row kernel beyond), for larger heads from ``NATIVE_MIN_SEQ``
+    steps; otherwise
     parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks on CUDA),
     chunkwise beyond; whichever measured faster.
 
@@ -960,8 +1020,8 @@ class MLSTMBlock(Block):
             return "recurrent" if dtype == torch.float64 else "parallel"
         if self.cell != "auto":
             return self.cell
-        if native_ok and (lanes or seq_len >= NATIVE_MIN_SEQ and (
-                self.head_dim <= NATIVE_SMALL_HEAD or seq_len > 128)):
+        if native_ok and (lanes or self.head_dim <= NATIVE_SMALL_HEAD
+                          or seq_len >= NATIVE_MIN_SEQ):
             return "native"
         cuda = torch.device(device).type == "cuda"
         max_chunks = AUTO_PARALLEL_MAX_CHUNKS_CUDA if cuda else AUTO_PARALLEL_MAX_CHUNKS
@@ -981,8 +1041,10 @@ class MLSTMBlock(Block):
         gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
         gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
         cell = self.cell_for(S, x.device, x.dtype)
-        if cell == "native" and DH <= LANES_MAX_HEAD:  # the eight-lane kernel, gates fused
-            h = _NativeGatedMLSTM8.apply(q, k, v, gate_weight, gate_bias, NH, CELL_EPS)
+        if cell == "native" and x.dtype == torch.float32 and x.device.type == "cpu":
+            # the native kernels with the gates fused
+            kernel = "lanes" if DH <= LANES_MAX_HEAD else "rows"
+            h = _NativeGatedMLSTM.apply(q, k, v, gate_weight, gate_bias, NH, CELL_EPS, kernel)
         else:
             # (B, S, 2 NH); the cells take (B, NH, S) views of it (the native ones in place)
             gates = mlstm_gates(q, k, v, gate_weight, gate_bias)

@@ -441,6 +441,36 @@ def test_native_cell_splits_lanes_over_threads(kernel):
 
 
 @needs_native
+@pytest.mark.parametrize("DQK,DV", [(8, 16), (12, 24), (6, 10)])  # vectors; vectors; plain loops
+def test_row_kernel_reads_and_writes_the_block_layout_in_place(DQK, DV):
+    # q, k, v as (B, NH, S, D) views of (B, S, NH, D) memory: the row kernel reads them where
+    # they lie and writes h and the gradients in the same layout (no lane-major copies); dh in
+    # another layout is accepted. Against autograd through the float64 recurrence.
+    B, NH, S = 2, 3, int(torch.randint(20, 40, ()).item())
+
+    def block_layout(D, positive=False):
+        t = torch.randn(B, S, NH, D)
+        return (t.abs() if positive else t).transpose(1, 2)
+
+    q, k, v = block_layout(DQK, True), block_layout(DQK, True), block_layout(DV)
+    i_pre, f_pre = torch.randn(B, NH, S), torch.randn(B, NH, S) + 3.0
+    args = [t.requires_grad_() for t in (q, k, v, i_pre, f_pre)]
+    dh = torch.randn(B, NH, S, DV)  # contiguous: not v's layout
+    ref_args = [t.detach().double().requires_grad_() for t in args]
+    ref = mlstm_recurrent(*ref_args)
+    ref_grads = torch.autograd.grad(ref, ref_args, dh.double())
+    h = mlstm_native(*args, kernel="rows")
+    assert h.stride() == v.stride()  # written in the block's layout
+    torch.testing.assert_close(h.double(), ref.detach(), rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(h, args, dh)
+    for name, g, g_ref, arg in zip("qkvif", grads, ref_grads, args):
+        if name in "qkv":
+            assert g.stride() == arg.stride(), name
+        err = ((g.double() - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-6)).item()
+        assert err < 1e-4, f"grad of {name}: relative error {err:.2e}"
+
+
+@needs_native
 def test_native_cell_reads_strided_inputs_and_short_segments(monkeypatch):
     # q, k, v as the block passes them (head views of one wide (B, S, X) tensor), the gates as
     # slices of one (B, 2 NH, S) tensor, dh transposed; checkpoint segments of 3 steps
@@ -511,13 +541,14 @@ def test_block_auto_picks_native_for_long_sequences_and_small_heads():
     assert small.cell_for(8, "cpu", torch.float32) == "native"
     assert small.cell_for(47, "cpu", torch.float32) == "native"
     assert small.cell_for(47, "cpu", torch.float64) != "native"
-    block = MLSTMBlock(64, 512, num_heads=4)  # inner 128: heads of 32
+    block = MLSTMBlock(64, 512, num_heads=4)  # inner 128: heads of 32, the row kernel always
     assert block.cell_for(200, "cpu", torch.float32) == "native"
-    assert block.cell_for(64, "cpu", torch.float32) != "native"   # short: the torch forms
+    assert block.cell_for(8, "cpu", torch.float32) == "native"
     assert block.cell_for(200, "cpu", torch.float64) != "native"
     assert block.cell_for(200) != "native"  # no dtype (the MLX twin): never the C kernel
-    large_heads = MLSTMBlock(128, 512, num_heads=4)  # heads of 64: native only beyond 128 steps
-    assert large_heads.cell_for(128, "cpu", torch.float32) == "parallel"
+    large_heads = MLSTMBlock(128, 512, num_heads=4)  # heads of 64: native from 96 steps
+    assert large_heads.cell_for(64, "cpu", torch.float32) == "parallel"
+    assert large_heads.cell_for(96, "cpu", torch.float32) == "native"
     assert large_heads.cell_for(256, "cpu", torch.float32) == "native"
     x = torch.randn(2, 100, 64)
     with torch.no_grad():
@@ -756,12 +787,14 @@ def test_output_kernel_refuses_what_it_cannot_run():
 
 
 @needs_native
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("B, S, NH, DH", [(3, 19, 4, 16), (2, 7, 3, 8), (1, 5, 5, 12)])
-def test_fused_gates_and_lanes_cell_equal_the_two_steps(B, S, NH, DH, threads):
+@pytest.mark.parametrize("B, S, NH, DH",
+                         [(3, 19, 4, 16), (2, 7, 3, 8), (1, 5, 5, 12), (2, 13, 2, 64)])
+def test_fused_gates_and_cell_equal_the_two_steps(B, S, NH, DH, threads, kernel):
     # the block's fused node (gates, cell, and the gates' gradients added into the cell's in
     # place) against mlstm_gates then mlstm_recurrent, in float64
-    from blocks.mlstm import _NativeGatedMLSTM8
+    from blocks.mlstm import _NativeGatedMLSTM
 
     I = NH * DH
     q, k = torch.randn(B, S, I).abs(), torch.randn(B, S, I).abs()  # q . n without cancellation
@@ -779,7 +812,7 @@ def test_fused_gates_and_lanes_cell_equal_the_two_steps(B, S, NH, DH, threads):
                                g[..., NH:].transpose(1, 2))
 
     def fused(q, k, v, W, b):
-        return _NativeGatedMLSTM8.apply(q, k, v, W, b, NH, 1e-6)
+        return _NativeGatedMLSTM.apply(q, k, v, W, b, NH, 1e-6, kernel)
 
     want = _grads_of(two_steps, inputs, dh, torch.float64)
     torch.set_num_threads(threads)

@@ -456,8 +456,8 @@ class _NativeMLSTM(torch.autograd.Function):
     """The recurrent form by the C kernel ``blocks/csrc/mlstm.c``, one lane (batch x head) at a
     time; the backward recomputes a lane's states. Saves the inputs, C^T q, q . n and the
     stabiliser per step. q, k, v are read where they lie (any strides with the last axis
-    contiguous), h and the gradients are written in the layout of v, q and q: the block's
-    (B, S, NH, D) memory passes through without copies."""
+    contiguous), h and dv are written in v's layout, dq and dk in q's: the block's (B, S, NH, D)
+    memory passes through without copies."""
 
     @staticmethod
     def forward(ctx, q, k, v, i_pre, f_pre, eps):

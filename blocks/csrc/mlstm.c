@@ -103,9 +103,9 @@ static void step_state_v8(int64_t DQK, int64_t DV, float fg, float ig, const flo
 
 /* ws: 2 DQK x DV + 2 DQK floats */
 void mad_mlstm_fwd(int64_t p0, int64_t p1, int64_t S, int64_t DQK, int64_t DV, int64_t NH,
-                   const int64_t *sq, const int64_t *sv, float eps, const float *q, const float *k, const float *v, const float *i_pre,
-                        const float *f_pre, float *h, float *hnum, float *m_out, float *qn_out,
-                        float *ws)
+                   const int64_t *sq, const int64_t *sv, float eps, const float *q,
+                   const float *k, const float *v, const float *i_pre, const float *f_pre,
+                   float *h, float *hnum, float *m_out, float *qn_out, float *ws)
 {
     const int vectors = DV % 8 == 0 && DQK % 4 == 0;
     const float scale = 1.0f / sqrtf((float)DQK);
@@ -213,10 +213,10 @@ static float adjoint_state_v8(int64_t DQK, int64_t DV, float fg, const float *re
 /* ws: (S + 2) DQK x DV (zeros, the states C_t, the adjoint dC) + (S + 1) DQK (zeros, the
  * states n_t) + 5 DQK + 2 DV floats */
 void mad_mlstm_bwd(int64_t p0, int64_t p1, int64_t S, int64_t DQK, int64_t DV, int64_t NH,
-                   const int64_t *sq, const int64_t *sv, float eps, const float *q, const float *k, const float *v, const float *i_pre,
-                        const float *f_pre, const float *hnum, const float *m_all,
-                        const float *qn_all, const float *dh, float *dq, float *dk, float *dv,
-                        float *di, float *df, float *ws)
+                   const int64_t *sq, const int64_t *sv, float eps, const float *q,
+                   const float *k, const float *v, const float *i_pre, const float *f_pre,
+                   const float *hnum, const float *m_all, const float *qn_all, const float *dh,
+                   float *dq, float *dk, float *dv, float *di, float *df, float *ws)
 {
     const int64_t QV = DQK * DV;
     const int vectors = DV % 8 == 0 && DQK % 4 == 0;

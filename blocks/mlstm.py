@@ -64,6 +64,10 @@ CELLS = ("auto", "parallel", "chunkwise", "recurrent", "native")
 # heads of 32 (d_model 64): 1.72 / 2.57 ms at 8 steps, 2.42 / 2.83 at 16, 3.90 / 4.50 at 32,
 # 7.0 / 9.5 at 64, 11.8 / 13.6 at 96; heads of 64 (d_model 128): 9.35 / 9.16 at 32, 20.7 / 19.3
 # at 64, 25.2 / 24.4 at 80, 29.1 / 31.2 at 96, 40.5 / 44.2 at 128.
+# With more torch threads the torch forms' products gain more than the row kernel's lanes do
+# (d_model 128, 2 threads, 2026-12-05: at 128 steps the row kernel 37.0 ms, the parallel form
+# 32.5), so there it runs from NATIVE_MIN_SEQ steps for heads up to NATIVE_SMALL_HEAD and beyond
+# 128 steps for larger heads, as measured before.
 LANES_MAX_HEAD = 16
 CELL_EPS = 1e-6  # the normaliser's eps in every form of the cell (the official default)
 NATIVE_MIN_SEQ = 96
@@ -409,6 +413,14 @@ def _like_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.stride() == like.stride():
         return t
     return torch.empty_like(like).copy_(t)
+
+
+def _row_kernel_pays(head_dim: int, seq_len: int) -> bool:
+    """Whether ``cell=auto`` runs the row kernel for heads of ``head_dim`` over ``seq_len`` steps
+    on the CPU in float32 (the measurements above the constants)."""
+    if torch.get_num_threads() == 1:  # a pool worker's setting
+        return head_dim <= NATIVE_SMALL_HEAD or seq_len >= NATIVE_MIN_SEQ
+    return seq_len >= NATIVE_MIN_SEQ and (head_dim <= NATIVE_SMALL_HEAD or seq_len > 128)
 
 
 def _rows_forward(q, k, v, i_pre, f_pre, eps):
@@ -907,9 +919,10 @@ class MLSTMBlock(Block):
 
     ``cell`` picks the form of the cell: "parallel", "chunkwise", "recurrent" (slow reference),
     "native" (the recurrent form as a C kernel; float32 on the CPU), or "auto": on the CPU in
-    float32 native for heads up to ``NATIVE_SMALL_HEAD`` at any length (the eight-lane kernel up
-    to ``LANES_MAX_HEAD``, the row kernel beyond), for larger heads from ``NATIVE_MIN_SEQ``
-    steps; otherwise
+    float32 native for heads up to ``LANES_MAX_HEAD`` (the eight-lane kernel) at any length; the
+    row kernel beyond, on one thread for heads up to ``NATIVE_SMALL_HEAD`` at any length and for
+    larger heads from ``NATIVE_MIN_SEQ`` steps (on more threads from ``NATIVE_MIN_SEQ`` steps, and
+    beyond 128 for heads above ``NATIVE_SMALL_HEAD``); otherwise
     parallel up to ``AUTO_PARALLEL_MAX_CHUNKS * chunk_size`` steps on CPU (16 chunks on CUDA),
     chunkwise beyond; whichever measured faster.
 
@@ -1020,8 +1033,7 @@ class MLSTMBlock(Block):
             return "recurrent" if dtype == torch.float64 else "parallel"
         if self.cell != "auto":
             return self.cell
-        if native_ok and (lanes or self.head_dim <= NATIVE_SMALL_HEAD
-                          or seq_len >= NATIVE_MIN_SEQ):
+        if native_ok and (lanes or _row_kernel_pays(self.head_dim, seq_len)):
             return "native"
         cuda = torch.device(device).type == "cuda"
         max_chunks = AUTO_PARALLEL_MAX_CHUNKS_CUDA if cuda else AUTO_PARALLEL_MAX_CHUNKS

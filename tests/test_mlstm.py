@@ -541,15 +541,24 @@ def test_block_auto_picks_native_for_long_sequences_and_small_heads():
     assert small.cell_for(8, "cpu", torch.float32) == "native"
     assert small.cell_for(47, "cpu", torch.float32) == "native"
     assert small.cell_for(47, "cpu", torch.float64) != "native"
-    block = MLSTMBlock(64, 512, num_heads=4)  # inner 128: heads of 32, the row kernel always
-    assert block.cell_for(200, "cpu", torch.float32) == "native"
-    assert block.cell_for(8, "cpu", torch.float32) == "native"
+    block = MLSTMBlock(64, 512, num_heads=4)  # inner 128: heads of 32
+    large_heads = MLSTMBlock(128, 512, num_heads=4)  # heads of 64
     assert block.cell_for(200, "cpu", torch.float64) != "native"
     assert block.cell_for(200) != "native"  # no dtype (the MLX twin): never the C kernel
-    large_heads = MLSTMBlock(128, 512, num_heads=4)  # heads of 64: native from 96 steps
-    assert large_heads.cell_for(64, "cpu", torch.float32) == "parallel"
-    assert large_heads.cell_for(96, "cpu", torch.float32) == "native"
-    assert large_heads.cell_for(256, "cpu", torch.float32) == "native"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # a pool worker: the row kernel always for heads of 32
+        assert block.cell_for(200, "cpu", torch.float32) == "native"
+        assert block.cell_for(8, "cpu", torch.float32) == "native"
+        assert large_heads.cell_for(64, "cpu", torch.float32) == "parallel"
+        assert large_heads.cell_for(96, "cpu", torch.float32) == "native"
+        torch.set_num_threads(2)  # the torch forms gain more from threads
+        assert block.cell_for(200, "cpu", torch.float32) == "native"
+        assert block.cell_for(64, "cpu", torch.float32) != "native"
+        assert large_heads.cell_for(128, "cpu", torch.float32) == "parallel"
+        assert large_heads.cell_for(256, "cpu", torch.float32) == "native"
+    finally:
+        torch.set_num_threads(threads)
     x = torch.randn(2, 100, 64)
     with torch.no_grad():
         auto = block(x)

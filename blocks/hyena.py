@@ -73,10 +73,7 @@ class _ToeplitzCausalConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, k):
-        seq_len = u.shape[-1]
-        pos = torch.arange(seq_len, device=u.device)
-        lag = pos[:, None] - pos[None, :]
-        toeplitz = k[:, lag.clamp(min=0)] * (lag >= 0)  # (C, t, s) = k[c, t - s], s <= t
+        toeplitz = _causal_toeplitz(k)
         ctx.save_for_backward(u, toeplitz)
         return torch.matmul(u.transpose(0, 1), toeplitz.transpose(1, 2)).transpose(0, 1)
 
@@ -120,23 +117,30 @@ class _FFTCausalConv(torch.autograd.Function):
         n = 2 * seq_len
         u_f, k_f = torch.fft.rfft(u, n=n), torch.fft.rfft(k, n=n)
         ctx.save_for_backward(u_f, k_f)
-        ctx.shapes = (u.shape, k.shape)
+        ctx.u_shape = u.shape
         return torch.fft.irfft(u_f * k_f, n=n)[..., :seq_len]
 
     @staticmethod
     def backward(ctx, dy):
         u_f, k_f = ctx.saved_tensors
-        u_shape, k_shape = ctx.shapes
         seq_len = dy.shape[-1]
         n = 2 * seq_len
         dy_f = torch.fft.rfft(dy, n=n)
         du = dk = None
         if ctx.needs_input_grad[0]:
-            du = _sum_to(torch.fft.irfft(dy_f * k_f.conj(), n=n)[..., :seq_len], u_shape)
+            du = _sum_to(torch.fft.irfft(dy_f * k_f.conj(), n=n)[..., :seq_len], ctx.u_shape)
         if ctx.needs_input_grad[1]:
             dk_f = _sum_to(dy_f * u_f.conj(), k_f.shape)
-            dk = _sum_to(torch.fft.irfft(dk_f, n=n)[..., :seq_len], k_shape)
+            dk = torch.fft.irfft(dk_f, n=n)[..., :seq_len]  # k's shape: dk_f has k_f's
         return du, dk
+
+
+def _causal_toeplitz(k: torch.Tensor) -> torch.Tensor:
+    """``(C, S) -> (C, S, S)``: T[c, t, s] = k[c, t - s] for s <= t, else 0."""
+    seq_len = k.shape[-1]
+    pos = torch.arange(seq_len, device=k.device)
+    lag = pos[:, None] - pos[None, :]
+    return k[:, lag.clamp(min=0)] * (lag >= 0)
 
 
 def _sum_to(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -174,9 +178,7 @@ def heads_long_conv_quadratic(
     Memory ~ B H S^2; cheaper than the FFT form when S is below about 2 hd^2.
     """
     seq_len = q.shape[-1]
-    pos = torch.arange(seq_len, device=q.device)
-    lag = pos[:, None] - pos[None, :]
-    toeplitz = h[:, lag.clamp(min=0)] * (lag >= 0)  # (H, S, S)
+    toeplitz = _causal_toeplitz(h)  # (H, S, S)
     if bias is not None:
         toeplitz = toeplitz + bias[:, None, None] * torch.eye(seq_len, device=q.device)
     scores = torch.einsum("bhdt,bhds->bhts", q, k) * toeplitz

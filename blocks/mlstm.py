@@ -607,7 +607,7 @@ class _NativeGatedMLSTM(torch.autograd.Function):
             ctx.T = T
         else:
             h, saved = _rows_forward(qh, kh, vh, i_pre, f_pre, eps)
-            ctx.save_for_backward(q, k, v, weight, gates, *saved[5:])  # hnum, m, qn
+            ctx.save_for_backward(q, k, v, weight, gates, *saved[3:])  # i~, f~, hnum, m, qn
         ctx.NH, ctx.eps, ctx.kernel = NH, eps, kernel
         return h
 
@@ -626,8 +626,7 @@ class _NativeGatedMLSTM(torch.autograd.Function):
                 qh, kh, vh, i_pre, f_pre, saved, ckpt, ctx.T, ctx.eps, dh,
                 di=d_gates[..., :NH].transpose(1, 2), df=d_gates[..., NH:].transpose(1, 2))
         else:
-            saved = (qh, kh, vh, i_pre.contiguous(), f_pre.contiguous(), *rest)
-            dq, dk, dv, di, df = _rows_backward(saved, ctx.eps, dh)
+            dq, dk, dv, di, df = _rows_backward((qh, kh, vh, *rest), ctx.eps, dh)
             d_gates[..., :NH] = di.transpose(1, 2)
             d_gates[..., NH:] = df.transpose(1, 2)
         return (*_gates_backward(q, k, v, weight, d_gates, dq, dk, dv), None, None, None)
@@ -1053,8 +1052,7 @@ class MLSTMBlock(Block):
         gate_weight = torch.cat([self.igate.weight, self.fgate.weight])
         gate_bias = torch.cat([self.igate.bias, self.fgate.bias])
         cell = self.cell_for(S, x.device, x.dtype)
-        if cell == "native" and x.dtype == torch.float32 and x.device.type == "cpu":
-            # the native kernels with the gates fused
+        if cell == "native":  # the native kernels (float32 on the CPU) with the gates fused
             kernel = "lanes" if DH <= LANES_MAX_HEAD else "rows"
             h = _NativeGatedMLSTM.apply(q, k, v, gate_weight, gate_bias, NH, CELL_EPS, kernel)
         else:

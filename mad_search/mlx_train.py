@@ -128,6 +128,19 @@ class MLXTableEmbedding(nn.Module):
             object.__setattr__(self, key, value)  # plain attributes, not parameters
         self.rows = mx.zeros((0, table.d_model))
 
+    def copy_weights(self) -> np.ndarray:
+        """A copy of the table's weights as they are now (for a checkpoint)."""
+        return self._view.copy()
+
+    def read_from(self, weights: np.ndarray | None) -> None:
+        """Read ``weights`` (a :meth:`copy_weights`) instead of the live table from now on;
+        ``None`` reads the table again. Updates still go to the table."""
+        if weights is not None and weights.shape != self.table.weight.shape:
+            raise ValueError(f"table copy of shape {weights.shape}, table "
+                             f"{tuple(self.table.weight.shape)}")
+        view = self.table.weight.numpy() if weights is None else weights
+        object.__setattr__(self, "_view", view)
+
     def read(self, tokens: np.ndarray) -> None:
         """Gather the rows ``tokens`` touch (a copy: other workers keep writing)."""
         ids, local = np.unique(tokens, return_inverse=True)
@@ -245,12 +258,17 @@ class MLXSteps:
     def snapshot(self):
         from mlx.utils import tree_flatten
 
-        # MLX updates replace arrays rather than writing into them: references are a copy
-        return [(k, v) for k, v in tree_flatten(self.model.parameters())
-                if not k.startswith("embedding.rows")]
+        # MLX updates replace arrays rather than writing into them: references are a copy. The
+        # shared table is written in place by every worker: its weights are copied.
+        params = [(k, v) for k, v in tree_flatten(self.model.parameters())
+                  if not k.startswith("embedding.rows")]
+        return {"params": params,
+                "table": None if self.table is None else self.table.copy_weights()}
 
     def restore(self, state):
-        self.model.load_weights(state, strict=False)
+        self.model.load_weights(state["params"], strict=False)
+        if self.table is not None:
+            self.table.read_from(state["table"])
 
 
 def train_plan_mlx(

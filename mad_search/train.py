@@ -419,10 +419,18 @@ class TorchSteps:
                         cfg.accuracy, self.device)
 
     def snapshot(self):
-        return copy.deepcopy(self.model.state_dict())
+        # A table outside the model (the Hogwild pool's) is not in its state_dict: its weights
+        # are copied too, or the test split would meet the selected blocks with a later table.
+        tables = {name: m.copy_weights() for name, m in self._tables()}
+        return {"model": copy.deepcopy(self.model.state_dict()), "tables": tables}
 
     def restore(self, state):
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(state["model"])
+        for name, m in self._tables():
+            m.read_from(state["tables"][name])
+
+    def _tables(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in self.model.named_modules() if hasattr(m, "copy_weights")]
 
 
 def run_loop(

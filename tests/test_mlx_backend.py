@@ -219,3 +219,46 @@ def test_blocks_benchmark_times_mlx_twins_beside_torch_blocks(tmp_path):
         assert result["mlx_vs_torch"][name]["d32_b2_s16"] > 0
     assert result["mlx"]["matmul_gflops"]["mlx"] > 0
     assert "mlx/torch" in bench_blocks.table(result)
+
+
+def test_mlx_best_checkpoint_brings_back_the_table_it_was_selected_with():
+    """As the torch backend: the best checkpoint's test evaluation reads the table as it was
+    at that validation, and restoring never writes the (possibly shared) table."""
+    import random
+
+    from mad_search.config import resolve
+    from mad_search.hogwild import SharedTable
+    from mad_search.mlx_train import MLXSteps, MLXTableEmbedding
+    from mad_search.mlx_train import build_model as build_mlx_model
+
+    plan = resolve({"task": {"name": "in_context_recall", "seq_len": 16,
+                             "num_train_examples": 64, "num_test_examples": 32},
+                    "model": {"d_model": 16, "pattern": "attention swiglu"},
+                    "train": {"max_steps": 8, "eval_every": 1, "batch_size": 8,
+                              "progress": False, "lr": 3e-3, "warmup_steps": 0},
+                    "backend": "mlx"})
+    data = tasks.as_tensors(tasks.build(plan.task_name, seed=random.randrange(100),
+                                        **plan.task_settings))
+    table = SharedTable(plan.task_info.vocab_size, plan.d_model, 1,
+                        seed=random.randrange(100), rule="sgd")
+    mx.random.seed(random.randrange(100))
+    model = build_mlx_model(plan)
+    model.embedding = MLXTableEmbedding(table, 0, lr=5.0)
+    steps = MLXSteps(model, plan.train, plan.task_info.num_classes)
+    x, y = data["train"]
+
+    def train(n):
+        for i in range(n):
+            steps.step(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8], 1.0, 1.0, i + 1)
+
+    train(2)
+    selected = steps.evaluate(*data["validation"])
+    state = steps.snapshot()
+    train(6)
+    assert steps.evaluate(*data["validation"])["loss"] != selected["loss"]
+    live = table.weight.clone()
+    steps.restore(state)
+    again = steps.evaluate(*data["validation"])
+    assert again["loss"] == pytest.approx(selected["loss"], abs=1e-5)
+    assert again["accuracy"] == selected["accuracy"]
+    assert torch.equal(table.weight, live)

@@ -130,7 +130,10 @@ class TableEmbedding(nn.Module):
 
     The table is deliberately not a parameter or buffer of this module: it never enters a
     ``state_dict``, a block optimiser or a checkpoint copy, and moving the model to a GPU leaves it
-    in CPU shared memory (only the touched rows travel).
+    in CPU shared memory (only the touched rows travel). The training loop's best-validation
+    checkpoint copies it through :meth:`copy_weights`; :meth:`read_from` then makes this module
+    read that copy (the test split is evaluated with the table the blocks were selected with),
+    never writing the table itself, which other workers may share.
     """
 
     def __init__(
@@ -143,17 +146,30 @@ class TableEmbedding(nn.Module):
         self._rows: torch.Tensor | None = None
         self._emb: torch.Tensor | None = None
         self._read_clock = 0
+        self._frozen: torch.Tensor | None = None
         self.num_embeddings, self.embedding_dim = table.vocab_size, table.d_model
         self._device_probe = nn.Parameter(torch.zeros(0), requires_grad=False)  # follows .to()
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.table.weight
+        return self.table.weight if self._frozen is None else self._frozen
+
+    def copy_weights(self) -> torch.Tensor:
+        """A copy of the table's weights as they are now (for a checkpoint)."""
+        return self.table.weight.detach().clone()
+
+    def read_from(self, weights: torch.Tensor | None) -> None:
+        """Read ``weights`` (a :meth:`copy_weights`) instead of the live table from now on;
+        ``None`` reads the table again. Updates still go to the table."""
+        if weights is not None and weights.shape != self.table.weight.shape:
+            raise ValueError(f"table copy of shape {tuple(weights.shape)}, table "
+                             f"{tuple(self.table.weight.shape)}")
+        self._frozen = weights
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows, local = torch.unique(tokens.cpu(), return_inverse=True)
         self._read_clock = self.table.clock()
-        emb = self.table.weight.index_select(0, rows)  # the read (a copy; others keep writing)
+        emb = self.weight.index_select(0, rows)  # the read (a copy; others keep writing)
         emb = emb.to(self._device_probe.device).requires_grad_(self.training)
         self._rows, self._emb = rows, emb
         return F.embedding(local.to(emb.device), emb)

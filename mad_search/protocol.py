@@ -15,6 +15,7 @@ is the scoring, kept free of any training so it can be checked on fabricated res
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,20 @@ LEVEL_KEYS = {
     "min_lr",
     "warmup_steps",
     "accuracy",
+    "per_task",
+}
+# What a level's ``per_task`` may set for one task (its budget and learning-rate grid); the width,
+# the settings and the scoring stay the level's, so the tasks of one level stay comparable.
+PER_TASK_KEYS = {
+    "lrs",
+    "weight_decays",
+    "batch_size",
+    "epochs",
+    "max_steps",
+    "max_train_examples",
+    "eval_every",
+    "warmup_steps",
+    "min_lr",
 }
 
 
@@ -94,6 +109,13 @@ class Level:
     min_lr: float
     accuracy: str = "macro"  # mad-lab's average; micro for a level of your own
     warmup_steps: int = 0  # linear warm-up before the cosine (mad-lab: none)
+    # (task, the level as that task runs it): budgets that differ by task (``per_task``)
+    per_task: tuple[tuple[str, Level], ...] = ()
+
+    def for_task(self, task: str) -> Level:
+        """The level as ``task``'s runs see it: ``per_task``'s settings for it laid over the
+        level's own."""
+        return dict(self.per_task).get(task, self)
 
     @classmethod
     def from_config(cls, name: str, node: Any) -> Level:
@@ -141,6 +163,28 @@ class Level:
         accuracy = node.get("accuracy", "macro")
         if accuracy not in ("macro", "micro"):
             raise ConfigError(f"{where}.accuracy must be macro or micro, got {accuracy!r}")
+        per_task = node.get("per_task") or {}
+        if not isinstance(per_task, dict):
+            raise ConfigError(f"{where}.per_task must map task names to settings, got {per_task!r}")
+        tasks = []
+        for task, override in per_task.items():
+            if task not in task_names:
+                raise ConfigError(
+                    f"{where}.per_task names {task!r}, which the level does not run; valid: "
+                    f"{', '.join(task_names)}"
+                )
+            if not isinstance(override, dict) or not override:
+                raise ConfigError(
+                    f"{where}.per_task.{task} must map settings to values, got {override!r}"
+                )
+            bad = sorted(set(override) - PER_TASK_KEYS)
+            if bad:
+                raise ConfigError(
+                    f"{where}.per_task.{task} cannot set {bad[0]!r}; valid: "
+                    f"{', '.join(sorted(PER_TASK_KEYS))}"
+                )
+            merged = {k: v for k, v in node.items() if k != "per_task"}
+            tasks.append((task, cls.from_config(f"{name}.per_task.{task}", {**merged, **override})))
         return cls(
             name=name,
             description=str(node.get("description") or ""),
@@ -166,6 +210,7 @@ class Level:
             min_lr=float(min_lr),
             accuracy=accuracy,
             warmup_steps=warmup,
+            per_task=tuple((t, dataclasses.replace(lv, name=name)) for t, lv in tasks),
         )
 
     def steps(self, num_train_examples: int) -> int:
@@ -202,10 +247,9 @@ def select_settings(level: Level, grid: list[dict]) -> list[dict]:
     out = []
     for entry in chosen:
         settings = dict(entry["settings"])
-        if level.max_train_examples is not None:
-            settings["num_train_examples"] = min(
-                settings["num_train_examples"], level.max_train_examples
-            )
+        cap = level.for_task(entry["task"]).max_train_examples
+        if cap is not None:
+            settings["num_train_examples"] = min(settings["num_train_examples"], cap)
         if level.num_test_examples is not None:
             settings["num_test_examples"] = level.num_test_examples
             settings["num_valid_examples"] = level.num_test_examples

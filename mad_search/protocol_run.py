@@ -137,20 +137,21 @@ def expand_runs(
     runs, probes = [], []
     for entry in select_settings(level, tasks.grid()):
         settings = entry["settings"]
+        budget = level.for_task(entry["task"])  # the level, or its per_task settings for it
         base = resolve(
             {
                 "task": {"name": entry["task"], **settings},
                 "model": model_cfg,
                 "train": {
                     **train_cfg,
-                    "batch_size": level.batch_size,
-                    "max_steps": level.steps(settings["num_train_examples"]),
+                    "batch_size": budget.batch_size,
+                    "max_steps": budget.steps(settings["num_train_examples"]),
                     "schedule": "cosine",
-                    "warmup_steps": level.warmup_steps,
-                    "min_lr": level.min_lr,
+                    "warmup_steps": budget.warmup_steps,
+                    "min_lr": budget.min_lr,
                     "betas": list(ADAMW_BETAS),
-                    "eval_every": level.eval_every
-                    or -(-settings["num_train_examples"] // level.batch_size),
+                    "eval_every": budget.eval_every
+                    or -(-settings["num_train_examples"] // budget.batch_size),
                     "target_accuracy": level.target_accuracy,
                     "accuracy": level.accuracy,
                     "progress": False,
@@ -159,8 +160,8 @@ def expand_runs(
             }
         )
         probes.append(base)
-        for lr in level.lrs:
-            for wd in level.weight_decays:
+        for lr in budget.lrs:
+            for wd in budget.weight_decays:
                 train = dataclasses.replace(base.train, lr=lr, weight_decay=wd)
                 try:
                     train.validate()

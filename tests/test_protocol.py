@@ -138,6 +138,13 @@ def test_cheap_level_caps_sizes_and_filters_settings():
         ({"accuracy": "weighted"}, "accuracy must be macro or micro"),
         ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
         ({"warmup_steps": 1.5}, "warmup_steps must be an integer >= 0"),
+        ({"per_task": ["selective_copying"]}, "per_task must map task names to settings"),
+        ({"per_task": {"mqar": {"max_steps": 5}}}, "per_task names 'mqar', which the level"),
+        ({"per_task": {"compression": {}}}, "per_task.compression must map settings"),
+        ({"per_task": {"compression": {"d_model": 32}}}, "cannot set 'd_model'; valid:"),
+        ({"per_task": {"compression": {"max_steps": 0}}},
+         "protocol.levels.x.per_task.compression.max_steps must be a positive integer"),
+        ({"per_task": {"compression": {"lrs": []}}}, "per_task.compression.lrs must be a non"),
     ],
 )
 def test_bad_levels_are_one_line_errors(change, fragment):
@@ -185,3 +192,35 @@ def test_a_levels_warm_up_reaches_every_run_and_mad_labs_levels_have_none():
     assert runs and {r.plan.train.warmup_steps for r in runs} == {warmup}
     runs, _ = expand_runs(Level.from_config("x", cheap), {"pattern": "mlstm"}, {})
     assert {r.plan.train.warmup_steps for r in runs} == {0}
+
+
+def test_per_task_budgets_reach_their_tasks_runs_and_only_theirs():
+    """A level's ``per_task`` settings (here a longer budget, its own learning rates and data
+    cap for selective copying) go to that task's runs; every other task keeps the level's."""
+    from mad_search.protocol_run import expand_runs
+
+    steps, longer = random.randint(5, 50), random.randint(60, 500)
+    lrs = sorted(random.sample([1e-3, 2e-3, 3e-3, 5e-3], 2))
+    cap = random.choice([256, 512])
+    node = {**FULL, "settings": "baseline", "max_steps": steps, "d_model": 16,
+            "tasks": ["in_context_recall", "selective_copying"], "lrs": [1e-3],
+            "weight_decays": [0.0],
+            "max_train_examples": 1024, "warmup_steps": 3,
+            "per_task": {"selective_copying": {"max_steps": longer, "lrs": lrs,
+                                               "max_train_examples": cap, "eval_every": 7}}}
+    level = Level.from_config("x", node)
+    assert level.for_task("in_context_recall") is level
+    runs, probes = expand_runs(level, {"pattern": "mlstm"}, {})
+    by_task = {}
+    for r in runs:
+        by_task.setdefault(r.task, []).append(r)
+    (recall,) = by_task["in_context_recall"]
+    assert (recall.lr, recall.plan.train.max_steps) == (1e-3, steps)
+    assert recall.plan.task_settings["num_train_examples"] == 1024
+    copying = by_task["selective_copying"]
+    assert [r.lr for r in copying] == lrs
+    for r in copying:
+        t = r.plan.train
+        assert (t.max_steps, t.eval_every, t.warmup_steps) == (longer, 7, 3)  # warm-up inherited
+        assert r.plan.task_settings["num_train_examples"] == cap
+        assert r.plan.d_model == 16

@@ -116,36 +116,23 @@ def test_adam_rule_matches_a_per_row_lazy_adam_reference():
     assert table.touches.tolist() == [k.get(r, 0) for r in range(V)]
 
 
-def _recall_plan(pattern="attention swiglu", backend="torch"):
+def recall_plan(backend="torch"):
+    """A small in-context recall run for the checkpoint tests (torch here, MLX in
+    ``test_mlx_backend``)."""
     from mad_search.config import resolve
 
     return resolve({"task": {"name": "in_context_recall", "seq_len": 16,
                              "num_train_examples": 64, "num_test_examples": 32},
-                    "model": {"d_model": 16, "pattern": pattern},
+                    "model": {"d_model": 16, "pattern": "attention swiglu"},
                     "train": {"max_steps": 8, "eval_every": 1, "batch_size": 8,
                               "progress": False, "lr": 3e-3, "warmup_steps": 0},
                     "backend": backend})
 
 
-@pytest.mark.parametrize("share", [False, True])
-def test_best_checkpoint_brings_back_the_table_it_was_selected_with(share):
-    """The table is outside the model's state_dict: restoring the best validation checkpoint
-    must also read the table as it was then (else the test split meets the selected blocks with
-    a later table), and must never write the table (other workers may share it)."""
-    from mad_search import tasks
-    from mad_search.model import build_model
-    from mad_search.train import TorchSteps
-
-    plan = _recall_plan()
-    data = tasks.as_tensors(tasks.build(plan.task_name, seed=random.randrange(100),
-                                        **plan.task_settings))
-    table = SharedTable(plan.task_info.vocab_size, plan.d_model, 1,
-                        seed=random.randrange(100), rule="sgd", share=share)
-    emb = TableEmbedding(table, slot=0, lr=5.0)
-    torch.manual_seed(random.randrange(100))
-    model = build_model(plan)
-    model.embedding = emb
-    steps = TorchSteps(model, plan.train, plan.task_info.num_classes, "cpu", emb.apply_update)
+def check_best_checkpoint_brings_back_the_table(steps, table, data, atol):
+    """Train ``steps`` (a backend's Steps, its model reading ``table``), snapshot, train on,
+    restore: the validation split must evaluate as at the snapshot, and the table must not have
+    been written by the restore. Returns the snapshot's validation metrics."""
     x, y = data["train"]
 
     def train(n):
@@ -161,8 +148,31 @@ def test_best_checkpoint_brings_back_the_table_it_was_selected_with(share):
     live = table.weight.clone()
     steps.restore(state)
     again = steps.evaluate(*data["validation"])
-    assert again["loss"] == pytest.approx(selected["loss"], abs=1e-6)
+    assert again["loss"] == pytest.approx(selected["loss"], abs=atol)
     assert again["accuracy"] == selected["accuracy"]
     assert torch.equal(table.weight, live)  # restoring read a copy, wrote nothing
+    return selected
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_best_checkpoint_brings_back_the_table_it_was_selected_with(share):
+    """The table is outside the model's state_dict: restoring the best validation checkpoint
+    must also read the table as it was then (else the test split meets the selected blocks with
+    a later table), and must never write the table (other workers may share it)."""
+    from mad_search import tasks
+    from mad_search.model import build_model
+    from mad_search.train import TorchSteps
+
+    plan = recall_plan()
+    data = tasks.as_tensors(tasks.build(plan.task_name, seed=random.randrange(100),
+                                        **plan.task_settings))
+    table = SharedTable(plan.task_info.vocab_size, plan.d_model, 1,
+                        seed=random.randrange(100), rule="sgd", share=share)
+    emb = TableEmbedding(table, slot=0, lr=5.0)
+    torch.manual_seed(random.randrange(100))
+    model = build_model(plan)
+    model.embedding = emb
+    steps = TorchSteps(model, plan.train, plan.task_info.num_classes, "cpu", emb.apply_update)
+    selected = check_best_checkpoint_brings_back_the_table(steps, table, data, atol=1e-6)
     emb.read_from(None)  # back to the live table
     assert steps.evaluate(*data["validation"])["loss"] != pytest.approx(selected["loss"], abs=1e-6)

@@ -226,17 +226,13 @@ def test_mlx_best_checkpoint_brings_back_the_table_it_was_selected_with():
     at that validation, and restoring never writes the (possibly shared) table."""
     import random
 
-    from mad_search.config import resolve
+    from test_hogwild_table import check_best_checkpoint_brings_back_the_table, recall_plan
+
     from mad_search.hogwild import SharedTable
     from mad_search.mlx_train import MLXSteps, MLXTableEmbedding
     from mad_search.mlx_train import build_model as build_mlx_model
 
-    plan = resolve({"task": {"name": "in_context_recall", "seq_len": 16,
-                             "num_train_examples": 64, "num_test_examples": 32},
-                    "model": {"d_model": 16, "pattern": "attention swiglu"},
-                    "train": {"max_steps": 8, "eval_every": 1, "batch_size": 8,
-                              "progress": False, "lr": 3e-3, "warmup_steps": 0},
-                    "backend": "mlx"})
+    plan = recall_plan("mlx")
     data = tasks.as_tensors(tasks.build(plan.task_name, seed=random.randrange(100),
                                         **plan.task_settings))
     table = SharedTable(plan.task_info.vocab_size, plan.d_model, 1,
@@ -245,20 +241,4 @@ def test_mlx_best_checkpoint_brings_back_the_table_it_was_selected_with():
     model = build_mlx_model(plan)
     model.embedding = MLXTableEmbedding(table, 0, lr=5.0)
     steps = MLXSteps(model, plan.train, plan.task_info.num_classes)
-    x, y = data["train"]
-
-    def train(n):
-        for i in range(n):
-            steps.step(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8], 1.0, 1.0, i + 1)
-
-    train(2)
-    selected = steps.evaluate(*data["validation"])
-    state = steps.snapshot()
-    train(6)
-    assert steps.evaluate(*data["validation"])["loss"] != selected["loss"]
-    live = table.weight.clone()
-    steps.restore(state)
-    again = steps.evaluate(*data["validation"])
-    assert again["loss"] == pytest.approx(selected["loss"], abs=1e-5)
-    assert again["accuracy"] == selected["accuracy"]
-    assert torch.equal(table.weight, live)
+    check_best_checkpoint_brings_back_the_table(steps, table, data, atol=1e-5)

@@ -204,7 +204,7 @@ def test_per_task_budgets_reach_their_tasks_runs_and_only_theirs():
     cap = random.choice([256, 512])
     node = {**FULL, "settings": "baseline", "max_steps": steps, "d_model": 16,
             "tasks": ["in_context_recall", "selective_copying"], "lrs": [1e-3],
-            "weight_decays": [0.0],
+            "weight_decays": [0.0], "epochs": None,  # max_steps alone sets the budget
             "max_train_examples": 1024, "warmup_steps": 3,
             "per_task": {"selective_copying": {"max_steps": longer, "lrs": lrs,
                                                "max_train_examples": cap, "eval_every": 7}}}

@@ -76,7 +76,10 @@ class ProtocolPlan(JobSource):
                 done.add(rid)
             elif t.state == TrialState.WAITING:
                 waiting.add(rid)
-        for run in self.runs:
+        # longest first (tokens to train: steps x batch x sequence length), so the pool's
+        # last runs are short ones and no worker idles long while another finishes a slow run
+        # (greedy longest-processing-time scheduling); a run's seed does not depend on order
+        for run in sorted(self.runs, key=lambda r: -run_cost(r.plan)):
             if run.id not in done and run.id not in waiting:
                 study.enqueue_trial(
                     {},
@@ -106,6 +109,12 @@ class ProtocolPlan(JobSource):
 
     def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
         return trial.user_attrs.get("run", "")
+
+
+def run_cost(plan: RunPlan) -> int:
+    """A run's training work in tokens at most (steps x batch x sequence length): the
+    protocol's estimate of how long the run takes, for ordering runs, not for reporting."""
+    return plan.train.max_steps * plan.train.batch_size * plan.task_info.seq_len
 
 
 def protocol_level(cfg: Any) -> tuple[Level, dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import open_dict
+from optuna.trial import TrialState
 
 from mad_search.errors import UserError
 from mad_search.protocol import aggregate
@@ -180,6 +182,38 @@ def test_the_packaged_levels_expand_to_their_runs():
         "baseline"
     }
     assert quick.hogwild.embedding == "private"  # each run its own table
+
+
+def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():
+    rng = random.Random()
+    steps = {t: rng.randrange(50, 5000) for t in ("in_context_recall", "selective_copying")}
+    level = (
+        "+protocol.levels.quick.per_task={"
+        + ", ".join(f"{t}: {{max_steps: {n}}}" for t, n in steps.items())
+        + "}"
+    )
+    protocol = validate_protocol(_cfg(level))
+    costs = {
+        r.id: r.plan.train.max_steps * r.plan.train.batch_size * r.plan.task_info.seq_len
+        for r in protocol.runs
+    }
+    assert len(set(costs.values())) > 2  # the order is a real choice
+    study = optuna.create_study(direction="maximize")
+    done = rng.choice(protocol.runs).id
+    protocol.prepare(study)
+    waiting = study.get_trials(deepcopy=False)
+    order = [t.user_attrs["run"] for t in sorted(waiting, key=lambda t: t.number)]
+    assert sorted(order) == sorted(costs)
+    assert [costs[r] for r in order] == sorted((costs[r] for r in order), reverse=True)
+    # a resumed study: one run complete, the others waiting again; only the rest is enqueued
+    study2 = optuna.create_study(direction="maximize")
+    study2.enqueue_trial({}, user_attrs={"run": done})
+    trial = study2.ask()
+    study2.tell(trial, 0.5)
+    todo, _ = protocol.prepare(study2)
+    again = [t.user_attrs["run"] for t in study2.get_trials(states=(TrialState.WAITING,))]
+    assert todo == len(costs) - 1 and sorted(again) == sorted(set(costs) - {done})
+    assert [costs[r] for r in again] == sorted((costs[r] for r in again), reverse=True)
 
 
 TINY_SWEEP_LEVEL = (

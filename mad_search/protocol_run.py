@@ -69,6 +69,7 @@ class ProtocolPlan(JobSource):
     def prepare(self, study: optuna.Study) -> tuple[int, str]:
         """Enqueue every run not yet complete (nor already waiting); returns how many trials
         this invocation runs."""
+        check_same_level(study, self.level)
         done, waiting = set(), set()
         for t in study.get_trials(deepcopy=False):
             rid = t.user_attrs.get("run")
@@ -109,6 +110,38 @@ class ProtocolPlan(JobSource):
 
     def label(self, trial: optuna.Trial, plans: list[RunPlan]) -> str:
         return trial.user_attrs.get("run", "")
+
+
+def level_budget(level: Level | dict) -> dict:
+    """What a level's runs are trained with, as JSON would store it: the level without its
+    name and descriptions (renaming or redescribing a level changes no run)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("name", "description")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    record = dataclasses.asdict(level) if isinstance(level, Level) else level
+    return strip(json.loads(json.dumps(record)))
+
+
+def check_same_level(study: optuna.Study, level: Level) -> None:
+    """A study resumed by a level whose settings changed would count runs trained at the old
+    budget as done (a run's id is its setting, learning rate and weight decay): one line."""
+    stored = study.user_attrs.get("protocol_level")
+    if stored is None:
+        return
+    old, new = level_budget(stored), level_budget(level)
+    if old == new:
+        return
+    key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+    raise ConfigError(
+        f"study {study.study_name!r} holds runs of other level settings ({key}: "
+        f"{old.get(key)!r} there, {new.get(key)!r} now); resume it with the settings it was "
+        f"made with, or start a new study with protocol.study_name=NAME"
+    )
 
 
 def run_cost(plan: RunPlan) -> int:

@@ -188,7 +188,7 @@ def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():
     rng = random.Random()
     steps = {t: rng.randrange(50, 5000) for t in ("in_context_recall", "selective_copying")}
     level = (
-        "+protocol.levels.quick.per_task={"
+        "++protocol.levels.quick.per_task={"
         + ", ".join(f"{t}: {{max_steps: {n}}}" for t, n in steps.items())
         + "}"
     )
@@ -214,6 +214,27 @@ def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():
     again = [t.user_attrs["run"] for t in study2.get_trials(states=(TrialState.WAITING,))]
     assert todo == len(costs) - 1 and sorted(again) == sorted(set(costs) - {done})
     assert [costs[r] for r in again] == sorted((costs[r] for r in again), reverse=True)
+
+
+def test_a_study_resumed_with_other_level_settings_is_one_line():
+    rng = random.Random()
+    steps = rng.randrange(50, 5000)
+    protocol = validate_protocol(_cfg(f"protocol.levels.quick.max_steps={steps}"))
+    study = optuna.create_study(direction="maximize", study_name="mad:quick:transformer")
+    protocol.prepare(study)
+    waiting = len(study.get_trials(deepcopy=False))
+    # renamed or redescribed, the same budget resumes
+    same = validate_protocol(
+        _cfg(f"protocol.levels.quick.max_steps={steps}", "protocol.levels.quick.description=x")
+    )
+    assert same.prepare(study)[0] == len(same.runs)
+    other = validate_protocol(_cfg(f"protocol.levels.quick.max_steps={steps + 1}"))
+    with pytest.raises(UserError) as err:
+        other.prepare(study)
+    msg = str(err.value)
+    assert "\n" not in msg and "mad:quick:transformer" in msg
+    assert f"max_steps: {steps} there, {steps + 1} now" in msg and "protocol.study_name" in msg
+    assert len(study.get_trials(deepcopy=False)) == waiting  # nothing enqueued
 
 
 TINY_SWEEP_LEVEL = (

@@ -114,7 +114,8 @@ class ProtocolPlan(JobSource):
 
 def level_budget(level: Level | dict) -> dict:
     """What a level's runs are trained with, as JSON would store it: the level without its
-    name and descriptions (renaming or redescribing a level changes no run)."""
+    name and descriptions (renaming or redescribing a level changes no run). A stored record
+    lacking a field the level gained later (``per_task``, ...) had that field's default."""
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
@@ -123,7 +124,14 @@ def level_budget(level: Level | dict) -> dict:
             return [strip(v) for v in value]
         return value
 
-    record = dataclasses.asdict(level) if isinstance(level, Level) else level
+    if isinstance(level, Level):
+        record = dataclasses.asdict(level)
+    else:
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(Level)
+            if f.default is not dataclasses.MISSING
+        }
+        record = {**defaults, **level}
     return strip(json.loads(json.dumps(record)))
 
 

@@ -235,6 +235,18 @@ def test_a_study_resumed_with_other_level_settings_is_one_line():
     assert "\n" not in msg and "mad:quick:transformer" in msg
     assert f"max_steps: {steps} there, {steps + 1} now" in msg and "protocol.study_name" in msg
     assert len(study.get_trials(deepcopy=False)) == waiting  # nothing enqueued
+    # a study recorded before the level gained fields with defaults (per_task) still resumes
+    plain = validate_protocol(_cfg("protocol.level=long"))  # a level with no per_task
+    study = optuna.create_study(direction="maximize", study_name="mad:long:transformer")
+    plain.prepare(study)
+    legacy = dict(study.user_attrs["protocol_level"])
+    del legacy["per_task"]
+    study.set_user_attr("protocol_level", legacy)
+    assert plain.prepare(study)[0] == len(plain.runs)
+    legacy["per_task"] = [["compression", dict(legacy)]]
+    study.set_user_attr("protocol_level", legacy)
+    with pytest.raises(UserError, match="per_task"):
+        plain.prepare(study)
 
 
 TINY_SWEEP_LEVEL = (

@@ -115,12 +115,12 @@ def test_blocks_benchmark_times_the_default_studys_size_first(tmp_path, capsys):
     assert code == 0, err
     rows = json.loads((tmp_path / "bench_blocks.json").read_text())["rows"]
     study = _study_size()
-    assert study == {"d_model": 32, "batch": 64, "seq_len": 47}  # conf/sweep/layer_patterns.yaml
+    assert study == {"d_model": 32, "batch": 64, "seq_len": 64}  # conf/sweep/layer_patterns.yaml
     sizes = [(r["block"], r["d_model"], r["batch"], r["seq_len"]) for r in rows]
-    assert sizes[:2] == [("mlstm", 32, 64, 47), ("swiglu", 32, 64, 47)]
+    assert sizes[:2] == [("mlstm", 32, 64, 64), ("swiglu", 32, 64, 64)]
     assert ("mlstm", 32, 2, 16) in sizes and ("swiglu", 32, 2, 16) in sizes
     assert all(r["seq_len"] == 16 for r in rows if r["source"] != "mad_search")
-    assert "d_model" in out and " 47 " in out
+    assert "d_model" in out and " 64 " in out
 
 
 def test_blocks_benchmark_says_so_when_the_official_package_is_missing(

@@ -17,7 +17,8 @@ import mad_search.bench as bench
 from mad_search.bench import _common as common
 from mad_search.bench import scaling
 
-TINY_TASK = "{seq_len: 32, num_train_examples: 256, num_test_examples: 64}"
+# the default study's task (selective copying) at a tiny size: 4 tokens to copy fit 32 positions
+TINY_TASK = "{seq_len: 32, num_tokens_to_copy: 4, num_train_examples: 256, num_test_examples: 64}"
 TINY_TRAIN = "{batch_size: 8}"
 
 
@@ -132,7 +133,8 @@ def test_inprocess_baseline_trains_the_trial_list_deterministically(tmp_path):
         storage=f"sqlite:///{tmp_path}/s.db",
         study_name="x",
         d_model=16,
-        task_settings={"seq_len": 16, "num_train_examples": 64, "num_test_examples": 16},
+        task_settings={"seq_len": 16, "num_tokens_to_copy": 4, "num_train_examples": 64,
+                       "num_test_examples": 16},
         train={"max_steps": 2, "eval_every": 2, "batch_size": 4},
     )
     first = common.run_inprocess(cfg, n_jobs=1, threads=1)
@@ -368,7 +370,7 @@ def test_sharing_smoke_writes_both_rankings_and_tau(tmp_path):
 @pytest.mark.slow
 def test_agreement_smoke_scores_each_pattern_twice_and_compares_the_rankings(tmp_path):
     config = (
-        "{task.seq_len: 32, task.num_train_examples: 256, task.num_test_examples: 64, "
+        "{task.seq_len: 32, task.num_tokens_to_copy: 4, task.num_train_examples: 256, task.num_test_examples: 64, "
         "model.d_model: 16, train.max_steps: 4, train.eval_every: 2, train.batch_size: 8, "
         "train.warmup_steps: 1, study.n_trials: 4, hogwild.workers: 2, "
         "hogwild.threads_per_worker: 1}"

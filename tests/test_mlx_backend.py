@@ -88,7 +88,7 @@ def _mixed_cfg(tmp_path, backends, patterns, n_trials=4):
     from hydra import compose, initialize_config_module
     from omegaconf import open_dict
 
-    overrides = ["+sweep=layer_patterns", "task.seq_len=32", "task.num_train_examples=512",
+    overrides = ["+sweep=layer_patterns", "task=in_context_recall", "task.seq_len=32", "task.num_train_examples=512",
                  "task.num_test_examples=128", "model.d_model=32", "train.max_steps=30",
                  "train.eval_every=10", "train.batch_size=16", "hogwild.threads_per_worker=1",
                  f"hogwild.backends={backends}", f"study.n_trials={n_trials}",
@@ -187,7 +187,8 @@ def test_mixed_benchmark_runs_every_setup_and_checks_parity(tmp_path):
     from mad_search.bench import mixed
 
     result = _bench("mixed", tmp_path, "trials=2", "max_steps=4",
-                    "task_settings={seq_len: 32, num_train_examples: 256, num_test_examples: 64}",
+                    "task_settings={seq_len: 32, num_tokens_to_copy: 4, num_train_examples: 256, "
+                    "num_test_examples: 64}",
                     "train={batch_size: 8}", "patterns=[attention swiglu]")
     setups = result["setups"]
     assert set(setups) == {"torch", "mlx", "mixed"}

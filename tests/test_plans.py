@@ -135,3 +135,22 @@ def test_reference_specs_fix_searched_values_and_set_others_once():
     cfg = _compose("search.reference=[{spec: 'mlstm*2', train.batch_size: -3}]")
     with pytest.raises(ConfigError, match="batch_size"):
         sweep_mod.validate_sweep(cfg)
+
+
+def test_the_default_study_trains_selective_copying_and_a_task_override_replaces_it():
+    """The default study's task is selective copying at sequence 64 (README "The default
+    study"); its trial plans resolve on it, and ``task=NAME`` on the command line still swaps
+    the task group, keeping the study's sizes."""
+    cfg = _compose()
+    assert cfg.task.name == "selective_copying" and cfg.task.seq_len == 64
+    assert cfg.task.num_tokens_to_copy == 16
+    n_blank = cfg.task.seq_len - 2 * cfg.task.num_tokens_to_copy - 1
+    assert n_blank > cfg.task.num_tokens_to_copy  # more blanks than tokens: a selection problem
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    plans = plans_for(cfg, [task], {"model.pattern": ["attention swiglu"]})
+    assert plans[0].task_info.seq_len == 64 and plans[0].task_info.vocab_size == 16
+    seq = random.choice([40, 48, 96])
+    other = _compose("task=in_context_recall", f"task.seq_len={seq}")
+    assert other.task.name == "in_context_recall" and other.task.seq_len == seq
+    assert "num_tokens_to_copy" not in other.task
+    assert other.task.num_train_examples == cfg.task.num_train_examples == 4096

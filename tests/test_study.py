@@ -28,6 +28,7 @@ from mad_search.study import run_study, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    "task=in_context_recall",  # the default study is selective copying; tiny runs recall
     "task.seq_len=32",
     "task.num_train_examples=512",
     "task.num_test_examples=128",

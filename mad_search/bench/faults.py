@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "grace_s": 3,
 }
 SIZES = [
+    "task=in_context_recall",
     "task.seq_len=32",
     "task.num_train_examples=512",
     "task.num_test_examples=128",

@@ -6,9 +6,9 @@
 The trials are the same in every setup: ``patterns`` (repeated up to ``trials``) enqueued in
 order into a fresh SQLite study, random sampler with a fixed seed, no pruner, trial seed
 ``seed + trial number``; the task and training settings of the default study
-(``+sweep=layer_patterns``: in-context recall, its sequence length, batch and learning rate)
-with ``max_steps`` steps, at each width in ``sizes`` (0: the default study's width). Per width,
-back to back:
+(``+sweep=layer_patterns``: its task, selective copying since 2026-12-05, its sequence length,
+batch and learning rate) with ``max_steps`` steps, at each width in ``sizes`` (0: the default
+study's width). Per width, back to back:
 
 * ``serial``: what a user does without the pool: one process, torch using every core, one trial
   at a time (``study.optimize`` with ``n_jobs=1``; the objective builds the model with a dense

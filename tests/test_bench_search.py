@@ -370,7 +370,8 @@ def test_sharing_smoke_writes_both_rankings_and_tau(tmp_path):
 @pytest.mark.slow
 def test_agreement_smoke_scores_each_pattern_twice_and_compares_the_rankings(tmp_path):
     config = (
-        "{task.seq_len: 32, task.num_tokens_to_copy: 4, task.num_train_examples: 256, task.num_test_examples: 64, "
+        "{task.seq_len: 32, task.num_tokens_to_copy: 4, task.num_train_examples: 256, "
+        "task.num_test_examples: 64, "
         "model.d_model: 16, train.max_steps: 4, train.eval_every: 2, train.batch_size: 8, "
         "train.warmup_steps: 1, study.n_trials: 4, hogwild.workers: 2, "
         "hogwild.threads_per_worker: 1}"

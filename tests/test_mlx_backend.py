@@ -88,8 +88,9 @@ def _mixed_cfg(tmp_path, backends, patterns, n_trials=4):
     from hydra import compose, initialize_config_module
     from omegaconf import open_dict
 
-    overrides = ["+sweep=layer_patterns", "task=in_context_recall", "task.seq_len=32", "task.num_train_examples=512",
-                 "task.num_test_examples=128", "model.d_model=32", "train.max_steps=30",
+    overrides = ["+sweep=layer_patterns", "task=in_context_recall", "task.seq_len=32",
+                 "task.num_train_examples=512", "task.num_test_examples=128", "model.d_model=32",
+                 "train.max_steps=30",
                  "train.eval_every=10", "train.batch_size=16", "hogwild.threads_per_worker=1",
                  f"hogwild.backends={backends}", f"study.n_trials={n_trials}",
                  f"study.storage=sqlite:///{tmp_path}/study.db", "search.params={}"]

@@ -110,10 +110,10 @@ def test_entry_point_block_is_found_by_spawned_workers(example_site, tmp_path):
     search = ("+search={pattern:{kind:choice,choices:[gated_ema,attention]},"
               "reference:[{pattern.spec:gated_ema},{pattern.spec:attention}]}")
     storage = f"sqlite:///{tmp_path}/s.db"
-    out = _run(["+sweep=layer_patterns", "task=in_context_recall", "~search", search, *TINY, "study.n_trials=2",
-                "hogwild.workers=2", "hogwild.threads_per_worker=1", f"study.storage={storage}",
-                f"hydra.run.dir={tmp_path}/run"], _elsewhere(tmp_path), tmp_path, example_site,
-               timeout=600)
+    out = _run(["+sweep=layer_patterns", "task=in_context_recall", "~search", search, *TINY,
+                "study.n_trials=2", "hogwild.workers=2", "hogwild.threads_per_worker=1",
+                f"study.storage={storage}", f"hydra.run.dir={tmp_path}/run"],
+               _elsewhere(tmp_path), tmp_path, example_site, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     trials = optuna.load_study(study_name="layer_patterns", storage=storage).get_trials()
     done = {t.user_attrs["pattern"]: t for t in trials

@@ -406,7 +406,7 @@ class Coordinator:
                 log.reports[msg.step] = msg.value
                 if self._flush(log) and not log.elsewhere:  # no storage: keep training
                     prune = bool(self._call(log.trial.should_prune)[1])
-            slot.conn.send(Verdict(prune=prune))
+            self.pool.send(slot, Verdict(prune=prune))  # a dead worker: wait() reports it
             label = self.labels.get(msg.number, "")
             self.progress.workers[slot.index] = (
                 f"#{msg.number} {label} step {msg.step} val {msg.value:.3f}"

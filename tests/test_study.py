@@ -24,6 +24,7 @@ from mad_search.bench._common import free_port
 from mad_search.bench.faults import workers
 from mad_search.config import ConfigError
 from mad_search.hogwild import WorkerPool, WorkerStartError, share_task_data
+from mad_search.hogwild.messages import Ready, Verdict
 from mad_search.study import run_study, validate_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +147,30 @@ def test_a_worker_that_cannot_start_stops_the_pool_instead_of_looping():
                 for slot, msg in pool.wait(1.0):
                     assert msg is None, msg
                     pool.restart(slot)
+    finally:
+        pool.kill_all()
+
+
+def test_a_message_to_a_worker_killed_since_it_last_spoke_is_a_death_not_a_crash():
+    """The coordinator answers a worker's report after the worker may have died (CI once saw
+    the default study stop with BrokenPipeError when a SIGKILL landed between a report and its
+    verdict): the send fails quietly and the next wait reports the death."""
+    pool = WorkerPool(1, 1)
+    try:
+        slot = pool.slots[0]
+        deadline = time.time() + 120
+        while not slot.ready and time.time() < deadline:
+            for _, msg in pool.wait(1.0):
+                assert isinstance(msg, Ready), msg
+                slot.ready = True
+        assert slot.ready
+        assert pool.send(slot, Verdict(prune=False))  # alive: delivered
+        os.kill(slot.pid, signal.SIGKILL)
+        slot.process.join(timeout=30)
+        assert not pool.send(slot, Verdict(prune=True))
+        assert pool.wait(5.0) == [(slot, None)]
+        pool.restart(slot)
+        assert slot.process.is_alive()
     finally:
         pool.kill_all()
 

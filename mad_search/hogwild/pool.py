@@ -94,8 +94,20 @@ class WorkerPool:
         return [s for s in self.slots if s.ready and s.job is None]
 
     def submit(self, slot: Slot, job: TrialJob) -> None:
+        """Hand ``job`` to ``slot``'s worker. A worker that died since it last spoke is not an
+        error here: the job stays on the slot, and the next :meth:`wait` reports the death, so
+        the caller settles the job like any other killed trial."""
         slot.job = job
-        slot.conn.send(job)
+        self.send(slot, job)
+
+    def send(self, slot: Slot, msg: object) -> bool:
+        """Send ``msg`` to ``slot``'s worker; False if its pipe is closed (the worker died, and
+        the next :meth:`wait` yields ``(slot, None)`` for it)."""
+        try:
+            slot.conn.send(msg)
+        except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
+            return False
+        return True
 
     def wait(self, timeout: float) -> list[tuple[Slot, object]]:
         """Messages that arrived (slot, message); a dead worker yields (slot, None)."""
@@ -123,10 +135,7 @@ class WorkerPool:
 
     def close(self, timeout: float = 5.0) -> None:
         for slot in self.slots:
-            try:
-                slot.conn.send(Stop())
-            except (OSError, BrokenPipeError):
-                pass
+            self.send(slot, Stop())
         for slot in self.slots:
             slot.process.join(timeout=timeout)
             if slot.process.is_alive():

@@ -148,6 +148,7 @@ class Coordinator:
             self._abandon_running()
         else:
             self.pool.close()
+            self._settle_others()
         return Outcome(
             self.study, self.tables, time.time() - t_start, self.pool.restarts, interrupted
         )
@@ -246,6 +247,52 @@ class Coordinator:
                 f"heartbeat for {hb['grace_period']} s; "
                 + ("retried with the same parameters" if hb["max_retry"] else "not retried")
             )
+
+    def _settle_others(self) -> None:
+        """Before a finished study exits, give trials other coordinators left RUNNING one
+        grace period to show they are alive. A coordinator killed just after it asked a trial
+        leaves one whose last heartbeat is seconds old: not stale at this coordinator's last
+        check, so without this wait it would stay RUNNING after the study's last live machine
+        has gone. Silent ones are failed (and retried later, like any stale trial); trials of
+        live coordinators are theirs to finish. No wait when no other trial is running."""
+        if not self._beats() or self.outage.down:
+            return
+
+        def others() -> set[int]:
+            ok, found = self._call(
+                self.study.get_trials, False, (TrialState.RUNNING,)
+            )
+            return {t.number for t in found} if ok else set()
+
+        waiting = others()
+        if not waiting:
+            return
+        hb = self.source.study.heartbeat
+        print(
+            f"{len(waiting)} trial(s) {sorted(waiting)} of other coordinators still running; "
+            f"waiting up to {hb['grace_period']} s for their heartbeats (Ctrl-C: stop waiting)"
+        )
+        stop = _InterruptFlag()
+        failed: list[int] = []
+        deadline = time.time() + hb["grace_period"] + hb["interval"]
+        try:
+            while waiting and not stop.raised and time.time() < deadline:
+                time.sleep(min(1.0, hb["interval"]))
+                ok, stale = self._call(self._fail_stale, self.study)
+                if ok:
+                    failed += [n for n in stale if n in waiting]
+                waiting = others() if ok else waiting
+        finally:
+            stop.restore()
+        if failed:
+            print(
+                f"{len(failed)} stale trial(s) {sorted(failed)} of another coordinator failed: "
+                f"no heartbeat for {hb['grace_period']} s; "
+                + ("their retries wait in the study for the next run" if hb["max_retry"]
+                   else "not retried")
+            )
+        if waiting:
+            print(f"{len(waiting)} trial(s) {sorted(waiting)} left to their live coordinators")
 
     def _data(self, plan: RunPlan) -> dict:
         """The plan's task data as tensors in shared memory, built (or loaded from the disk

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,12 +17,13 @@ import pytest
 from hydra import compose, initialize_config_module
 
 # the study tests' tiny sizes and process helpers (tests/ is on sys.path, as for conftest.py)
-from test_study import TINY, _default_sigint
+from test_study import TINY, _cfg, _default_sigint
 
 from mad_search.bench._common import free_port
 from mad_search.bench.faults import kill_machine
 from mad_search.settings import StudySettings
 from mad_search.storage import scrub_passwords, scrub_run_dir
+from mad_search.study import run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_SERVER = os.environ.get("MAD_SEARCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
@@ -273,3 +275,47 @@ def test_storage_benchmark_smoke(tmp_path, pg_url):
     for (_, n), r in rows.items():
         assert r["complete"] == r["trials"] == 2 * n and r["errors"] == 0, r
         assert r["ops_per_s"] > 0 and r["ask_p50_ms"] > 0 and r["max_db_connections"] >= 1
+
+
+@pytest.mark.slow
+def test_a_finished_study_fails_a_dead_coordinators_fresh_trial_and_leaves_a_live_ones(
+    tmp_path, pg_url, capsys
+):
+    """Another coordinator asks a trial and dies seconds before this one finishes its study:
+    not stale at this one's last check, it would stay RUNNING once the last live machine has
+    gone. The finishing coordinator waits one grace period: the silent trial is failed (its
+    retry waits for the next run), a trial whose coordinator still beats is left to it."""
+    cfg = _cfg(tmp_path, "search.params={}", "study.heartbeat.interval=1",
+               "study.heartbeat.grace_period=2", f"study.storage={pg_url}", n_trials=1)
+    storage = optuna.storages.RDBStorage(pg_url, heartbeat_interval=1, grace_period=2)
+    other = optuna.create_study(study_name=cfg.study.name, storage=storage, direction="maximize")
+    dead, live = other.ask(), other.ask()
+    mine_done, finished = threading.Event(), threading.Event()
+
+    def beat():  # the other machine: beats both until this one's trial completes, then only
+        while not finished.is_set():  # the live one (the dead one's machine is gone)
+            if not mine_done.is_set():
+                states = [t.state for t in other.get_trials(deepcopy=False)]
+                if optuna.trial.TrialState.COMPLETE in states:
+                    mine_done.set()
+            for trial in ([live] if mine_done.is_set() else [dead, live]):
+                storage.record_heartbeat(trial._trial_id)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        run_study(cfg, tmp_path / "run")
+    finally:
+        finished.set()
+        thread.join(timeout=10)
+    out = capsys.readouterr().out
+    assert mine_done.is_set(), out
+    states = {t.number: t.state for t in other.get_trials()}
+    assert states[dead.number] == optuna.trial.TrialState.FAIL, (states, out)
+    assert states[live.number] == optuna.trial.TrialState.RUNNING, (states, out)
+    retries = [t for t in other.get_trials()
+               if t.system_attrs.get("failed_trial") == dead.number]
+    assert [t.state for t in retries] == [optuna.trial.TrialState.WAITING], out
+    assert f"stale trial(s) [{dead.number}] of another coordinator failed" in out, out
+    assert f"[{live.number}] left to their live coordinators" in out, out

@@ -241,12 +241,17 @@ class Coordinator:
         self.last_stale_check = now
         ok, stale = self._call(self._fail_stale, self.study)
         if ok and stale:
-            hb = self.source.study.heartbeat
-            self.progress.event(
-                f"{len(stale)} stale trial(s) {sorted(stale)} of another coordinator failed: no "
-                f"heartbeat for {hb['grace_period']} s; "
-                + ("retried with the same parameters" if hb["max_retry"] else "not retried")
-            )
+            self.progress.event(self._stale_line(stale, "retried with the same parameters"))
+
+    def _stale_line(self, stale: list[int], retried: str) -> str:
+        """The line that says other coordinators' trials were failed as stale; ``retried``
+        says what became of their retries (when the study retries at all)."""
+        hb = self.source.study.heartbeat
+        return (
+            f"{len(stale)} stale trial(s) {sorted(stale)} of another coordinator failed: no "
+            f"heartbeat for {hb['grace_period']} s; "
+            + (retried if hb["max_retry"] else "not retried")
+        )
 
     def _settle_others(self) -> None:
         """Before a finished study exits, give trials other coordinators left RUNNING one
@@ -285,12 +290,7 @@ class Coordinator:
         finally:
             stop.restore()
         if failed:
-            print(
-                f"{len(failed)} stale trial(s) {sorted(failed)} of another coordinator failed: "
-                f"no heartbeat for {hb['grace_period']} s; "
-                + ("their retries wait in the study for the next run" if hb["max_retry"]
-                   else "not retried")
-            )
+            print(self._stale_line(failed, "their retries wait in the study for the next run"))
         if waiting:
             print(f"{len(waiting)} trial(s) {sorted(waiting)} left to their live coordinators")
 

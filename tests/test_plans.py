@@ -138,14 +138,15 @@ def test_reference_specs_fix_searched_values_and_set_others_once():
 
 
 def test_the_default_study_trains_selective_copying_and_a_task_override_replaces_it():
-    """The default study's task is selective copying at sequence 64 (README "The default
-    study"); its trial plans resolve on it, and ``task=NAME`` on the command line still swaps
+    """The default study's task is selective copying at sequence 64 with 28 tokens to copy
+    (README "The default study": a memory load that spreads the xLSTM ratios even at 3x the
+    steps); its trial plans resolve on it, and ``task=NAME`` on the command line still swaps
     the task group, keeping the study's sizes."""
     cfg = _compose()
     assert cfg.task.name == "selective_copying" and cfg.task.seq_len == 64
-    assert cfg.task.num_tokens_to_copy == 16
+    assert cfg.task.num_tokens_to_copy == 28
     n_blank = cfg.task.seq_len - 2 * cfg.task.num_tokens_to_copy - 1
-    assert n_blank > cfg.task.num_tokens_to_copy  # more blanks than tokens: a selection problem
+    assert n_blank == 7  # still blanks to skip: the copy has to select, not just shift
     task = OmegaConf.to_container(cfg.task, resolve=True)
     plans = plans_for(cfg, [task], {"model.pattern": ["attention swiglu"]})
     assert plans[0].task_info.seq_len == 64 and plans[0].task_info.vocab_size == 16

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import blocks
+from blocks import hyena
 from blocks.hyena import (
     TOEPLITZ_MAX_SEQ,
     fft_causal_conv,
@@ -79,6 +80,55 @@ def test_fft_causal_conv_gradients_sum_over_broadcast_axes(u_shape, k_shape):
     for g, g_ref in zip(got, want):
         assert g.shape == g_ref.shape
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize(
+    "u_shape,k_shape",
+    [((5, 3), (3,)), ((7, 2, 3, 3), (2, 1, 1)), ((6, 4), (1, 4)), ((4, 3), (4, 3)), ((3,), (2, 3))],
+)
+@pytest.mark.parametrize("chunk_rows", [1, 2])
+def test_fft_causal_conv_in_batch_chunks_matches_direct_sum(monkeypatch, u_shape, k_shape,
+                                                            chunk_rows):
+    # the FFT path runs over u's leading axis in chunks where k is broadcast along it (its dk is
+    # then summed over chunks) and in one pass where it is not (k per row, or k with more axes);
+    # a chunk budget of 1 or 2 rows, uneven last chunks included, against the direct sum
+    S = int(torch.randint(TOEPLITZ_MAX_SEQ + 1, TOEPLITZ_MAX_SEQ + 30, ()).item())
+    spectrum = hyena.fft_size(S) // 2 + 1
+    per_row = math.prod(torch.broadcast_shapes(u_shape, k_shape)[1:]) * spectrum * 2 * 8
+    monkeypatch.setattr(hyena, "FFT_CHUNK_BYTES", chunk_rows * per_row)
+    u = torch.randn(*u_shape, S, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(*k_shape, S, dtype=torch.float64, requires_grad=True)
+    chunks = hyena._chunks(u, k)
+    broadcast_lead = len(k_shape) < len(u_shape) or (
+        len(k_shape) == len(u_shape) and k_shape[0] == 1
+    )
+    assert len(chunks) == (-(-u_shape[0] // chunk_rows) if broadcast_lead else 1)
+    out_shape = torch.broadcast_shapes(u.shape, k.shape)
+    y = fft_causal_conv(u, k)
+    ref = _direct_causal_conv(u.expand(out_shape), k.expand(out_shape))
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    want = torch.autograd.grad(ref, (u, k), dy)
+    for g, g_ref in zip(torch.autograd.grad(y, (u, k), dy), want):
+        assert g.shape == g_ref.shape
+        torch.testing.assert_close(g, g_ref)
+    # the gradient of u alone (a frozen filter) takes the same chunks
+    (du,) = torch.autograd.grad(fft_causal_conv(u, k.detach()), (u,), dy)
+    torch.testing.assert_close(du, want[0])
+
+
+def test_fft_size_is_the_smallest_5_smooth_length_without_wrap_around():
+    def smooth(n):
+        for p in (2, 3, 5):
+            while n % p == 0:
+                n //= p
+        return n == 1
+
+    for S in [1, 2, 127, *torch.randint(3, 3000, (20,)).tolist()]:
+        n = hyena.fft_size(S)
+        assert n >= 2 * S - 1 and smooth(n)
+        assert not any(smooth(m) for m in range(2 * S - 1, n))
+    assert hyena.fft_size(127) == 256  # in-context recall's length: not 254 = 2 x 127
 
 
 def test_fft_causal_conv_is_not_circular():

@@ -195,7 +195,7 @@ class _NativeSelectiveScan(torch.autograd.Function):
         dB, dC = torch.empty_like(B), torch.empty_like(C)
         threads = native.slots(batch)
         dAt = u.new_zeros(threads, N, E)
-        ws = u.new_empty(threads, (seq + 2) * N * E + 2 * E)
+        ws = u.new_empty(threads, (2 * seq + 2) * N * E + 2 * E)
         p = native.pointer
 
         def run(slot, b0, b1):

@@ -44,7 +44,8 @@ void mad_selective_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
 /* One step t and state index n of the backward, over the channels d (restrict: nothing aliases,
  * so gcc vectorises it without runtime checks). g: a_{t+1} g_{t+1} in, a_t g_t out. */
 static inline void adjoint_row(int64_t E, const float *restrict An, const float *restrict hn,
-                               const float *restrict pn, const float *restrict dyt,
+                               const float *restrict pn, const float *restrict an,
+                               const float *restrict dyt,
                                const float *restrict dt, const float *restrict ut, float bn,
                                float cn, float *restrict gn, float *restrict dAn,
                                float *restrict sb, float *restrict sd, float *restrict dC,
@@ -53,7 +54,7 @@ static inline void adjoint_row(int64_t E, const float *restrict An, const float 
     float acc_c = 0.0f, acc_b = 0.0f;
     for (int64_t d = 0; d < E; d++) {
         const float gv = dyt[d] * cn + gn[d];
-        const float a = exp_f(dt[d] * An[d]);
+        const float a = an[d];
         const float dlog_a = gv * a * pn[d];                /* dL/d(delta_t A) */
         acc_c += dyt[d] * hn[d];
         acc_b += gv * dt[d] * ut[d];
@@ -66,8 +67,9 @@ static inline void adjoint_row(int64_t E, const float *restrict An, const float 
     *dB = acc_b;
 }
 
-/* ws: (S + 2) * N * E + 2 E floats: zeros (the state before t = 0), the states h_t of one
- * batch element, the adjoint, two sums over n */
+/* ws: (2 S + 2) * N * E + 2 E floats: zeros (the state before t = 0), the states h_t of one
+ * batch element, the adjoint, two sums over n, the decays a_t of the states (computed once in
+ * the recomputation and read back by the adjoint, not recomputed there) */
 void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                             const float *u, const float *delta, const float *At,
                             const float *B, const float *C, const float *dy,
@@ -75,21 +77,24 @@ void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
                             float *ws)
 {
     const int64_t NE = N * E;
-    float *H = ws + NE, *g = H + S * NE, *sb = g + NE, *sd = sb + E;
+    float *H = ws + NE, *g = H + S * NE, *sb = g + NE, *sd = sb + E, *Aexp = sd + E;
     memset(ws, 0, sizeof(float) * NE);
     for (int64_t b = b0; b < b1; b++) {
         /* 1. the states h_t, t = 0 .. S-1 */
         for (int64_t t = 0; t < S; t++) {
             const int64_t r = b * S + t;
             const float *ut = u + r * E, *dt = delta + r * E, *Bt = B + r * N;
-            float *Ht = H + t * NE;
+            float *Ht = H + t * NE, *At_exp = Aexp + t * NE;
             const float *Hp = Ht - NE;                      /* zeros before t = 0 */
             for (int64_t n = 0; n < N; n++) {
                 const float *An = At + n * E, *pn = Hp + n * E;
                 const float bn = Bt[n];
-                float *hn = Ht + n * E;
-                for (int64_t d = 0; d < E; d++)
-                    hn[d] = exp_f(dt[d] * An[d]) * pn[d] + dt[d] * ut[d] * bn;
+                float *hn = Ht + n * E, *an = At_exp + n * E;
+                for (int64_t d = 0; d < E; d++) {
+                    const float a = exp_f(dt[d] * An[d]);
+                    an[d] = a;
+                    hn[d] = a * pn[d] + dt[d] * ut[d] * bn;
+                }
             }
         }
         /* 2. the adjoint, backwards; g holds a_{t+1} g_{t+1} on entry to step t */
@@ -102,7 +107,8 @@ void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
             float *dBt = dB + r * N, *dCt = dC + r * N;
             for (int64_t d = 0; d < E; d++) { sb[d] = 0.0f; sd[d] = 0.0f; }
             for (int64_t n = 0; n < N; n++)
-                adjoint_row(E, At + n * E, Ht + n * E, Hp + n * E, dyt, dt, ut, Bt[n], Ct[n],
+                adjoint_row(E, At + n * E, Ht + n * E, Hp + n * E, Aexp + t * NE + n * E, dyt,
+                            dt, ut, Bt[n], Ct[n],
                             g + n * E, dAt + n * E, sb, sd, dCt + n, dBt + n);
             float *dut = du + r * E, *ddt = ddelta + r * E;
             for (int64_t d = 0; d < E; d++) {

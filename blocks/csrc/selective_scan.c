@@ -6,9 +6,9 @@
  * The state (d_state x d_inner floats) stays in cache; nothing of size batch x seq x d_inner x
  * d_state is ever written. The loops run over d innermost, so gcc vectorises them (state and A
  * are laid out (d_state, d_inner); A arrives transposed). The backward recomputes the states of
- * one batch element into a workspace (seq x d_state x d_inner floats) and runs the adjoint
- * recurrence g_t = dy_t[d] C_t[n] + a_{t+1} g_{t+1} backwards, as the CUDA kernel of the paper
- * does. Layouts, all contiguous: u, delta, y, du, ddelta (batch, seq, E); B, C, dB, dC
+ * one batch element and their decays a_t into a workspace (2 x seq x d_state x d_inner floats)
+ * and runs the adjoint recurrence g_t = dy_t[d] C_t[n] + a_{t+1} g_{t+1} backwards, as the CUDA
+ * kernel of the paper does. Layouts, all contiguous: u, delta, y, du, ddelta (batch, seq, E); B, C, dB, dC
  * (batch, seq, N); At, dAt (N, E). Each call handles batch elements [b0, b1); dAt accumulates.
  */
 #include <stdint.h>

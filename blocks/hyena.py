@@ -31,7 +31,7 @@ from torch import nn
 
 from blocks.base import Block
 from blocks.init import small_init_, wang_init_
-from blocks.ops import causal_depthwise_conv
+from blocks.ops import tiled_causal_conv
 from blocks.registry import BlockError, register
 
 # safari / mad-lab ExponentialModulation defaults: channel c of the filter decays to `target`
@@ -178,6 +178,100 @@ class _FFTCausalConv(torch.autograd.Function):
                 dk_f = part if dk_f is None else dk_f + part
         dk = torch.fft.irfft(dk_f, n=n)[..., :seq_len] if want_k else None  # dk_f has k_f's shape
         return du, dk
+
+
+def gated_causal_conv(p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Order-2 Hyena's gated long convolution: ``x0 * fft_causal_conv(v * x1, k)``.
+
+    ``p: (B, 3 C, S)`` holds x0, x1, v (each ``(B, C, S)``) along its channels, ``k: (C, S)``.
+    Where p is contiguous and the sequence is longer than ``TOEPLITZ_MAX_SEQ`` the gates are
+    fused into the FFT path's batch chunks (:class:`_GatedFFTCausalConv`): neither product is
+    materialised for the whole batch, v * x1 is written straight into a zero-padded buffer (no
+    padding copy for the FFT), and the gradient of p is written in place of autograd's split and
+    concatenation.
+    """
+    seq_len = p.shape[-1]
+    if seq_len > TOEPLITZ_MAX_SEQ and p.dim() == 3 and k.dim() == 2 and p.is_contiguous():
+        return _GatedFFTCausalConv.apply(p, k)
+    x0, x1, v = p.split(k.shape[0], dim=1)
+    return fft_causal_conv(v * x1, k) * x0
+
+
+class _GatedFFTCausalConv(torch.autograd.Function):
+    """:func:`gated_causal_conv` over the batch in chunks of about ``FFT_CHUNK_BYTES`` of spectrum.
+
+    Per chunk, with u = v * x1 written into the head of a buffer of ``fft_size(S)`` steps whose
+    tail stays zero, U = rfft(u), K = rfft(k), c = irfft(U K)[:S] and y = x0 * c. Backward,
+    with g = dy * x0 and G = rfft(g) from the same kind of padded buffer::
+
+        dx0 = dy * c        dv = irfft(G conj(K))[:S] * x1        dx1 = irfft(G conj(K))[:S] * v
+        dk  = irfft(sum over the batch of G conj(U))[:S]
+
+    The forward keeps c for dx0; U is recomputed per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, p, k):
+        B, S = p.shape[0], p.shape[-1]
+        C = k.shape[0]
+        x0, x1, v = p.split(C, dim=1)
+        n = fft_size(S)
+        k_f = torch.fft.rfft(k, n=n)
+        rows = _gated_rows(C, n, p.element_size(), B)
+        buf = p.new_zeros(rows, C, n)
+        out = p.new_empty(B, C, S)
+        conv = p.new_empty(B, C, S)
+        for r0 in range(0, B, rows):
+            r = slice(r0, min(r0 + rows, B))
+            head = buf[: r.stop - r.start]
+            torch.mul(v[r], x1[r], out=head[..., :S])
+            conv[r] = torch.fft.irfft(torch.fft.rfft(head, n=n) * k_f, n=n)[..., :S]
+            torch.mul(conv[r], x0[r], out=out[r])
+        ctx.save_for_backward(p, k_f, conv)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        p, k_f, conv = ctx.saved_tensors
+        B, S = p.shape[0], p.shape[-1]
+        C = k_f.shape[0]
+        x0, x1, v = p.split(C, dim=1)
+        n = fft_size(S)
+        rows = ctx.rows
+        want_p, want_k = ctx.needs_input_grad[:2]
+        k_conj = k_f.conj().resolve_conj()
+        dp = torch.empty_like(p) if want_p else None
+        dx0, dx1, dv = dp.split(C, dim=1) if want_p else (None, None, None)
+        dk_f = None
+        g_buf = p.new_zeros(rows, C, n)
+        u_buf = p.new_zeros(rows, C, n) if want_k else None
+        for r0 in range(0, B, rows):
+            r = slice(r0, min(r0 + rows, B))
+            m = r.stop - r.start
+            g_head = g_buf[:m]
+            torch.mul(dy[r], x0[r], out=g_head[..., :S])
+            g_f = torch.fft.rfft(g_head, n=n)
+            if want_p:
+                torch.mul(dy[r], conv[r], out=dx0[r])
+                du = torch.fft.irfft(g_f * k_conj, n=n)[..., :S]
+                torch.mul(du, x1[r], out=dv[r])
+                torch.mul(du, v[r], out=dx1[r])
+            if want_k:
+                u_head = u_buf[:m]
+                torch.mul(v[r], x1[r], out=u_head[..., :S])
+                part = (g_f * torch.fft.rfft(u_head, n=n).conj()).sum(0)
+                dk_f = part if dk_f is None else dk_f + part
+        dk = torch.fft.irfft(dk_f, n=n)[..., :S] if want_k else None
+        return dp, dk
+
+
+def _gated_rows(channels: int, n: int, element_size: int, batch: int) -> int:
+    """Batch rows per chunk of :class:`_GatedFFTCausalConv`: about ``FFT_CHUNK_BYTES`` of
+    spectrum (channels x (n/2 + 1) complex values per row), at least one, at most the batch."""
+    per_row = channels * (n // 2 + 1) * 2 * element_size
+    return min(batch, max(1, FFT_CHUNK_BYTES // max(1, per_row)))
 
 
 def _chunks(u: torch.Tensor, k: torch.Tensor) -> list:
@@ -361,13 +455,10 @@ class _HyenaBase(Block):
 
     def _projections(self, u: torch.Tensor) -> torch.Tensor:
         """(B, S, d_model) -> (B, num_projections * inner, S) after the short causal conv."""
-        p = self.in_proj(u)
-        if self.proj_groups > 1:
-            p = p.repeat(1, 1, self.proj_groups)
-        # the short conv is causal and depthwise: blocks.ops' kernel, not nn.Conv1d's general
-        # backward (which took a quarter of the block's time at width 64, 128 steps)
-        y = causal_depthwise_conv(p, self.short_filter.weight, self.short_filter.bias)
-        return y.transpose(1, 2)
+        # the in-projection's output tiled proj_groups times through the short causal conv,
+        # written channel-major for the long convolutions (blocks.ops' C kernel: no copy of the
+        # tiles, no transpose in memory, no general nn.Conv1d backward)
+        return tiled_causal_conv(self.in_proj(u), self.short_filter.weight, self.short_filter.bias)
 
     def _short_conv_state(self, num_projections: int) -> int:
         return (self.short_filter_order - 1) * num_projections * self.inner
@@ -414,13 +505,16 @@ class HyenaBlock(_HyenaBase):
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         seq_len = x.shape[1]
-        *gates, v = self._projections(x).split(self.inner, dim=1)  # each (B, D, S)
+        projections = self._projections(x)  # (B, (order + 1) D, S): x_0 ... x_{N-1}, v
         h = self.filter(seq_len).view(self.order - 1, self.inner, seq_len)
         if self.filter_bias is not None:
             # b_o v is the convolution with b_o at lag 0: folded into the filter's first tap, so
             # the long convolution computes h_o * v + b_o v in one pass (and one backward)
             bias = self.filter_bias.view(self.order - 1, -1, 1)
             h = torch.cat([h[..., :1] + bias, h[..., 1:]], dim=-1)
+        if self.order == 2:  # x_0 * (h_0 * (v x_1)), gates fused into the convolution
+            return self.out_proj(gated_causal_conv(projections, h[0]).transpose(1, 2))
+        *gates, v = projections.split(self.inner, dim=1)  # each (B, D, S)
         for o, gate in enumerate(reversed(gates[1:])):
             v = fft_causal_conv(v * gate, h[o])
         return self.out_proj((v * gates[0]).transpose(1, 2))

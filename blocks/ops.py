@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from blocks import native
 
-__all__ = ["DECAY_FACTOR_LIMIT", "causal_depthwise_conv", "decayed_scores", "glu"]
+__all__ = ["DECAY_FACTOR_LIMIT", "causal_depthwise_conv", "decayed_scores", "glu",
+           "tiled_causal_conv"]
 
 # decayed_scores factors exp(b_t - b_s) = exp(b_t) exp(-b_s) while every |b| is at most this:
 # both factors then stay within e^(+-40), far inside float32's range, and rounding each costs
@@ -38,7 +39,9 @@ DECAY_FACTOR_LIMIT = 40.0
 def _native_conv_library():
     I64, PTR = native.I64, native.PTR
     return native.library("causal_conv", {"mad_causal_conv_fwd": [I64] * 6 + [PTR] * 5,
-                                          "mad_causal_conv_bwd": [I64] * 6 + [PTR] * 9})
+                                          "mad_causal_conv_bwd": [I64] * 6 + [PTR] * 9,
+                                          "mad_causal_conv_t_fwd": [I64] * 6 + [PTR] * 4,
+                                          "mad_causal_conv_t_bwd": [I64] * 6 + [PTR] * 7})
 
 
 CONV_ACTIVATIONS = (None, "silu")
@@ -174,6 +177,72 @@ def causal_depthwise_conv(
     y = F.conv2d(image, weight.unsqueeze(2), bias, groups=weight.shape[0])
     y = y.squeeze(2).transpose(1, 2)
     return F.silu(y) if activation == "silu" else y
+
+
+def tiled_causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, impl: str = "auto"
+) -> torch.Tensor:
+    """:func:`causal_depthwise_conv` of ``x`` repeated ``G`` times along the channels, returned
+    channel-major: ``(B, S, Cin) -> (B, G Cin, S)`` with ``G = weight.shape[0] // Cin``.
+
+    Hyena's short filter: its in-projection's output tiled ``proj_groups`` times (mad-lab's tied
+    projection groups), and the long convolution after it reads and writes along the sequence.
+    The C kernel (``impl`` as in :func:`causal_depthwise_conv`; Cin a multiple of 8, kernels of
+    at most 16 taps) neither copies the tiles nor transposes in memory: it writes (B, C, S)
+    directly and takes the gradient in that layout. The torch path repeats, convolves and
+    returns a transposed view.
+    """
+    Cin, C = x.shape[-1], weight.shape[0]
+    if C % Cin:
+        raise ValueError(f"{C} output channels are not a whole number of tiles of {Cin}")
+    unsupported = None
+    if Cin % 8 or weight.shape[-1] > 16:
+        unsupported = "the tiled kernel needs Cin a multiple of 8 and at most 16 taps"
+    if native.choose(impl, "causal_conv", (x, weight, bias), _native_conv_library, unsupported):
+        return _NativeTiledCausalConv.apply(x, weight, bias)
+    tiled = x.repeat(1, 1, C // Cin) if C != Cin else x
+    return causal_depthwise_conv(tiled, weight, bias, impl="torch").transpose(1, 2)
+
+
+class _NativeTiledCausalConv(torch.autograd.Function):
+    """:func:`tiled_causal_conv` by the C kernels ``mad_causal_conv_t_*`` (causal_conv.c)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        lib = _native_conv_library()
+        B, S, Cin = x.shape
+        C, K = weight.shape[0], weight.shape[-1]
+        x = x.contiguous()
+        w = weight.reshape(C, K).t().contiguous()  # (K, C)
+        b = None if bias is None else bias.contiguous()
+        y = x.new_empty(B, C, S)
+        p = native.pointer
+        native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_t_fwd(
+            b0, b1, S, Cin, C // Cin, K, p(x), p(w), None if b is None else p(b), p(y)))
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        lib = _native_conv_library()
+        x, w = ctx.saved_tensors
+        B, S, Cin = x.shape
+        K, C = w.shape
+        dy = dy.contiguous()
+        dx = torch.empty_like(x)
+        slots = native.slots(B)
+        dw = x.new_zeros(slots, K, C)
+        db = x.new_zeros(slots, C) if ctx.has_bias else None
+        ws = x.new_empty(slots, (S + K) * 8)
+        p = native.pointer
+        native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_t_bwd(
+            b0, b1, S, Cin, C // Cin, K, p(x), p(w), p(dy), p(dx), p(dw[slot]),
+            None if db is None else p(db[slot]), p(ws[slot])))
+        d_weight = (dw[0] if slots == 1 else dw.sum(0)).t().reshape(C, 1, K)
+        d_bias = None if db is None else (db[0] if slots == 1 else db.sum(0))
+        return dx, d_weight, d_bias
 
 
 def decayed_scores(

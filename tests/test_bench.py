@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import blocks
 import mad_search.bench as bench
@@ -176,6 +177,25 @@ def test_module_command_exits_2_without_traceback(tmp_path):
     assert "unknown benchmark 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_step_benchmark_at_a_mad_task_size_lists_the_top_operators(tmp_path, capsys):
+    """bench step task=... d_model=... batch_size=...: the task at its baseline setting (not the
+    default study's resized one), the given width and batch, and top=N operators per pattern."""
+    d_model, batch = 8 * int(torch.randint(2, 5, ()).item()), int(torch.randint(4, 9, ()).item())
+    argv = ["step", "patterns=[hyena swiglu]", "task=compression", f"d_model={d_model}",
+            f"batch_size={batch}", "steps=1", "warmup=0", "top=3", f"out={tmp_path}"]
+    code, out, err = _run_cli(argv, capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench_step.json").read_text())
+    cfg = result["config"]
+    assert (cfg["task"], cfg["d_model"], cfg["batch_size"]) == ("compression", d_model, batch)
+    assert cfg["seq_len"] == 32  # compression's baseline (conf/task/compression.yaml)
+    (row,) = result["rows"]
+    assert len(row["top"]) == 3 and row["top"][0]["ms"] >= row["top"][-1]["ms"] > 0
+    assert "operators by self CPU time" in out
+    code, _, err = _run_cli(["step", "task=nope", f"out={tmp_path / 'x'}"], capsys)
+    assert code == 2 and "option task must be one of" in err and "Traceback" not in err
 
 
 def test_step_benchmark_profiles_a_step_by_kind_of_work(tmp_path, capsys):

@@ -117,6 +117,89 @@ def test_fft_causal_conv_in_batch_chunks_matches_direct_sum(monkeypatch, u_shape
     torch.testing.assert_close(du, want[0])
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 2, 64])
+@pytest.mark.parametrize("frozen", ["none", "filter", "input"])
+def test_gated_causal_conv_matches_direct_sum(monkeypatch, chunk_rows, frozen):
+    # order-2 Hyena's x0 * (k * (v x1)) with the gates fused into the FFT chunks, against the
+    # direct sum with the products written out: values and the gradients of p (written in place
+    # of split + cat) and k, batch chunks of 1, 2 or all rows (uneven last chunks included)
+    B, C = int(torch.randint(3, 6, ()).item()), int(torch.randint(2, 5, ()).item())
+    S = int(torch.randint(TOEPLITZ_MAX_SEQ + 1, TOEPLITZ_MAX_SEQ + 30, ()).item())
+    monkeypatch.setattr(hyena, "FFT_CHUNK_BYTES",
+                        chunk_rows * C * (hyena.fft_size(S) // 2 + 1) * 2 * 8)
+    p = torch.randn(B, 3 * C, S, dtype=torch.float64, requires_grad=frozen != "input")
+    k = torch.randn(C, S, dtype=torch.float64, requires_grad=frozen != "filter")
+    y = hyena.gated_causal_conv(p, k)
+    assert type(y.grad_fn).__name__ == "_GatedFFTCausalConvBackward"
+    x0, x1, v = p.split(C, dim=1)
+    ref = _direct_causal_conv(v * x1, k.expand(B, C, S)) * x0
+    torch.testing.assert_close(y, ref)
+    dy = torch.randn_like(y)
+    leaves = [t for t in (p, k) if t.requires_grad]
+    for g, g_ref in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy)):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_gated_causal_conv_short_or_strided_takes_the_unfused_path():
+    C, S = 3, TOEPLITZ_MAX_SEQ + 5
+    k = torch.randn(C, S, dtype=torch.float64)
+    for p in (torch.randn(2, 3 * C, TOEPLITZ_MAX_SEQ, dtype=torch.float64),  # Toeplitz length
+              torch.randn(2, S, 3 * C, dtype=torch.float64).transpose(1, 2)):  # not contiguous
+        kk = k[:, : p.shape[-1]]
+        y = hyena.gated_causal_conv(p, kk)
+        assert type(y.grad_fn).__name__ != "_GatedFFTCausalConvBackward"
+        x0, x1, v = p.split(C, dim=1)
+        torch.testing.assert_close(y, _direct_causal_conv(v * x1, kk.expand_as(v)) * x0)
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("groups,kernel,with_bias", [(4, 3, True), (1, 4, False), (3, 5, True)])
+def test_tiled_causal_conv_matches_the_direct_sum(impl, groups, kernel, with_bias):
+    # Hyena's short filter: the input repeated `groups` times along the channels, a causal
+    # depthwise conv, the output channel-major; against the direct sum in float64, with the
+    # gradients (the input's summed over the groups that read it); lengths not a multiple of 8
+    from blocks.ops import _native_conv_library, tiled_causal_conv
+
+    if impl == "native" and _native_conv_library() is None:
+        pytest.skip("native kernels not built here")
+    B, Cin = int(torch.randint(1, 4, ()).item()), 8 * int(torch.randint(1, 4, ()).item())
+    S = int(torch.randint(1, 40, ()).item())
+    x = torch.randn(B, S, Cin, requires_grad=True)
+    w = torch.randn(groups * Cin, 1, kernel, requires_grad=True)
+    b = torch.randn(groups * Cin, requires_grad=True) if with_bias else None
+    y = tiled_causal_conv(x, w, b, impl=impl)
+    assert y.shape == (B, groups * Cin, S)
+    if impl == "native":
+        assert y.is_contiguous()  # written channel-major, not a transposed view
+    leaves = [t for t in (x, w, b) if t is not None]
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    tiled = x64.repeat(1, 1, groups)  # (B, S, C)
+    ref = torch.zeros(B, groups * Cin, S, dtype=torch.float64)
+    for t in range(S):
+        for k in range(kernel):
+            s = t - kernel + 1 + k
+            if s >= 0:
+                ref[:, :, t] = ref[:, :, t] + w64[:, 0, k] * tiled[:, s, :]
+        if b64 is not None:
+            ref[:, :, t] = ref[:, :, t] + b64
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    leaves64 = [t for t in (x64, w64, b64) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    for g, g_ref in zip(grads, torch.autograd.grad(ref, leaves64, dy.double())):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_causal_conv_refuses_channels_that_do_not_tile():
+    from blocks.ops import tiled_causal_conv
+
+    with pytest.raises(ValueError, match="whole number of tiles"):
+        tiled_causal_conv(torch.randn(1, 4, 8), torch.randn(12, 1, 3))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        tiled_causal_conv(torch.randn(1, 4, 6), torch.randn(12, 1, 3), impl="native")
+
+
 def test_fft_size_is_the_smallest_5_smooth_length_without_wrap_around():
     def smooth(n):
         for p in (2, 3, 5):

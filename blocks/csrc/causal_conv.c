@@ -90,8 +90,12 @@ void mad_causal_conv_fwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K
     for (int64_t b = b0; b < b1; b++) {
         const int64_t at = b * S * C;
         float *sb = sig ? sig + at : NULL;
-        if (K == 4) /* the blocks' kernel length: loops over it unrolled */
+        /* the blocks' kernel lengths (4: mLSTM, sLSTM, Mamba; 3: Hyena's short filter) get
+         * their loops unrolled and their weights and weight gradients kept in registers */
+        if (K == 4)
             fwd_seq(x + at, y + at, sb, S, C, 4, act, w, bias);
+        else if (K == 3)
+            fwd_seq(x + at, y + at, sb, S, C, 3, act, w, bias);
         else
             fwd_seq(x + at, y + at, sb, S, C, K, act, w, bias);
     }
@@ -172,7 +176,121 @@ void mad_causal_conv_bwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K
         const float *sb = act ? sig + at : NULL;
         if (K == 4)
             bwd_seq(x + at, sb, dy + at, dx + at, S, C, 4, act, w, bias, dw, db, ws);
+        else if (K == 3)
+            bwd_seq(x + at, sb, dy + at, dx + at, S, C, 3, act, w, bias, dw, db, ws);
         else
             bwd_seq(x + at, sb, dy + at, dx + at, S, C, K, act, w, bias, dw, db, ws);
+    }
+}
+
+/* ---- Hyena's short filter: tiled input, channel-major output -------------------------------
+ *
+ *     z[b, c, t] = bias[c] + sum_k w[k, c] x[b, t - K + 1 + k, c mod Cin]     c < C = G Cin
+ *
+ * x (B, S, Cin) contiguous (the in-projection's output, repeated G times along the channels
+ * without being copied: mad-lab's tied projection groups), y and dy (B, C, S) contiguous (the
+ * layout the long convolution's FFT reads and writes along), dx (B, S, Cin); w, dw (K, C); bias,
+ * db (C). Cin must be a multiple of eight (a block of eight output channels reads eight
+ * consecutive input channels). No activation. Each eight-channel block goes along the whole
+ * sequence in steps of eight positions: eight vectors of channels, one per position, turned
+ * into eight vectors of positions by an in-register transpose, so y and dy are read and
+ * written in rows. dx accumulates over the G groups that read the same input channels.
+ */
+
+/* z of the block's 8 channels at positions t0 ... t0 + 7 (all < S), as 8 rows of positions */
+V8_INLINE void conv_tile_t(const float *xb, int64_t Cin, int64_t K, int64_t t0, int64_t ci0,
+                           const vf *wv, vf bv, vf r[8])
+{
+    for (int64_t j = 0; j < 8; j++) r[j] = conv_at(xb, Cin, K, t0 + j, ci0, wv, bv);
+    v_transpose8(r);
+}
+
+V8_INLINE void fwd_t_seq(const float *xb, float *yb, int64_t S, int64_t Cin, int64_t G,
+                         int64_t K, const float *w, const float *bias)
+{
+    const int64_t C = G * Cin, S8 = S - S % 8;
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+        const int64_t ci0 = c0 % Cin;
+        vf wv[KMAX], r[8];
+        for (int64_t k = 0; k < K; k++) wv[k] = v_load(w + k * C + c0);
+        const vf bv = bias ? v_load(bias + c0) : v_zero();
+        for (int64_t t0 = 0; t0 < S8; t0 += 8) {
+            conv_tile_t(xb, Cin, K, t0, ci0, wv, bv, r);
+            for (int64_t j = 0; j < 8; j++) v_store(yb + (c0 + j) * S + t0, r[j]);
+        }
+        for (int64_t t = S8; t < S; t++) {
+            float z[8];
+            v_store(z, conv_at(xb, Cin, K, t, ci0, wv, bv));
+            for (int64_t j = 0; j < 8; j++) yb[(c0 + j) * S + t] = z[j];
+        }
+    }
+}
+
+void mad_causal_conv_t_fwd(int64_t b0, int64_t b1, int64_t S, int64_t Cin, int64_t G, int64_t K,
+                           const float *x, const float *w, const float *bias, float *y)
+{
+    const int64_t C = G * Cin;
+    for (int64_t b = b0; b < b1; b++) {
+        if (K == 3)
+            fwd_t_seq(x + b * S * Cin, y + b * C * S, S, Cin, G, 3, w, bias);
+        else if (K == 4)
+            fwd_t_seq(x + b * S * Cin, y + b * C * S, S, Cin, G, 4, w, bias);
+        else
+            fwd_t_seq(x + b * S * Cin, y + b * C * S, S, Cin, G, K, w, bias);
+    }
+}
+
+/* ws: (S + K) * 8 floats, the block's dz as rows of eight channels */
+V8_INLINE void bwd_t_seq(const float *xb, const float *dyb, float *dxb, int64_t S, int64_t Cin,
+                         int64_t G, int64_t K, const float *w, float *dw, float *db, float *ws)
+{
+    const int64_t C = G * Cin, S8 = S - S % 8;
+    memset(dxb, 0, (size_t)(S * Cin) * sizeof(float));
+    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+        const int64_t ci0 = c0 % Cin;
+        vf wv[KMAX], dwv[KMAX], dbv = v_zero(), r[8];
+        for (int64_t k = 0; k < K; k++) {
+            wv[k] = v_load(w + k * C + c0);
+            dwv[k] = v_zero();
+        }
+        /* dz rows (position-major, eight channels each) from dy's channel rows */
+        for (int64_t t0 = 0; t0 < S8; t0 += 8) {
+            for (int64_t j = 0; j < 8; j++) r[j] = v_load(dyb + (c0 + j) * S + t0);
+            v_transpose8(r);
+            for (int64_t j = 0; j < 8; j++) v_store(ws + (t0 + j) * 8, r[j]);
+        }
+        for (int64_t t = S8; t < S; t++)
+            for (int64_t j = 0; j < 8; j++) ws[t * 8 + j] = dyb[(c0 + j) * S + t];
+        for (int64_t t = 0; t < S; t++) {
+            const vf dzt = v_load(ws + t * 8);
+            vf dxt = v_zero();
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t u = t + K - 1 - k, s = t - K + 1 + k;
+                if (u < S) dxt += wv[k] * v_load(ws + u * 8);
+                if (s >= 0) dwv[k] += dzt * v_load(xb + s * Cin + ci0);
+            }
+            dbv += dzt;
+            v_store(dxb + t * Cin + ci0, v_load(dxb + t * Cin + ci0) + dxt);
+        }
+        for (int64_t k = 0; k < K; k++)
+            v_store(dw + k * C + c0, v_load(dw + k * C + c0) + dwv[k]);
+        if (db) v_store(db + c0, v_load(db + c0) + dbv);
+    }
+}
+
+void mad_causal_conv_t_bwd(int64_t b0, int64_t b1, int64_t S, int64_t Cin, int64_t G, int64_t K,
+                           const float *x, const float *w, const float *dy, float *dx, float *dw,
+                           float *db, float *ws)
+{
+    const int64_t C = G * Cin;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *xb = x + b * S * Cin, *dyb = dy + b * C * S;
+        float *dxb = dx + b * S * Cin;
+        if (K == 3)
+            bwd_t_seq(xb, dyb, dxb, S, Cin, G, 3, w, dw, db, ws);
+        else if (K == 4)
+            bwd_t_seq(xb, dyb, dxb, S, Cin, G, 4, w, dw, db, ws);
+        else
+            bwd_t_seq(xb, dyb, dxb, S, Cin, G, K, w, dw, db, ws);
     }
 }

@@ -229,8 +229,8 @@ def load_data(cfg: DictConfig) -> dict:
     from mad_search.sweep import plans_for
 
     task_cfgs = [dict(OmegaConf.to_container(cfg.task, resolve=True))]
-    ref = cfg.search.reference[0]
-    spec = ref if isinstance(ref, str) else ref.get("spec")
+    ref = cfg.search.reference[0] if "search" in cfg else None  # a sweep's first reference
+    spec = ref if isinstance(ref, str) or ref is None else ref.get("spec")
     overrides = {"model.pattern": parse(spec, check=False)} if spec else {}
     plan = plans_for(cfg, task_cfgs, overrides)[0]
     return tasks.as_tensors(tasks.build(plan.task_name, seed=plan.seed, **plan.task_settings))

@@ -1,11 +1,17 @@
 """Where a training step's time goes: per pattern, ms per step and its profile by kind of work.
 
-    python -m mad_search.bench step [patterns=[...]] [steps=20] [warmup=5] [threads=1] [out=PATH]
+    python -m mad_search.bench step [patterns=[...]] [steps=20] [warmup=5] [threads=1]
+        [task=NAME] [d_model=N] [batch_size=N] [top=N] [out=PATH]
 
 Each pattern is built at the default study's sizes (``+sweep=layer_patterns``: its width, task,
-batch and learning rate) and trained with :func:`mad_search.train.train_step`, the step every
-run and worker takes (forward, loss, backward, gradient clipping, AdamW), on batches of the
-task's training split. After ``warmup`` untimed steps, ``steps`` timed steps give the median ms
+batch and learning rate), or with ``task=`` at that MAD task's baseline setting (``conf/task``,
+the difficulty grid's baseline; width and batch then default to ``conf/config.yaml``'s), and
+with ``d_model=`` / ``batch_size=`` at another width or batch (``task=selective_copying
+d_model=64 batch_size=64`` is the ``quick`` protocol level's largest run). It is trained with
+:func:`mad_search.train.train_step`, the step every run and worker takes (forward, loss,
+backward, gradient clipping, AdamW), under the workers' allocator setting
+(:mod:`mad_search.allocator`), on batches of the task's training split. After ``warmup``
+untimed steps, ``steps`` timed steps give the median ms
 per step; then ``steps`` more run under ``torch.profiler``, whose self CPU time per operator is
 split into:
 
@@ -22,6 +28,8 @@ split into:
 * ``other``: what no operator accounts for: Python, autograd's engine, dispatch, views.
 
 ``ms`` columns are the shares times the unprofiled median (the profiler itself slows a step).
+``top=N`` also lists each pattern's N operators with the most self CPU time (ms per step of the
+profiled run).
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
     "warmup": 5,
     "threads": 1,  # torch threads; a pool worker runs with 1
     "seed": 0,
+    "task": "",  # a MAD task at its baseline setting; "" = the default study's task
+    "d_model": 0,  # 0 = the default study's width
+    "batch_size": 0,  # 0 = the default study's batch
+    "top": 0,  # operators listed per pattern, by self CPU time
 }
 
 KINDS = ("matmul", "conv", "attention", "elementwise", "copies", "optimiser", "native", "other")
@@ -146,7 +158,15 @@ def run(**options: Any) -> dict:
     """Time and profile every pattern's training step; return the JSON result."""
     opts = _validate(options)
     common.check_patterns(opts["patterns"])
-    base = common.compose_base()
+    from mad_search.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as every training process does: large blocks stay in the heap
+    # a task is taken at its baseline setting, without the default study's resizing of it
+    base = common.compose_base(None, opts["task"]) if opts["task"] else common.compose_base()
+    if opts["d_model"]:
+        base.model.d_model = opts["d_model"]
+    if opts["batch_size"]:
+        base.train.batch_size = opts["batch_size"]
     data = common.load_data(base)
     previous = torch.get_num_threads()
     torch.set_num_threads(opts["threads"])
@@ -215,6 +235,7 @@ def _one(base, data: dict, pattern: str, opts: dict) -> dict:
     by_kind["other"] += max(0.0, profiled - sum(by_kind.values()))
     total = sum(by_kind.values())
     shares = {k: v / total for k, v in by_kind.items()}
+    top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "pattern": pattern,
         "layers": list(plan.layers),
@@ -225,13 +246,18 @@ def _one(base, data: dict, pattern: str, opts: dict) -> dict:
         "share": shares,
         "ms": {k: shares[k] * ms for k in KINDS},
         "profiled_ms_per_step": 1000 * profiled / opts["steps"],
+        "top": [
+            {"op": e.key, "kind": kind_of(e.key), "calls": e.count // opts["steps"],
+             "ms": e.self_cpu_time_total / 1000 / opts["steps"]}
+            for e in top[: opts["top"]]
+        ],
     }
 
 
 def table(result: dict) -> str:
     cfg = result["config"]
     head = (
-        f"step benchmark: training step of the default study ({cfg['task']}, d_model "
+        f"step benchmark: training step at {cfg['task']}'s size (d_model "
         f"{cfg['d_model']}, batch {cfg['batch_size']}, {cfg['seq_len']} positions), "
         f"{cfg['threads']} thread(s), median of {cfg['steps']} steps; shares of the profiled "
         "self CPU time, in ms of the unprofiled step"
@@ -245,13 +271,26 @@ def table(result: dict) -> str:
         lines.append(
             fmt.format(r["pattern"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", *cells)
         )
+    for r in result["rows"]:
+        if r.get("top"):
+            lines += ["", f"{r['pattern']}: operators by self CPU time (profiled ms per step)"]
+            lines += [f"  {t['ms']:8.2f}  {t['calls']:5d} calls  {t['kind']:<11} {t['op']}"
+                      for t in r["top"]]
     return "\n".join(lines)
 
 
 def _validate(opts: dict) -> dict:
     common.check_at_least_one(opts, ("steps", "threads"))
-    if opts["warmup"] < 0:
-        raise BenchError(f"option warmup must be 0 or more, got {opts['warmup']}")
+    for key in ("warmup", "d_model", "batch_size", "top"):
+        if opts[key] < 0:
+            raise BenchError(f"option {key} must be 0 or more, got {opts[key]}")
+    if opts["task"]:
+        from mad_search.tasks.grid import load_grid
+
+        names = list(load_grid()["tasks"])
+        if opts["task"] not in names:
+            raise BenchError(f"option task must be one of {', '.join(names)}, got {opts['task']!r}")
+
     if not opts["patterns"]:
         raise BenchError("option patterns must name at least one layer sequence")
     return dict(opts)

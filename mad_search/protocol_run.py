@@ -312,6 +312,7 @@ def score(protocol: ProtocolPlan, study: optuna.Study) -> dict:
                 "steps": a.get(f"{a['task']}.steps"),
                 "stop_reason": a.get(f"{a['task']}.stopped"),
                 "seconds": a.get("wall_seconds"),
+                "threads": a.get("threads"),  # the most it trained with, lent threads included
                 "trial": t.number,
             }
         )

@@ -73,6 +73,8 @@ class HogwildSettings:
     max_nonfinite: int
     seed: int
     backends: tuple[str, ...] = ()  # per worker slot: torch | mlx (empty: every slot torch)
+    lend_idle_threads: bool = True  # once no trial is left to start, idle workers' threads go
+    # to the busy ones (README "Idle workers lend their threads")
 
     def backend_of(self, slot: int) -> str:
         return self.backends[slot] if self.backends else "torch"
@@ -117,6 +119,10 @@ class HogwildSettings:
             )
         if isinstance(s["seed"], bool) or not isinstance(s["seed"], int):
             raise ConfigError(f"hogwild.seed must be an integer, got {s['seed']!r}")
+        if not isinstance(s["lend_idle_threads"], bool):
+            raise ConfigError(
+                f"hogwild.lend_idle_threads must be true or false, got {s['lend_idle_threads']!r}"
+            )
         return cls(
             workers=workers,
             threads_per_worker=threads,
@@ -127,6 +133,7 @@ class HogwildSettings:
             max_nonfinite=max_nonfinite,
             seed=s["seed"],
             backends=backends,
+            lend_idle_threads=s["lend_idle_threads"],
         )
 
 

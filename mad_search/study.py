@@ -119,6 +119,7 @@ class Coordinator:
         self.ended: list[TrialLog] = []  # worker free, result not yet recorded
         self.labels: dict[int, str] = {}  # trial number -> how the display names it
         self.started = 0
+        self.last_started = False  # no trial is left to start (idle workers may lend threads)
         self.last_beat = 0.0  # when the running trials' heartbeats were last recorded
         self.last_stale_check = time.time()  # when other coordinators' trials were last checked
         self.n_trials = source.study.n_trials  # until the source's prepare() says
@@ -341,6 +342,7 @@ class Coordinator:
                 timed_out = (
                     settings.timeout is not None and time.time() - t_start > settings.timeout
                 )
+                self.last_started = self.started >= self.n_trials or timed_out or stop.raised
                 for slot in self.pool.free_slots():
                     if self.started >= self.n_trials or timed_out or stop.raised:
                         break
@@ -453,7 +455,8 @@ class Coordinator:
                 log.reports[msg.step] = msg.value
                 if self._flush(log) and not log.elsewhere:  # no storage: keep training
                     prune = bool(self._call(log.trial.should_prune)[1])
-            self.pool.send(slot, Verdict(prune=prune))  # a dead worker: wait() reports it
+            # a dead worker: wait() reports it
+            self.pool.send(slot, Verdict(prune=prune, threads=self._threads_for(slot)))
             label = self.labels.get(msg.number, "")
             self.progress.workers[slot.index] = (
                 f"#{msg.number} {label} step {msg.step} val {msg.value:.3f}"
@@ -465,6 +468,24 @@ class Coordinator:
             self.ended.append(log)
             slot.job = None
             self.progress.workers.pop(slot.index, None)
+
+    def _threads_for(self, slot: Slot) -> int:
+        """Threads for ``slot``'s busy worker from now on: its own, plus, once no trial is left
+        to start (and ``hogwild.lend_idle_threads``, on the CPU), an even share of the idle
+        workers' threads, so the cores stay busy while the last trials finish and the pool
+        never runs more threads than it was given."""
+        own = self.pool.threads
+        hog = self.source.hogwild
+        if not (hog.lend_idle_threads and hog.device == "cpu" and self.last_started):
+            return own
+        if self.deferred:
+            return own
+        busy = [s.index for s in self.pool.slots if s.job is not None]
+        idle = (self.pool.workers - len(busy)) * own
+        if idle <= 0 or slot.index not in busy:
+            return own
+        rank = busy.index(slot.index)
+        return own + idle // len(busy) + (1 if rank < idle % len(busy) else 0)
 
     def _worker_died(self, slot: Slot) -> None:
         job, code = slot.job, slot.process.exitcode
@@ -712,6 +733,7 @@ def _flat_attrs(result: dict) -> dict:
         "device",
         "backend",
         "wall_seconds",
+        "threads",
         "shared_block_params",
         "table_is_shared",
     ):

@@ -126,6 +126,49 @@ def test_two_worker_study_records_everything(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.parametrize("lend", [True, False])
+def test_an_idle_worker_lends_its_threads_to_the_last_trial(tmp_path, lend):
+    # one trial on two one-thread workers: no trial is left to start, so from its first report
+    # the busy worker trains with the idle one's thread too (hogwild.lend_idle_threads)
+    cfg = _cfg(tmp_path, "search.params={}", "study.pruner.name=none",
+               f"hogwild.lend_idle_threads={str(lend).lower()}", n_trials=1)
+    run_study(cfg, tmp_path / "run")
+    # (the sweep's other reference trials stay enqueued, waiting)
+    (trial,) = [t for t in _study(tmp_path).get_trials() if t.state.is_finished()]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
+    assert trial.user_attrs["threads"] == (2 if lend else 1)
+
+
+@pytest.mark.parametrize(
+    "workers,own,busy,last,want",
+    [
+        (2, 1, [0], True, {0: 2}),
+        (2, 1, [0, 1], True, {0: 1, 1: 1}),
+        (2, 1, [0], False, {0: 1}),  # trials still to start: an idle worker is about to get one
+        (3, 1, [0, 2], True, {0: 2, 2: 1}),  # one spare thread, to the first busy slot
+        (4, 2, [1], True, {1: 8}),
+        (5, 1, [0, 1], True, {0: 3, 1: 2}),
+    ],
+)
+def test_lent_threads_split_the_idle_workers_threads_among_the_busy(workers, own, busy, last,
+                                                                     want):
+    from types import SimpleNamespace
+
+    from mad_search.study import Coordinator
+
+    slots = [SimpleNamespace(index=i, job=object() if i in busy else None)
+             for i in range(workers)]
+    coordinator = SimpleNamespace(
+        pool=SimpleNamespace(threads=own, workers=workers, slots=slots),
+        source=SimpleNamespace(hogwild=SimpleNamespace(lend_idle_threads=True, device="cpu")),
+        last_started=last, deferred=[],
+    )
+    got = {i: Coordinator._threads_for(coordinator, slots[i]) for i in busy}
+    assert got == want
+    if last:  # never more threads than the pool was given
+        assert sum(got.values()) == workers * own
+
+
 def test_task_data_is_shared_once_and_workers_never_import_datasets():
     data = {"train": (torch.randint(0, 9, (4, 8)), torch.randint(0, 9, (4, 8)))}
     assert all(t.is_shared() for t in share_task_data(data)["train"])
@@ -244,6 +287,7 @@ def test_private_embedding_is_the_control(tmp_path):
         ("+study.trials=2", "unknown study setting 'trials'"),
         ("hogwild.lr=0", "hogwild.lr must be positive"),
         ("hogwild.max_nonfinite=-1", "hogwild.max_nonfinite must be an integer >= 0"),
+        ("hogwild.lend_idle_threads=sometimes", "hogwild.lend_idle_threads must be true or false"),
         # keys a single run honours but a sweep would silently ignore: refused
         ("train.embedding_optimizer=sgd", "train.embedding_optimizer='sgd' is not used in a sweep"),
         ("train.embedding_lr=0.1", "train.embedding_lr=0.1 is not used in a sweep"),

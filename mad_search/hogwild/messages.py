@@ -37,9 +37,12 @@ class Stop:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The coordinator's answer to a :class:`Report`."""
+    """The coordinator's answer to a :class:`Report`: prune or not, and how many threads the
+    worker trains with from now on (its own, plus idle workers' lent to it once no trial is
+    left to start; 0: unchanged)."""
 
     prune: bool
+    threads: int = 0
 
 
 @dataclass(frozen=True)

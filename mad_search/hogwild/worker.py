@@ -58,6 +58,7 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
         "device": hog.device,
         "backend": job.plans[0].backend,
         "tasks": per_task,
+        "threads": torch.get_num_threads(),  # the most it trained with (lent threads included)
     }
     offset = 0
     for plan, key, data in zip(job.plans, job.table_keys, job.data):
@@ -78,9 +79,12 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
 
         judged_by = "loss" if selects_by_loss(plan.train, plan.task_info) else "accuracy"
 
-        def on_eval(step: int, metrics: dict, _off=offset, _key=judged_by) -> bool:
+        def on_eval(step: int, metrics: dict, _off=offset, _key=judged_by, _plan=plan) -> bool:
             conn.send(Report(job.number, _off + step, float(metrics[_key])))
             verdict: Verdict = conn.recv()
+            if verdict.threads and verdict.threads != torch.get_num_threads():
+                set_threads(verdict.threads, _plan.backend)  # idle workers' threads, lent
+                result["threads"] = max(result["threads"], verdict.threads)
             return verdict.prune
 
         try:
@@ -175,18 +179,25 @@ def _diverged(plan, reason: str) -> dict:
     }
 
 
+def set_threads(threads: int, backend: str = "torch") -> None:
+    """Train with ``threads`` threads: torch's (the native kernels split their batch over as
+    many), and OpenBLAS's for an MLX worker's matrix products."""
+    torch.set_num_threads(threads)
+    if backend == "mlx":
+        from blocks.mlx import blas
+
+        blas.set_threads(threads)
+
+
 def worker_main(slot: int, conn, threads: int, backend: str = "torch") -> None:
     """Entry point of a spawned worker process (``backend`` torch or mlx)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C for everyone
     keep_freed_memory()
-    torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
     if backend == "mlx":  # MLX's matrix products: OpenBLAS on Linux, this many threads
         import blocks.mlx  # noqa: F401
         import mad_search.mlx_train  # noqa: F401
-        from blocks.mlx import blas
-
-        blas.set_threads(threads)
+    set_threads(threads, backend)
     # Import everything a trial needs before saying ready (the coordinator is still setting up
     # meanwhile), so the first trial does not pay for it.
     import blocks  # noqa: F401
@@ -202,6 +213,7 @@ def worker_main(slot: int, conn, threads: int, backend: str = "torch") -> None:
         if isinstance(job, Stop):
             return
         t0 = time.perf_counter()
+        set_threads(threads, backend)  # threads lent for the last trial go back
         try:
             status, result = run_trial(job, slot, conn)
             result["wall_seconds"] = time.perf_counter() - t0

@@ -217,7 +217,7 @@ class _GatedFFTCausalConv(torch.autograd.Function):
         x0, x1, v = p.split(C, dim=1)
         n = fft_size(S)
         k_f = torch.fft.rfft(k, n=n)
-        rows = _gated_rows(C, n, p.element_size(), B)
+        rows = min(B, _chunk_rows(C, n, p.element_size()))
         buf = p.new_zeros(rows, C, n)
         out = p.new_empty(B, C, S)
         conv = p.new_empty(B, C, S)
@@ -267,11 +267,11 @@ class _GatedFFTCausalConv(torch.autograd.Function):
         return dp, dk
 
 
-def _gated_rows(channels: int, n: int, element_size: int, batch: int) -> int:
-    """Batch rows per chunk of :class:`_GatedFFTCausalConv`: about ``FFT_CHUNK_BYTES`` of
-    spectrum (channels x (n/2 + 1) complex values per row), at least one, at most the batch."""
+def _chunk_rows(channels: int, n: int, element_size: int) -> int:
+    """Batch rows per FFT chunk: about ``FFT_CHUNK_BYTES`` of spectrum (``channels`` x (n/2 + 1)
+    complex values per row), at least one."""
     per_row = channels * (n // 2 + 1) * 2 * element_size
-    return min(batch, max(1, FFT_CHUNK_BYTES // max(1, per_row)))
+    return max(1, FFT_CHUNK_BYTES // max(1, per_row))
 
 
 def _chunks(u: torch.Tensor, k: torch.Tensor) -> list:
@@ -282,8 +282,7 @@ def _chunks(u: torch.Tensor, k: torch.Tensor) -> list:
     if u.dim() < 2 or k.dim() > u.dim() or (k.dim() == u.dim() and k.shape[0] != 1):
         return everything
     out_shape = torch.broadcast_shapes(u.shape, k.shape)
-    per_row = math.prod(out_shape[1:-1]) * (fft_size(out_shape[-1]) // 2 + 1) * 2 * u.element_size()
-    rows = max(1, FFT_CHUNK_BYTES // max(1, per_row))
+    rows = _chunk_rows(math.prod(out_shape[1:-1]), fft_size(out_shape[-1]), u.element_size())
     if rows >= u.shape[0]:
         return everything
     return [slice(i, i + rows) for i in range(0, u.shape[0], rows)]

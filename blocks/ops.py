@@ -47,6 +47,20 @@ def _native_conv_library():
 CONV_ACTIVATIONS = (None, "silu")
 
 
+def _taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Conv1d's depthwise ``(C, 1, K)`` weight as the C kernels' ``(K, C)``."""
+    return weight.reshape(weight.shape[0], weight.shape[-1]).t().contiguous()
+
+
+def _param_grads(dw: torch.Tensor, db: torch.Tensor | None):
+    """The weight and bias gradients from the C kernels' per-thread sums ``dw: (slots, K, C)``
+    and ``db: (slots, C)`` (or None): summed over the slots, the weight's as ``(C, 1, K)``."""
+    slots, K, C = dw.shape
+    d_weight = (dw[0] if slots == 1 else dw.sum(0)).t().reshape(C, 1, K)
+    d_bias = None if db is None else (db[0] if slots == 1 else db.sum(0))
+    return d_weight, d_bias
+
+
 class _NativeCausalConv(torch.autograd.Function):
     """:func:`causal_depthwise_conv` by the C kernel ``blocks/csrc/causal_conv.c`` (``act``: 0
     none, 1 SiLU, fused; the forward then keeps sigmoid of the convolution for the backward)."""
@@ -57,8 +71,7 @@ class _NativeCausalConv(torch.autograd.Function):
         B, S, C = x.shape
         K = weight.shape[-1]
         x = x.contiguous()
-        w = weight.reshape(C, K).t().contiguous()  # (K, C)
-        b = None if bias is None else bias.contiguous()
+        w, b = _taps_major(weight), None if bias is None else bias.contiguous()
         y = torch.empty_like(x)
         sig = torch.empty_like(x) if act and any(ctx.needs_input_grad[:3]) else None
         p = native.pointer
@@ -87,9 +100,7 @@ class _NativeCausalConv(torch.autograd.Function):
             b0, b1, S, C, K, ctx.act, p(x), None if sig is None else p(sig), p(w),
             None if b is None else p(b), p(dy), p(dx), p(dw[slot]),
             None if db is None else p(db[slot]), p(ws[slot])))
-        d_weight = (dw[0] if slots == 1 else dw.sum(0)).t().reshape(C, 1, K)
-        d_bias = None if db is None else (db[0] if slots == 1 else db.sum(0))
-        return dx, d_weight, d_bias, None
+        return dx, *_param_grads(dw, db), None
 
 
 def _native_glu_library():
@@ -213,8 +224,7 @@ class _NativeTiledCausalConv(torch.autograd.Function):
         B, S, Cin = x.shape
         C, K = weight.shape[0], weight.shape[-1]
         x = x.contiguous()
-        w = weight.reshape(C, K).t().contiguous()  # (K, C)
-        b = None if bias is None else bias.contiguous()
+        w, b = _taps_major(weight), None if bias is None else bias.contiguous()
         y = x.new_empty(B, C, S)
         p = native.pointer
         native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_t_fwd(
@@ -240,9 +250,7 @@ class _NativeTiledCausalConv(torch.autograd.Function):
         native.parallel(B, lambda slot, b0, b1: lib.mad_causal_conv_t_bwd(
             b0, b1, S, Cin, C // Cin, K, p(x), p(w), p(dy), p(dx), p(dw[slot]),
             None if db is None else p(db[slot]), p(ws[slot])))
-        d_weight = (dw[0] if slots == 1 else dw.sum(0)).t().reshape(C, 1, K)
-        d_bias = None if db is None else (db[0] if slots == 1 else db.sum(0))
-        return dx, d_weight, d_bias
+        return (dx, *_param_grads(dw, db))
 
 
 def decayed_scores(

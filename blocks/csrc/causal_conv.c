@@ -90,7 +90,7 @@ void mad_causal_conv_fwd(int64_t b0, int64_t b1, int64_t S, int64_t C, int64_t K
     for (int64_t b = b0; b < b1; b++) {
         const int64_t at = b * S * C;
         float *sb = sig ? sig + at : NULL;
-        /* the blocks' kernel lengths (4: mLSTM, sLSTM, Mamba; 3: Hyena's short filter) get
+        /* the blocks' kernel lengths (4: mLSTM, sLSTM, Mamba; 3: short_conv's default) get
          * their loops unrolled and their weights and weight gradients kept in registers */
         if (K == 4)
             fwd_seq(x + at, y + at, sb, S, C, 4, act, w, bias);

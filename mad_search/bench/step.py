@@ -60,8 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "threads": 1,  # torch threads; a pool worker runs with 1
     "seed": 0,
     "task": "",  # a MAD task at its baseline setting; "" = the default study's task
-    "d_model": 0,  # 0 = the default study's width
-    "batch_size": 0,  # 0 = the default study's batch
+    "d_model": 0,  # 0 = the default study's width (with task=: conf/config.yaml's)
+    "batch_size": 0,  # 0 = the default study's batch (with task=: conf/config.yaml's)
     "top": 0,  # operators listed per pattern, by self CPU time
 }
 
@@ -290,7 +290,6 @@ def _validate(opts: dict) -> dict:
         names = list(load_grid()["tasks"])
         if opts["task"] not in names:
             raise BenchError(f"option task must be one of {', '.join(names)}, got {opts['task']!r}")
-
     if not opts["patterns"]:
         raise BenchError("option patterns must name at least one layer sequence")
     return dict(opts)

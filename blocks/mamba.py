@@ -18,6 +18,11 @@ Two forms of the selective scan, same arguments and result:
   carries the state across chunk boundaries (≈ 2√S Python steps instead of S). Only products of
   decays ≤ 1 are formed, so nothing can overflow. A custom autograd function keeps just the
   states h and runs the reverse (adjoint) scan the same way in the backward pass.
+
+The block itself calls :func:`gated_selective_scan`, the scan with softplus before it and the D
+skip and the SiLU gate after it; on the CPU in float32 one C kernel does all four in one pass
+each way (``blocks/csrc/selective_scan.c``), elsewhere they are torch operators around
+:func:`selective_scan`.
 """
 
 from __future__ import annotations
@@ -155,7 +160,9 @@ class _SelectiveScan(torch.autograd.Function):
 def _native_scan_library():
     I64, PTR = native.I64, native.PTR
     return native.library("selective_scan", {"mad_selective_scan_fwd": [I64] * 5 + [PTR] * 7,
-                                             "mad_selective_scan_bwd": [I64] * 5 + [PTR] * 12})
+                                             "mad_selective_scan_bwd": [I64] * 5 + [PTR] * 12,
+                                             "mad_mamba_scan_fwd": [I64] * 7 + [PTR] * 10,
+                                             "mad_mamba_scan_bwd": [I64] * 7 + [PTR] * 17})
 
 
 class _NativeSelectiveScan(torch.autograd.Function):
@@ -205,6 +212,93 @@ class _NativeSelectiveScan(torch.autograd.Function):
 
         native.parallel(batch, run)
         return du, ddelta, dAt.sum(0).t(), dB, dC
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (batch, seq, F) as the fused kernel reads it: unit last stride and evenly spaced rows
+    (a column slice of a contiguous tensor qualifies as it is), else a contiguous copy."""
+    if x.stride(-1) == 1 and x.stride(0) == x.shape[1] * x.stride(1):
+        return x
+    return x.contiguous()
+
+
+class _NativeGatedScan(torch.autograd.Function):
+    """(selective scan of u with delta = softplus(draw), plus D u) times SiLU(z), by the fused C
+    kernel ``mad_mamba_scan_*``: softplus, the D skip and the gate happen inside the scan's pass.
+    B and C may be column slices of x_proj's output and z of in_proj's (read in place). Saves
+    the inputs and the pre-gate output; the backward recomputes the states block by block.
+    """
+
+    @staticmethod
+    def forward(ctx, u, draw, A, B, C, D, z):
+        lib = _native_scan_library()
+        u, draw, D = u.contiguous(), draw.contiguous(), D.contiguous()
+        B, C, z = _rows(B), _rows(C), _rows(z)
+        if B.stride(1) != C.stride(1):
+            B, C = B.contiguous(), C.contiguous()
+        At = A.t().contiguous()
+        batch, seq, E = u.shape
+        N = At.shape[0]
+        ypre, out = torch.empty_like(u), torch.empty_like(u)
+        ws = u.new_empty(native.slots(batch), N * 8)
+        p = native.pointer
+
+        def run(slot, b0, b1):
+            lib.mad_mamba_scan_fwd(b0, b1, seq, E, N, B.stride(1), z.stride(1), p(u), p(draw),
+                                   p(At), p(B), p(C), p(D), p(z), p(ypre), p(out), p(ws[slot]))
+
+        native.parallel(batch, run)
+        ctx.save_for_backward(u, draw, At, B, C, D, z, ypre)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        lib = _native_scan_library()
+        u, draw, At, B, C, D, z, ypre = ctx.saved_tensors
+        dout = dout.contiguous()
+        batch, seq, E = u.shape
+        N = At.shape[0]
+        du, ddraw, dz = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+        dB, dC = u.new_empty(batch, seq, N), u.new_empty(batch, seq, N)
+        threads = native.slots(batch)
+        dAt, dD = u.new_zeros(threads, N, E), u.new_zeros(threads, E)
+        ws = u.new_empty(threads, (4 * seq + 2) * N * 8 + 8)
+        p = native.pointer
+
+        def run(slot, b0, b1):
+            lib.mad_mamba_scan_bwd(b0, b1, seq, E, N, B.stride(1), z.stride(1), p(u), p(draw),
+                                   p(At), p(B), p(C), p(D), p(z), p(ypre), p(dout), p(du),
+                                   p(ddraw), p(dAt[slot]), p(dB), p(dC), p(dD[slot]), p(dz),
+                                   p(ws[slot]))
+
+        native.parallel(batch, run)
+        return du, ddraw, dAt.sum(0).t(), dB, dC, dD.sum(0), dz
+
+
+def gated_selective_scan(
+    u: torch.Tensor,
+    draw: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    chunk: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Mamba's scan with its surroundings: ``selective_scan(u, softplus(draw), A, B, C, D) *
+    SiLU(z)``. ``impl``: ``"native"`` the fused C kernel (float32 on the CPU, ``d_inner`` a
+    multiple of 8), ``"torch"`` torch's softplus, the two-level scan and the gate, ``"auto"``
+    the fused kernel where it applies, else softplus and the gate around :func:`selective_scan`
+    (its own C kernel where that applies)."""
+    E = u.shape[-1]
+    why = None if E % 8 == 0 else f"the fused Mamba scan needs d_inner a multiple of 8, got {E}"
+    if native.choose(impl, "selective_scan", (u, draw, A, B, C, D, z), _native_scan_library,
+                     unsupported=why):
+        return _NativeGatedScan.apply(u, draw, A, B, C, D, z)
+    inner = "torch" if impl == "torch" else "auto"
+    return selective_scan(u, F.softplus(draw), A, B, C, D, chunk=chunk, impl=inner) * F.silu(z)
 
 
 def native_available() -> bool:
@@ -317,10 +411,9 @@ class MambaBlock(Block):
         xs = causal_depthwise_conv(xs, self.conv1d.weight, self.conv1d.bias,
                                    activation="silu")
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log)
-        y = selective_scan(xs, delta, A, B, C, self.D, chunk=self.chunk_size)
-        return self.out_proj(y * F.silu(z))
+        y = gated_selective_scan(xs, self.dt_proj(dt), A, B, C, self.D, z, chunk=self.chunk_size)
+        return self.out_proj(y)
 
     def state_size(self, seq_len: int) -> int:
         """SSM state d_inner·d_state plus the conv window (d_conv - 1)·d_inner."""

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 
 import blocks
 from blocks import native
-from blocks.mamba import native_available, selective_scan, selective_scan_reference
+from blocks.mamba import (
+    gated_selective_scan,
+    native_available,
+    selective_scan,
+    selective_scan_reference,
+)
 from blocks.ops import causal_depthwise_conv
 
 D_MODEL, MAX_LEN = 32, 64
@@ -113,6 +118,84 @@ def test_native_scan_propagates_nan():
     assert torch.isnan(y[1, 5:, 3]).all()
     grads = torch.autograd.grad(y[0].sum(), (u, delta, A))
     assert torch.isfinite(grads[0][0]).all()
+
+
+def _gated_inputs(batch, seq, d_inner, d_state, dt_rank=3, draw_shift=-1.0):
+    """The fused scan's arguments as the block makes them: B and C column slices of one
+    x_proj output, z the second half of one in_proj output (strided views, not copies)."""
+    u = torch.randn(batch, seq, d_inner)
+    draw = torch.randn(batch, seq, d_inner) * 2 + draw_shift
+    A = -torch.rand(d_inner, d_state) * 4 - 0.1
+    xdbl = torch.randn(batch, seq, dt_rank + 2 * d_state)
+    B, C = xdbl[..., dt_rank:dt_rank + d_state], xdbl[..., dt_rank + d_state:]
+    D = torch.randn(d_inner)
+    z = torch.randn(batch, seq, 2 * d_inner)[..., d_inner:]
+    return [u, draw, A, B, C, D, z]
+
+
+def _gated_reference(u, draw, A, B, C, D, z):
+    return selective_scan_reference(u, F.softplus(draw), A, B, C, D) * F.silu(z)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch,seq,d_inner,d_state", [
+    (3, 37, 16, 5), (2, 64, 24, 16), (1, 1, 8, 1), (5, 9, 8, 3)])
+def test_fused_gated_scan_matches_float64_reference(threads, batch, seq, d_inner, d_state):
+    # softplus, scan, D skip and SiLU gate in one kernel, strided B, C and z, the batch split
+    # over threads: every output and gradient against the step-by-step loop in float64
+    inputs = _gated_inputs(batch, seq, d_inner, d_state)
+    assert batch * seq == 1 or not (inputs[3].is_contiguous() or inputs[6].is_contiguous())
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    dy = torch.randn(batch, seq, d_inner)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, grads = _outputs_and_grads(gated_selective_scan, leaves, dy, impl="native")
+    finally:
+        torch.set_num_threads(before)
+    wide = [t.double().requires_grad_() for t in inputs]
+    y_ref, grads_ref = _outputs_and_grads(_gated_reference, wide, dy.double())
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    for name, g, g_ref in zip("u draw A B C D z".split(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-3, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("native", marks=needs_native)])
+def test_gated_scan_paths_agree_with_large_and_small_deltas(impl):
+    # draw far on both sides of 0 (softplus ~ x and ~ exp(x)); decays that underflow
+    inputs = _gated_inputs(2, 30, 16, 4, draw_shift=0.0)
+    with torch.no_grad():
+        inputs[1].mul_(15.0)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    dy = torch.randn(2, 30, 16)
+    y, grads = _outputs_and_grads(gated_selective_scan, leaves, dy, impl=impl)
+    wide = [t.double().requires_grad_() for t in inputs]
+    y_ref, grads_ref = _outputs_and_grads(_gated_reference, wide, dy.double())
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-3)
+
+
+@needs_native
+def test_gated_scan_auto_falls_back_where_the_fused_kernel_cannot_run():
+    # d_inner not a multiple of 8: auto takes softplus + the plain native scan + the gate;
+    # native names why it cannot
+    inputs = _gated_inputs(2, 11, 6, 3)
+    y = gated_selective_scan(*inputs)
+    torch.testing.assert_close(y, _gated_reference(*inputs), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="multiple of 8, got 6"):
+        gated_selective_scan(*inputs, impl="native")
+
+
+@needs_native
+def test_fused_gated_scan_propagates_nan():
+    u, draw, A, B, C, D, z = _gated_inputs(2, 12, 8, 4)
+    draw[1, 5, 3] = float("nan")
+    y = gated_selective_scan(u, draw, A, B, C, D, z, impl="native")
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, :5]).all()
+    assert torch.isnan(y[1, 5:, 3]).all()
 
 
 def test_selective_scan_refuses_an_unknown_impl():

@@ -161,8 +161,8 @@ def _native_scan_library():
     I64, PTR = native.I64, native.PTR
     return native.library("selective_scan", {"mad_selective_scan_fwd": [I64] * 5 + [PTR] * 7,
                                              "mad_selective_scan_bwd": [I64] * 5 + [PTR] * 12,
-                                             "mad_mamba_scan_fwd": [I64] * 7 + [PTR] * 10,
-                                             "mad_mamba_scan_bwd": [I64] * 7 + [PTR] * 17})
+                                             "mad_mamba_scan_fwd": [I64] * 7 + [PTR] * 9,
+                                             "mad_mamba_scan_bwd": [I64] * 7 + [PTR] * 16})
 
 
 class _NativeSelectiveScan(torch.autograd.Function):
@@ -226,7 +226,9 @@ class _NativeGatedScan(torch.autograd.Function):
     """(selective scan of u with delta = softplus(draw), plus D u) times SiLU(z), by the fused C
     kernel ``mad_mamba_scan_*``: softplus, the D skip and the gate happen inside the scan's pass.
     B and C may be column slices of x_proj's output and z of in_proj's (read in place). Saves
-    the inputs and the pre-gate output; the backward recomputes the states block by block.
+    only the inputs, and writes only the output: at these sizes a pass over (batch, seq,
+    d_inner) memory costs more than the arithmetic, so the backward recomputes delta, the
+    sigmoids and the pre-gate output along with the states, one batch element at a time.
     """
 
     @staticmethod
@@ -239,23 +241,23 @@ class _NativeGatedScan(torch.autograd.Function):
         At = A.t().contiguous()
         batch, seq, E = u.shape
         N = At.shape[0]
-        ypre, out = torch.empty_like(u), torch.empty_like(u)
-        ws = u.new_empty(native.slots(batch), N * 8)
+        out = torch.empty_like(u)
+        ws = u.new_empty(native.slots(batch), (N + 3) * E)
         p = native.pointer
 
         def run(slot, b0, b1):
             lib.mad_mamba_scan_fwd(b0, b1, seq, E, N, B.stride(1), z.stride(1), p(u), p(draw),
-                                   p(At), p(B), p(C), p(D), p(z), p(ypre), p(out), p(ws[slot]))
+                                   p(At), p(B), p(C), p(D), p(z), p(out), p(ws[slot]))
 
         native.parallel(batch, run)
-        ctx.save_for_backward(u, draw, At, B, C, D, z, ypre)
+        ctx.save_for_backward(u, draw, At, B, C, D, z)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         lib = _native_scan_library()
-        u, draw, At, B, C, D, z, ypre = ctx.saved_tensors
+        u, draw, At, B, C, D, z = ctx.saved_tensors
         dout = dout.contiguous()
         batch, seq, E = u.shape
         N = At.shape[0]
@@ -263,13 +265,13 @@ class _NativeGatedScan(torch.autograd.Function):
         dB, dC = u.new_empty(batch, seq, N), u.new_empty(batch, seq, N)
         threads = native.slots(batch)
         dAt, dD = u.new_zeros(threads, N, E), u.new_zeros(threads, E)
-        ws = u.new_empty(threads, (4 * seq + 2) * N * 8 + 8)
+        ws = u.new_empty(threads, (2 * seq + 2) * N * E + (3 * seq + 3) * E)
         p = native.pointer
 
         def run(slot, b0, b1):
             lib.mad_mamba_scan_bwd(b0, b1, seq, E, N, B.stride(1), z.stride(1), p(u), p(draw),
-                                   p(At), p(B), p(C), p(D), p(z), p(ypre), p(dout), p(du),
-                                   p(ddraw), p(dAt[slot]), p(dB), p(dC), p(dD[slot]), p(dz),
+                                   p(At), p(B), p(C), p(D), p(z), p(dout), p(du), p(ddraw),
+                                   p(dAt[slot]), p(dB), p(dC), p(dD[slot]), p(dz),
                                    p(ws[slot]))
 
         native.parallel(batch, run)

@@ -16,6 +16,19 @@
 
 #include "fastmath.h"
 
+/* One step t and state index n of the forward, over the channels d: the state row h[n, :]
+ * advanced by its decay and input, and its share of y_t added (restrict: gcc vectorises it). */
+static inline void state_row(int64_t E, const float *restrict An, const float *restrict dt,
+                             const float *restrict dlu, float bn, float cn, float *restrict hn,
+                             float *restrict yt)
+{
+    for (int64_t d = 0; d < E; d++) {
+        const float hv = exp_f(dt[d] * An[d]) * hn[d] + dlu[d] * bn;
+        hn[d] = hv;
+        yt[d] += cn * hv;
+    }
+}
+
 void mad_selective_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                             const float *u, const float *delta, const float *At,
                             const float *B, const float *C, float *y, float *h)
@@ -120,134 +133,138 @@ void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The whole of Mamba's gated scan in one pass each way, eight channels at a time (E % 8 == 0):
+ * The whole of Mamba's gated scan in one pass each way (E % 8 == 0):
  *     delta_t = softplus(draw_t),  h_t, y_t as above,
  *     ypre_t  = y_t + D u_t,       out_t = ypre_t SiLU(z_t)
- * so softplus, the D skip and the SiLU gate are never separate tensors. One block of eight
- * channels runs the whole sequence with its N state vectors in L1; the backward keeps that
- * block's states h_t and decays a_t (2 x S x N x 8 floats, in L2 at the MAD sizes) and sums
- * dB_t[n], dC_t[n] over the blocks as vectors, their lanes added once per batch element.
- * B and C are rows of x_proj's output and z rows of in_proj's: they are read with their row
- * strides (bc_stride, z_stride floats), not copied. ypre (batch, seq, E) is written by the
- * forward for the backward. dAt (N, E) and dD (E) accumulate.
+ * so softplus, the D skip and the SiLU gate are never separate tensors: each step's rows of
+ * delta (and, backwards, of SiLU(z)'s derivative and dL/d ypre) are made in row buffers on
+ * 8-float vectors around the same (n, d) loops as above. B and C are rows of x_proj's output
+ * and z rows of in_proj's: they are read with their row strides (bc_stride, z_stride floats),
+ * not copied. ypre (batch, seq, E) is written by the forward for the backward. dAt (N, E) and
+ * dD (E) accumulate.
  * ------------------------------------------------------------------------------------------ */
 #include "vec8.h"
 
-V8_INLINE vf v_softplus(vf x)
+/* The backward's recomputation of one state row (as state_row, from the previous state pn),
+ * keeping the decays a_t and the states for the adjoint (restrict: gcc vectorises it). */
+static inline void recompute_row(int64_t E, const float *restrict An, const float *restrict dl,
+                                 const float *restrict ut, float bn, float cn,
+                                 const float *restrict pn, float *restrict an,
+                                 float *restrict hn, float *restrict yt)
 {
-    return v_select(x > 0.0f, x, v_zero()) + v_log1p_unit(v_exp(-v_abs(x)));
+    for (int64_t d = 0; d < E; d++) {
+        const float a = exp_f(dl[d] * An[d]);
+        const float hv = a * pn[d] + dl[d] * ut[d] * bn;
+        an[d] = a;
+        hn[d] = hv;
+        yt[d] += cn * hv;
+    }
 }
 
-/* ws: N x 8 floats (the states of one block) */
+/* softplus(x) = max(x, 0) + log(1 + e) and its derivative sigmoid(x), from one e = exp(-|x|) */
+V8_INLINE void v_softplus_sigmoid(vf x, vf *sp, vf *sig)
+{
+    const vf e = v_exp(-v_abs(x));
+    *sp = v_select(x > 0.0f, x, v_zero()) + v_log1p_unit(e);
+    *sig = v_select(x >= 0.0f, v_splat(1.0f), e) / (1.0f + e);
+}
+
+/* ws: (N + 3) x E floats: the state, and rows of delta, delta u and y. Only out is written:
+ * memory traffic, not arithmetic, is what a pass over (batch, seq, E) costs here, so the
+ * backward recomputes delta, the sigmoids and ypre rather than reading them back. */
 void mad_mamba_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                         int64_t bc_stride, int64_t z_stride,
                         const float *u, const float *draw, const float *At, const float *B,
-                        const float *C, const float *D, const float *z, float *ypre, float *out,
-                        float *ws)
+                        const float *C, const float *D, const float *z, float *out, float *ws)
 {
+    float *h = ws, *dl = h + N * E, *dlu = dl + E, *y = dlu + E;
     for (int64_t b = b0; b < b1; b++) {
-        for (int64_t j = 0; j < E; j += 8) {
-            for (int64_t n = 0; n < N; n++) v_store(ws + 8 * n, v_zero());
-            const vf Dj = v_load(D + j);
-            for (int64_t t = 0; t < S; t++) {
-                const int64_t r = b * S + t;
-                const vf delta = v_softplus(v_load(draw + r * E + j));
-                const vf ut = v_load(u + r * E + j);
-                const vf du = delta * ut;
-                const float *Bt = B + r * bc_stride, *Ct = C + r * bc_stride;
-                vf y = v_zero();
-                for (int64_t n = 0; n < N; n++) {
-                    const vf a = v_exp(delta * v_load(At + n * E + j));
-                    const vf h = a * v_load(ws + 8 * n) + du * Bt[n];
-                    v_store(ws + 8 * n, h);
-                    y += h * Ct[n];
-                }
-                y += Dj * ut;
-                v_store(ypre + r * E + j, y);
-                const vf zt = v_load(z + r * z_stride + j);
-                v_store(out + r * E + j, y * zt * v_sigmoid(zt));
+        memset(h, 0, sizeof(float) * N * E);
+        for (int64_t t = 0; t < S; t++) {
+            const int64_t r = b * S + t;
+            const float *ut = u + r * E, *Bt = B + r * bc_stride, *Ct = C + r * bc_stride;
+            for (int64_t j = 0; j < E; j += 8) {
+                const vf x = v_load(draw + r * E + j), e = v_exp(-v_abs(x));
+                const vf dv = v_select(x > 0.0f, x, v_zero()) + v_log1p_unit(e);
+                v_store(dl + j, dv);
+                v_store(dlu + j, dv * v_load(ut + j));
+                v_store(y + j, v_zero());
+            }
+            for (int64_t n = 0; n < N; n++)
+                state_row(E, At + n * E, dl, dlu, Bt[n], Ct[n], h + n * E, y);
+            const float *zt = z + r * z_stride;
+            for (int64_t j = 0; j < E; j += 8) {
+                const vf v = v_load(y + j) + v_load(D + j) * v_load(ut + j);
+                const vf zv = v_load(zt + j);
+                v_store(out + r * E + j, v * zv * v_sigmoid(zv));
             }
         }
     }
 }
 
-/* ws: (4 S + 2) x N x 8 + 8 floats: the states and decays of one block, dB and dC summed over
- * the blocks as vectors, the adjoint and dA of one block, dD of one block */
+/* ws: (2 S + 2) x N x E + (3 S + 3) x E floats: zeros (the state before t = 0), the states h_t
+ * of one batch element, their decays a_t, the adjoint; rows of delta, sigmoid(draw) and y for
+ * every t (made by the recomputation, read by the adjoint); rows of dL/d ypre and two sums */
 void mad_mamba_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                         int64_t bc_stride, int64_t z_stride,
                         const float *u, const float *draw, const float *At, const float *B,
-                        const float *C, const float *D, const float *z, const float *ypre,
-                        const float *dout, float *du, float *ddraw, float *dAt, float *dB,
-                        float *dC, float *dD, float *dz, float *ws)
+                        const float *C, const float *D, const float *z, const float *dout,
+                        float *du, float *ddraw, float *dAt, float *dB, float *dC, float *dD,
+                        float *dz, float *ws)
 {
-    const int64_t SN8 = S * N * 8;
-    float *H = ws, *Ax = H + SN8, *dBv = Ax + SN8, *dCv = dBv + SN8, *g = dCv + SN8,
-          *dA = g + 8 * N;
+    const int64_t NE = N * E;
+    float *H = ws + NE, *Aexp = H + S * NE, *g = Aexp + S * NE, *DL = g + NE, *SX = DL + S * E,
+          *Y = SX + S * E, *dy = Y + S * E, *sb = dy + E, *sd = sb + E;
+    memset(ws, 0, sizeof(float) * NE);
     for (int64_t b = b0; b < b1; b++) {
-        memset(dBv, 0, sizeof(float) * 2 * SN8);
-        for (int64_t j = 0; j < E; j += 8) {
-            /* 1. the block's states h_t and decays a_t */
-            for (int64_t t = 0; t < S; t++) {
-                const int64_t r = b * S + t;
-                const vf delta = v_softplus(v_load(draw + r * E + j));
-                const vf dlu = delta * v_load(u + r * E + j);
-                const float *Bt = B + r * bc_stride;
-                float *Ht = H + t * N * 8, *At_ = Ax + t * N * 8;
-                for (int64_t n = 0; n < N; n++) {
-                    const vf a = v_exp(delta * v_load(At + n * E + j));
-                    const vf hp = t ? v_load(Ht - N * 8 + 8 * n) : v_zero();
-                    v_store(At_ + 8 * n, a);
-                    v_store(Ht + 8 * n, a * hp + dlu * Bt[n]);
-                }
+        /* 1. the states h_t, their decays a_t, and the rows delta_t, sigmoid(draw_t), y_t */
+        for (int64_t t = 0; t < S; t++) {
+            const int64_t r = b * S + t;
+            const float *ut = u + r * E, *Bt = B + r * bc_stride, *Ct = C + r * bc_stride;
+            float *dl = DL + t * E, *yt = Y + t * E;
+            for (int64_t j = 0; j < E; j += 8) {
+                vf dv, sig;
+                v_softplus_sigmoid(v_load(draw + r * E + j), &dv, &sig);
+                v_store(dl + j, dv);
+                v_store(SX + t * E + j, sig);
+                v_store(yt + j, v_zero());
             }
-            /* 2. the adjoint, backwards; g holds a_{t+1} g_{t+1} on entry to step t */
+            float *Ht = H + t * NE, *At_exp = Aexp + t * NE;
+            const float *Hp = Ht - NE;                      /* zeros before t = 0 */
             for (int64_t n = 0; n < N; n++) {
-                v_store(g + 8 * n, v_zero());
-                v_store(dA + 8 * n, v_zero());
+                const float *An = At + n * E, *pn = Hp + n * E;
+                const float bn = Bt[n], cn = Ct[n];
+                recompute_row(E, An, dl, ut, bn, cn, pn, At_exp + n * E, Ht + n * E, yt);
             }
-            const vf Dj = v_load(D + j);
-            vf dDj = v_zero();
-            for (int64_t t = S - 1; t >= 0; t--) {
-                const int64_t r = b * S + t;
-                const vf x = v_load(draw + r * E + j);
-                const vf sx = v_sigmoid(x);
-                const vf delta = v_softplus(x);
-                const vf ut = v_load(u + r * E + j), dlu = delta * ut;
-                const vf zt = v_load(z + r * z_stride + j), sz = v_sigmoid(zt);
-                const vf dot = v_load(dout + r * E + j);
-                const vf dy = dot * zt * sz;                     /* dL/d ypre_t */
-                const vf yp = v_load(ypre + r * E + j);
-                v_store(dz + r * E + j, dot * yp * sz * (1.0f + zt * (1.0f - sz)));
-                dDj += dy * ut;
-                const float *Bt = B + r * bc_stride, *Ct = C + r * bc_stride;
-                const float *Ht = H + t * N * 8, *At_ = Ax + t * N * 8;
-                float *dBt = dBv + t * N * 8, *dCt = dCv + t * N * 8;
-                vf sb = v_zero(), sd = v_zero();
-                for (int64_t n = 0; n < N; n++) {
-                    const vf gv = dy * Ct[n] + v_load(g + 8 * n);
-                    const vf a = v_load(At_ + 8 * n);
-                    const vf hp = t ? v_load(Ht - N * 8 + 8 * n) : v_zero();
-                    const vf dlog_a = gv * a * hp;               /* dL/d(delta_t A) */
-                    v_store(dCt + 8 * n, v_load(dCt + 8 * n) + dy * v_load(Ht + 8 * n));
-                    v_store(dBt + 8 * n, v_load(dBt + 8 * n) + gv * dlu);
-                    sb += gv * Bt[n];
-                    const vf An = v_load(At + n * E + j);
-                    sd += dlog_a * An;
-                    v_store(dA + 8 * n, v_load(dA + 8 * n) + dlog_a * delta);
-                    v_store(g + 8 * n, a * gv);
-                }
-                v_store(du + r * E + j, sb * delta + dy * Dj);
-                v_store(ddraw + r * E + j, (sd + sb * ut) * sx);
+        }
+        /* 2. the adjoint, backwards; g holds a_{t+1} g_{t+1} on entry to step t */
+        memset(g, 0, sizeof(float) * NE);
+        for (int64_t t = S - 1; t >= 0; t--) {
+            const int64_t r = b * S + t;
+            const float *ut = u + r * E, *dl = DL + t * E;
+            const float *Bt = B + r * bc_stride, *Ct = C + r * bc_stride;
+            const float *Ht = H + t * NE, *Hp = Ht - NE, *zt = z + r * z_stride;
+            float *dBt = dB + r * N, *dCt = dC + r * N;
+            for (int64_t j = 0; j < E; j += 8) {
+                const vf zv = v_load(zt + j), s = v_sigmoid(zv), uv = v_load(ut + j);
+                const vf go = v_load(dout + r * E + j), gy = go * zv * s;
+                const vf yp = v_load(Y + t * E + j) + v_load(D + j) * uv;
+                v_store(dy + j, gy);
+                v_store(dz + r * E + j, go * yp * s * (1.0f + zv * (1.0f - s)));
+                v_store(dD + j, v_load(dD + j) + gy * uv);
+                v_store(sb + j, v_zero());
+                v_store(sd + j, v_zero());
             }
             for (int64_t n = 0; n < N; n++)
-                v_store(dAt + n * E + j, v_load(dAt + n * E + j) + v_load(dA + 8 * n));
-            v_store(dD + j, v_load(dD + j) + dDj);
-        }
-        for (int64_t t = 0; t < S; t++)
-            for (int64_t n = 0; n < N; n++) {
-                const int64_t r = b * S + t;
-                dB[r * N + n] = v_sum(v_load(dBv + (t * N + n) * 8));
-                dC[r * N + n] = v_sum(v_load(dCv + (t * N + n) * 8));
+                adjoint_row(E, At + n * E, Ht + n * E, Hp + n * E, Aexp + t * NE + n * E, dy,
+                            dl, ut, Bt[n], Ct[n], g + n * E, dAt + n * E, sb, sd, dCt + n,
+                            dBt + n);
+            float *dut = du + r * E, *ddt = ddraw + r * E;
+            for (int64_t j = 0; j < E; j += 8) {
+                const vf sbv = v_load(sb + j);
+                v_store(dut + j, sbv * v_load(dl + j) + v_load(dy + j) * v_load(D + j));
+                v_store(ddt + j, (v_load(sd + j) + sbv * v_load(ut + j)) * v_load(SX + t * E + j));
             }
+        }
     }
 }

@@ -11,19 +11,10 @@ import optuna
 from optuna.trial import TrialState
 
 from mad_search.bench import _common as common
+from mad_search.bench.protocol import PANEL
 from mad_search.protocol import aggregate
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-PANEL = [
-    "(attention swiglu)*2",
-    "mlstm*2",
-    "slstm*2",
-    "mamba*4",
-    "(hyena swiglu)*2",
-    "(gated_linear_attention swiglu)*2",
-    "hyena swiglu attention swiglu",
-    "mlstm*3 slstm",
-]
 out = {}
 for level, d in (
     ("quick600", "bench_results/protocol_studies"),

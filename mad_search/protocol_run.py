@@ -291,31 +291,36 @@ def run_protocol(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
     return scores
 
 
+def run_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """One complete protocol run's record (as ``mad_score.json`` lists it) from its trial: the
+    task, setting and hyper-parameters from its user attrs, its validation accuracy (the
+    trial's value), test accuracy, steps, stop reason, seconds and threads."""
+    a = trial.user_attrs
+    return {
+        "run": a.get("run"),
+        "task": a["task"],
+        "setting": a["setting"],
+        "lr": a["lr"],
+        "weight_decay": a["weight_decay"],
+        "val_accuracy": trial.value,
+        "test_accuracy": a.get("test_accuracy"),
+        "steps": a.get(f"{a['task']}.steps"),
+        "stop_reason": a.get(f"{a['task']}.stopped"),
+        "seconds": a.get("wall_seconds"),
+        "threads": a.get("threads"),  # the most it trained with, lent threads included
+        "trial": trial.number,
+    }
+
+
 def score(protocol: ProtocolPlan, study: optuna.Study) -> dict:
     """The protocol's scores from its study's complete runs (partial while runs are missing);
     also recorded on the study."""
     wanted = {r.id for r in protocol.runs}
-    runs: list[dict[str, Any]] = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        a = t.user_attrs
-        if a.get("run") not in wanted:
-            continue
-        runs.append(
-            {
-                "run": a["run"],
-                "task": a["task"],
-                "setting": a["setting"],
-                "lr": a["lr"],
-                "weight_decay": a["weight_decay"],
-                "val_accuracy": t.value,
-                "test_accuracy": a.get("test_accuracy"),
-                "steps": a.get(f"{a['task']}.steps"),
-                "stop_reason": a.get(f"{a['task']}.stopped"),
-                "seconds": a.get("wall_seconds"),
-                "threads": a.get("threads"),  # the most it trained with, lent threads included
-                "trial": t.number,
-            }
-        )
+    runs = [
+        run_record(t)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("run") in wanted
+    ]
     order = {r.id: i for i, r in enumerate(protocol.runs)}
     runs.sort(key=lambda r: order[r["run"]])
     level = protocol.level

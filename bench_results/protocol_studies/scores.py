@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from mad_search.bench import _common as common
 from mad_search.bench.protocol import PANEL
 from mad_search.protocol import aggregate
+from mad_search.protocol_run import run_record
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 out = {}
@@ -33,18 +34,7 @@ for level, d in (
                 sup += 1
             if t.state != TrialState.COMPLETE:
                 continue
-            a = t.user_attrs
-            runs.append(
-                {
-                    "task": a["task"],
-                    "setting": a["setting"],
-                    "lr": a["lr"],
-                    "weight_decay": a["weight_decay"],
-                    "val_accuracy": t.value,
-                    "test_accuracy": a.get("test_accuracy"),
-                    "stop_reason": a.get(f"{a['task']}.stopped") or "",
-                }
-            )
+            runs.append(run_record(t))
         agg = aggregate(runs)
         out[level][sm.user_attrs["pattern"]] = {
             "test": agg["mad_score"],

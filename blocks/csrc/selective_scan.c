@@ -140,8 +140,8 @@ void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
  * delta (and, backwards, of SiLU(z)'s derivative and dL/d ypre) are made in row buffers on
  * 8-float vectors around the same (n, d) loops as above. B and C are rows of x_proj's output
  * and z rows of in_proj's: they are read with their row strides (bc_stride, z_stride floats),
- * not copied. ypre (batch, seq, E) is written by the forward for the backward. dAt (N, E) and
- * dD (E) accumulate.
+ * not copied. The forward writes only out; the backward recomputes delta, the sigmoids and
+ * ypre with the states. dAt (N, E) and dD (E) accumulate.
  * ------------------------------------------------------------------------------------------ */
 #include "vec8.h"
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 import blocks
 from blocks import native
@@ -87,12 +88,8 @@ def test_native_attention_splits_lanes_over_threads(threads):
     q, k, v = _inputs(5, 26, 4, 2, 16, wide=False)
     dy = torch.randn(5, 26, 4, 16)
     want = _run("torch", q, k, v, dy, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = _run("native", q, k, v, dy)
-    finally:
-        torch.set_num_threads(before)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6)
 

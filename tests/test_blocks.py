@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_threads import torch_threads
 
 import blocks
 from blocks.init import round_up
@@ -263,12 +264,9 @@ def test_native_glu_matches_torch(activation, threads, shape):
     before = torch.get_num_threads()
     for impl, dtype in (("torch", torch.float64), ("native", torch.float32)):
         leaf = gate_up.to(dtype).requires_grad_()
-        torch.set_num_threads(threads if impl == "native" else before)
-        try:
+        with torch_threads(threads if impl == "native" else before):
             y = glu(leaf, activation, impl=impl)
             (g,) = torch.autograd.grad(y, [leaf], dy.to(dtype))
-        finally:
-            torch.set_num_threads(before)
         results.append((y.double(), g.double()))
     for got, want in zip(results[1], results[0]):
         err = ((got - want).abs().max() / want.abs().max()).item()

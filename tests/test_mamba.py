@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_threads import torch_threads
 
 import blocks
 from blocks import native
@@ -94,12 +95,8 @@ def test_native_scan_agrees_with_torch_scan_at_block_sizes(threads):
     batch, seq, d_inner, d_state = 5, 70, 37, 16
     inputs = _scan_inputs(batch, seq, d_inner, d_state, torch.float32)
     dy = torch.randn(batch, seq, d_inner)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y, grads = _outputs_and_grads(selective_scan, inputs, dy, impl="native")
-    finally:
-        torch.set_num_threads(before)
     wide = [t.detach().double().requires_grad_() for t in inputs]
     y_ref, grads_ref = _outputs_and_grads(selective_scan, wide, dy.double(), impl="torch")
     torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
@@ -148,12 +145,8 @@ def test_fused_gated_scan_matches_float64_reference(threads, batch, seq, d_inner
     assert batch * seq == 1 or not (inputs[3].is_contiguous() or inputs[6].is_contiguous())
     leaves = [t.clone().requires_grad_() for t in inputs]
     dy = torch.randn(batch, seq, d_inner)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y, grads = _outputs_and_grads(gated_selective_scan, leaves, dy, impl="native")
-    finally:
-        torch.set_num_threads(before)
     wide = [t.double().requires_grad_() for t in inputs]
     y_ref, grads_ref = _outputs_and_grads(_gated_reference, wide, dy.double())
     torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
@@ -221,15 +214,11 @@ def test_native_conv_kernel_builds_and_splits_the_batch_over_threads():
     x, w, b = torch.randn(5, 13, 24), torch.randn(24, 1, 4), torch.randn(24)
     dy = torch.randn(5, 13, 24)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
+    for threads in (1, 3):
+        with torch_threads(threads):
             leaves = [t.clone().requires_grad_() for t in (x, w, b)]
             y = causal_depthwise_conv(*leaves, impl="native")
             results.append((y, *torch.autograd.grad(y, leaves, dy)))
-    finally:
-        torch.set_num_threads(before)
     for one, three in zip(*results):
         torch.testing.assert_close(one, three, rtol=1e-5, atol=1e-5)
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_threads import torch_threads
 
 from blocks import native
 from blocks.mlstm import (
@@ -727,16 +728,12 @@ def test_native_headwise_splits_rows_over_threads():
     torch.nn.init.normal_(layer.weight)
     x, dy = torch.randn(5, 11, 64), torch.randn(5, 11, 64)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
+    for threads in (1, 2):
+        with torch_threads(threads):
             w = layer.weight.detach().clone().requires_grad_()
             layer.weight = torch.nn.Parameter(w)
             y = layer(x, impl="native")
             results.append((y, torch.autograd.grad(y, layer.weight, dy)[0]))
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
 

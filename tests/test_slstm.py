@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 import blocks
 from blocks import native
@@ -164,13 +165,9 @@ def test_native_slstm_scan_agrees_with_torch_scan(threads):
     y_ref = slstm_scan(wx, R_ref, b_ref, 3, impl="torch")
     y_ref.backward(grad_out)
     R_leaf, b_leaf = R.clone().requires_grad_(), b.clone().requires_grad_()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         y = slstm_scan(wx, R_leaf, b_leaf, 3, impl="native")
         y.backward(grad_out)
-    finally:
-        torch.set_num_threads(before)
     assert_close_rel(y, y_ref.detach(), 1e-5)
     assert_close_rel(R_leaf.grad, R_ref.grad, 3e-5)
     assert_close_rel(b_leaf.grad, b_ref.grad, 3e-5)
@@ -424,13 +421,10 @@ def test_native_projections_match_torch(B, S, NH, DH, threads):
     results = []
     before = torch.get_num_threads()
     for impl, dtype in (("torch", torch.float64), ("native", torch.float32)):
-        torch.set_num_threads(threads if impl == "native" else before)
         leaves = [t.to(dtype).requires_grad_() for t in inputs]
-        try:
+        with torch_threads(threads if impl == "native" else before):
             y = slstm_projections(*leaves, impl=impl)
             grads = torch.autograd.grad(y, leaves, dwx.to(dtype))
-        finally:
-            torch.set_num_threads(before)
         results.append([y.double()] + [g.double() for g in grads])
     for got, want in zip(results[1], results[0]):
         err = ((got - want).abs().max() / want.abs().max()).item()
@@ -464,13 +458,9 @@ def test_group_norm_matches_layer_norm_per_head(impl, threads, S, NH, B, DH):
     ref = ref.reshape(B, S, NH * DH)
     grads_ref = torch.autograd.grad(ref, (y64, w64), d_out.double())
     y32, w32 = y.requires_grad_(), w.requires_grad_()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         out = slstm_group_norm(y32, w32, impl=impl)
         grads = torch.autograd.grad(out, (y32, w32), d_out)
-    finally:
-        torch.set_num_threads(before)
     assert_close_rel(out, ref.detach().float(), 1e-5)
     for g, g_ref in zip(grads, grads_ref):
         assert_close_rel(g, g_ref.float(), 1e-4)

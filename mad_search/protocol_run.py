@@ -65,18 +65,31 @@ class ProtocolPlan(JobSource):
 
     def __post_init__(self) -> None:
         self.by_id = {r.id: r for r in self.runs}
+        self.budgets = {r.id: task_budget(self.level, r.task) for r in self.runs}
 
     def prepare(self, study: optuna.Study) -> tuple[int, str]:
-        """Enqueue every run not yet complete (nor already waiting); returns how many trials
-        this invocation runs."""
-        check_same_level(study, self.level)
+        """Enqueue every run not yet complete at its current budget (nor already waiting);
+        returns how many trials this invocation runs. A run finished at other level settings
+        (a changed ``max_steps``, a new ``per_task`` budget, ...) is kept in the study but
+        neither counted nor scored: it is run again, and only it."""
+        legacy = legacy_level(study)
         done, waiting = set(), set()
+        stale: dict[str, tuple[str, Any, Any]] = {}  # task -> (first differing key, old, new)
         for t in study.get_trials(deepcopy=False):
             rid = t.user_attrs.get("run")
             if t.state == TrialState.COMPLETE:
-                done.add(rid)
+                run = self.by_id.get(rid)
+                if run is None:
+                    continue
+                new = self.budgets[rid]
+                old = trial_budget(t, legacy, new)
+                if old == new:
+                    done.add(rid)
+                else:
+                    key = next(k for k in RUN_BUDGET_KEYS if old.get(k) != new.get(k))
+                    stale.setdefault(run.task, (key, old.get(key), new.get(key)))
             elif t.state == TrialState.WAITING:
-                waiting.add(rid)
+                waiting.add(rid)  # trained at the current budget whenever it starts (plans)
         # longest first (tokens to train: steps x batch x sequence length), so the pool's
         # last runs are short ones and no worker idles long while another finishes a slow run
         # (greedy longest-processing-time scheduling); a run's seed does not depend on order
@@ -90,19 +103,42 @@ class ProtocolPlan(JobSource):
                         "task": run.task,
                         "lr": run.lr,
                         "weight_decay": run.weight_decay,
+                        "budget": self.budgets[run.id],
                     },
                 )
+        if legacy is not None and "protocol_level_legacy" not in study.user_attrs:
+            # the level that trials recorded without their own budget were trained at
+            study.set_user_attr("protocol_level_legacy", legacy)
         study.set_user_attr("protocol_level", dataclasses.asdict(self.level))
         study.set_user_attr("pattern", self.pattern)
         todo = len([r for r in self.runs if r.id not in done])
         total = len(self.runs)
-        return todo, f"MAD protocol level {self.level.name!r}: {total - todo} of {total} runs done"
+        msg = f"MAD protocol level {self.level.name!r}: {total - todo} of {total} runs done"
+        if stale:
+            why = "; ".join(
+                f"{task}: {k} {a!r} then, {b!r} now" for task, (k, a, b) in stale.items()
+            )
+            msg += (
+                f"; runs finished at other settings of the level are kept in study "
+                f"{study.study_name!r} but not scored, and run again ({why})"
+            )
+        return todo, msg
+
+    def current_trials(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        """The study's complete runs of this protocol at their current budget (what is
+        scored)."""
+        return [
+            t for t in trials_at_level(study, self.level) if t.user_attrs.get("run") in self.by_id
+        ]
 
     def plans(self, trial: optuna.Trial) -> list[RunPlan]:
         rid = trial.user_attrs.get("run")
         run = self.by_id.get(rid)
         if run is None:
             raise ConfigError(f"trial {trial.number} carries no run of this protocol ({rid!r})")
+        # a run enqueued at other settings is trained at the current ones: say so on the trial
+        if trial.user_attrs.get("budget") != self.budgets[rid]:
+            trial.set_user_attr("budget", self.budgets[rid])
         return [run.plan]
 
     def job_fields(self, trial: optuna.Trial) -> dict:
@@ -128,28 +164,72 @@ def level_budget(level: Level | dict) -> dict:
         record = dataclasses.asdict(level)
     else:
         defaults = {
-            f.name: f.default for f in dataclasses.fields(Level)
+            f.name: f.default
+            for f in dataclasses.fields(Level)
             if f.default is not dataclasses.MISSING
         }
         record = {**defaults, **level}
     return strip(json.loads(json.dumps(record)))
 
 
-def check_same_level(study: optuna.Study, level: Level) -> None:
-    """A study resumed by a level whose settings changed would count runs trained at the old
-    budget as done (a run's id is its setting, learning rate and weight decay): one line."""
-    stored = study.user_attrs.get("protocol_level")
-    if stored is None:
-        return
-    old, new = level_budget(stored), level_budget(level)
-    if old == new:
-        return
-    key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-    raise ConfigError(
-        f"study {study.study_name!r} holds runs of other level settings ({key}: "
-        f"{old.get(key)!r} there, {new.get(key)!r} now); resume it with the settings it was "
-        f"made with, or start a new study with protocol.study_name=NAME"
-    )
+# What a run's training depends on besides its id (setting, learning rate, weight decay): the
+# level's budget as the run's task sees it (``per_task`` laid over the level).
+RUN_BUDGET_KEYS = (
+    "d_model",
+    "batch_size",
+    "epochs",
+    "max_steps",
+    "max_train_examples",
+    "num_test_examples",
+    "eval_every",
+    "warmup_steps",
+    "min_lr",
+    "target_accuracy",
+    "accuracy",
+)
+
+
+def task_budget(level: Level | dict, task: str) -> dict:
+    """The budget ``task``'s runs are trained with at ``level`` (a :class:`Level` or its stored
+    record), as JSON stores it: renaming, redescribing or changing another task's budget
+    leaves it unchanged."""
+    record = level_budget(level)
+    view = dict(record.get("per_task") or ()).get(task, record)
+    return {k: view.get(k, record.get(k)) for k in RUN_BUDGET_KEYS}
+
+
+def legacy_level(study: optuna.Study) -> dict | None:
+    """The level record that the study's trials without a ``budget`` attribute were trained
+    at (studies made before runs recorded their own): the first level stored on the study."""
+    attrs = study.user_attrs
+    return attrs.get("protocol_level_legacy") or attrs.get("protocol_level")
+
+
+def trial_budget(trial: optuna.trial.FrozenTrial, legacy: dict | None, current: dict) -> dict:
+    """The budget a finished run was trained at: its own record, else its study's first
+    level's for its task, else (nothing recorded) ``current``."""
+    own = trial.user_attrs.get("budget")
+    if own is not None:
+        return own
+    if legacy is None:
+        return current
+    return task_budget(legacy, trial.user_attrs.get("task", ""))
+
+
+def trials_at_level(
+    study: optuna.Study, level: Level | dict | None = None
+) -> list[optuna.trial.FrozenTrial]:
+    """The study's complete runs trained at ``level``'s budget for their task (by default the
+    level the study was last run at): the runs a score at that level counts."""
+    if level is None:
+        level = study.user_attrs["protocol_level"]
+    legacy = legacy_level(study)
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        current = task_budget(level, t.user_attrs.get("task", ""))
+        if trial_budget(t, legacy, current) == current:
+            out.append(t)
+    return out
 
 
 def run_cost(plan: RunPlan) -> int:
@@ -315,12 +395,7 @@ def run_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 def score(protocol: ProtocolPlan, study: optuna.Study) -> dict:
     """The protocol's scores from its study's complete runs (partial while runs are missing);
     also recorded on the study."""
-    wanted = {r.id for r in protocol.runs}
-    runs = [
-        run_record(t)
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.user_attrs.get("run") in wanted
-    ]
+    runs = [run_record(t) for t in protocol.current_trials(study)]
     order = {r.id: i for i, r in enumerate(protocol.runs)}
     runs.sort(key=lambda r: order[r["run"]])
     level = protocol.level

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from mad_search.errors import UserError
 from mad_search.protocol import aggregate
-from mad_search.protocol_run import validate_protocol
+from mad_search.protocol_run import score, validate_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -216,37 +216,91 @@ def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():
     assert [costs[r] for r in again] == sorted((costs[r] for r in again), reverse=True)
 
 
-def test_a_study_resumed_with_other_level_settings_is_one_line():
+def _finish_every_waiting_run(protocol, study, rng):
+    """Train nothing: tell every enqueued run a random accuracy, as the pool would."""
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial = study.ask()
+        protocol.plans(trial)  # stamps the budget the run is trained at
+        study.tell(trial, rng.random())
+
+
+def _runs_of(protocol, tasks):
+    return sorted(r.id for r in protocol.runs if r.task in tasks)
+
+
+def test_a_level_change_reruns_only_the_runs_whose_budget_it_changes():
     rng = random.Random()
     steps = rng.randrange(50, 5000)
     protocol = validate_protocol(_cfg(f"protocol.levels.quick.max_steps={steps}"))
     study = optuna.create_study(direction="maximize", study_name="mad:quick:transformer")
     protocol.prepare(study)
-    waiting = len(study.get_trials(deepcopy=False))
-    # renamed or redescribed, the same budget resumes
+    _finish_every_waiting_run(protocol, study, rng)
+    n = len(study.get_trials(deepcopy=False))
+    # renamed or redescribed, the same budget: nothing to run
     same = validate_protocol(
         _cfg(f"protocol.levels.quick.max_steps={steps}", "protocol.levels.quick.description=x")
     )
-    assert same.prepare(study)[0] == len(same.runs)
-    other = validate_protocol(_cfg(f"protocol.levels.quick.max_steps={steps + 1}"))
-    with pytest.raises(UserError) as err:
-        other.prepare(study)
-    msg = str(err.value)
-    assert "\n" not in msg and "mad:quick:transformer" in msg
-    assert f"max_steps: {steps} there, {steps + 1} now" in msg and "protocol.study_name" in msg
-    assert len(study.get_trials(deepcopy=False)) == waiting  # nothing enqueued
-    # a study recorded before the level gained fields with defaults (per_task) still resumes
+    todo, msg = same.prepare(study)
+    assert todo == 0 and "not scored" not in msg
+    # one task's own budget changed: that task's runs, and only those, are run again
+    task = rng.choice(sorted({r.task for r in protocol.runs}))
+    other = validate_protocol(
+        _cfg(
+            f"protocol.levels.quick.max_steps={steps}",
+            f"+protocol.levels.quick.per_task.{task}.eval_every={rng.randrange(7, 99)}",
+        )
+    )
+    todo, msg = other.prepare(study)
+    again = [t.user_attrs["run"] for t in study.get_trials(states=(TrialState.WAITING,))]
+    assert todo == len(_runs_of(other, {task})) and sorted(again) == _runs_of(other, {task})
+    assert "\n" not in msg and f"{task}: eval_every" in msg and "run again" in msg
+    # the old runs stay in the study but are not scored
+    scores = score(other, study)
+    assert scores["runs_complete"] == len(other.runs) - todo and not scores["complete"]
+    assert {r["task"] for r in scores["runs"]} == {r.task for r in other.runs} - {task}
+    _finish_every_waiting_run(other, study, rng)
+    assert len(study.get_trials(deepcopy=False)) == n + todo
+    assert score(other, study)["complete"] and other.prepare(study)[0] == 0
+    # the level's own max_steps: every task but those with their own (quick's per_task)
+    own = {t for t, lv in other.level.per_task if t != task}
+    assert own  # quick gives selective copying and compression their own steps
+    more = validate_protocol(
+        _cfg(
+            f"protocol.levels.quick.max_steps={steps + 1}",
+            f"+protocol.levels.quick.per_task.{task}.eval_every=5",
+        )
+    )
+    todo, msg = more.prepare(study)
+    rerun = {r.task for r in more.runs} - own
+    assert todo == len(_runs_of(more, rerun)) and f"max_steps {steps} then, {steps + 1} now" in msg
+
+
+def test_a_study_made_before_runs_recorded_their_budget_resumes_by_its_level():
+    rng = random.Random()
     plain = validate_protocol(_cfg("protocol.level=long"))  # a level with no per_task
     study = optuna.create_study(direction="maximize", study_name="mad:long:transformer")
     plain.prepare(study)
+    _finish_every_waiting_run(plain, study, rng)
+    # as the earlier code recorded it: no budget on the runs, a level without per_task
     legacy = dict(study.user_attrs["protocol_level"])
     del legacy["per_task"]
-    study.set_user_attr("protocol_level", legacy)
-    assert plain.prepare(study)[0] == len(plain.runs)
-    legacy["per_task"] = [["compression", dict(legacy)]]
-    study.set_user_attr("protocol_level", legacy)
-    with pytest.raises(UserError, match="per_task"):
-        plain.prepare(study)
+    old = optuna.create_study(direction="maximize", study_name="mad:long:transformer")
+    old.set_user_attr("protocol_level", legacy)
+    for t in study.get_trials(deepcopy=False):
+        attrs = {k: v for k, v in t.user_attrs.items() if k != "budget"}
+        old.add_trial(optuna.trial.create_trial(value=t.value, user_attrs=attrs))
+    assert plain.prepare(old)[0] == 0
+    task = rng.choice(sorted({r.task for r in plain.runs}))
+    changed = validate_protocol(
+        _cfg("protocol.level=long", f"+protocol.levels.long.per_task.{task}.max_steps=7")
+    )
+    todo, msg = changed.prepare(old)
+    assert todo == len(_runs_of(changed, {task})) and f"{task}: max_steps 1800 then, 7 now" in msg
+    # the level they were trained at is kept, so a later resumption still knows them
+    assert old.user_attrs["protocol_level_legacy"] == legacy
+    n = len(old.get_trials(deepcopy=False))
+    assert changed.prepare(old)[0] == todo and len(old.get_trials(deepcopy=False)) == n
+    assert score(plain, old)["complete"]  # the legacy runs score at their own level
 
 
 TINY_SWEEP_LEVEL = (

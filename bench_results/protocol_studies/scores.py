@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from mad_search.bench import _common as common
 from mad_search.bench.protocol import PANEL
 from mad_search.protocol import aggregate
-from mad_search.protocol_run import run_record
+from mad_search.protocol_run import run_record, trials_at_level
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 out = {}
@@ -29,12 +29,10 @@ for level, d in (
         study = optuna.load_study(study_name=sm.study_name, storage=st)
         runs = []
         sup = 0
-        for t in study.get_trials(deepcopy=False):
-            if t.state == TrialState.FAIL and t.user_attrs.get("superseded"):
-                sup += 1
-            if t.state != TrialState.COMPLETE:
-                continue
-            runs.append(run_record(t))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            sup += bool(t.user_attrs.get("superseded"))
+        # the runs at the level the study was last run at (not those a level change superseded)
+        runs = [run_record(t) for t in trials_at_level(study)]
         agg = aggregate(runs)
         out[level][sm.user_attrs["pattern"]] = {
             "test": agg["mad_score"],

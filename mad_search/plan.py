@@ -27,3 +27,5 @@ class RunPlan:
     threads: int | None
     budget: dict | None = None  # what model.budget chose: d_model, params, state, reached
     backend: str = "torch"  # torch | mlx (the blocks' MLX twins, mad_search.mlx_train)
+    # added to the job's model seed (a protocol level's later seeds of one run); 0 otherwise
+    model_seed_offset: int = 0

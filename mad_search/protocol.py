@@ -49,6 +49,7 @@ LEVEL_KEYS = {
     "warmup_steps",
     "accuracy",
     "per_task",
+    "seeds",
 }
 # What a level's ``per_task`` may set for one task (its budget and learning-rate grid); the width,
 # the settings and the scoring stay the level's, so the tasks of one level stay comparable.
@@ -111,6 +112,9 @@ class Level:
     warmup_steps: int = 0  # linear warm-up before the cosine (mad-lab: none)
     # (task, the level as that task runs it): budgets that differ by task (``per_task``)
     per_task: tuple[tuple[str, Level], ...] = ()
+    # model seeds per (setting, learning rate, weight decay): their accuracies are averaged
+    # before the best pair is selected (1: mad-lab's single run)
+    seeds: int = 1
 
     def for_task(self, task: str) -> Level:
         """The level as ``task``'s runs see it: ``per_task``'s settings for it laid over the
@@ -211,6 +215,7 @@ class Level:
             accuracy=accuracy,
             warmup_steps=warmup,
             per_task=tuple((t, dataclasses.replace(lv, name=name)) for t, lv in tasks),
+            seeds=_optional_int(node.get("seeds", 1), f"{where}.seeds") or 1,
         )
 
     def steps(self, num_train_examples: int) -> int:
@@ -259,25 +264,39 @@ def select_settings(level: Level, grid: list[dict]) -> list[dict]:
     return out
 
 
-def run_id(setting_id: str, lr: float, weight_decay: float) -> str:
-    """The name of one run, stable across processes (the key that makes a protocol resumable)."""
-    return f"{setting_id}|lr={lr:g}|wd={weight_decay:g}"
+def run_id(setting_id: str, lr: float, weight_decay: float, seed: int = 0) -> str:
+    """The name of one run, stable across processes (the key that makes a protocol resumable);
+    ``seed``: the run's model seed after the first (a level's ``seeds``), named only when > 0
+    so that a level's first seed keeps the name runs had before levels had seeds."""
+    name = f"{setting_id}|lr={lr:g}|wd={weight_decay:g}"
+    return f"{name}|seed={seed}" if seed else name
 
 
 def aggregate(runs: list[dict], tasks: list[str] | None = None) -> dict:
     """MAD scores from run results.
 
     Each run: ``task``, ``setting``, ``lr``, ``weight_decay``, ``val_accuracy``,
-    ``test_accuracy`` (a diverged run has ``stop_reason`` starting with ``diverged`` and
-    accuracies 0). Per setting the run with the best validation accuracy is selected (ties: the
-    first in ``runs``' order) and its test accuracy is the setting's score; a task's score is the
-    mean over its settings; the MAD score is the mean over ``tasks`` (default: every task seen).
+    ``test_accuracy`` and optionally ``seed`` (a diverged run has ``stop_reason`` starting with
+    ``diverged`` and accuracies 0). The runs of one (setting, learning rate, weight decay) at
+    different model seeds are averaged, both accuracies (a level's ``seeds``); per setting the
+    (learning rate, weight decay) with the best validation accuracy is selected (ties: the first
+    in ``runs``' order) and its test accuracy is the setting's score; a task's score is the mean
+    over its settings; the MAD score is the mean over ``tasks`` (default: every task seen).
     Returns ``{"mad_score", "tasks": {task: score}, "settings": {setting: {...selected run}}}``
     plus the same from the selected runs' validation accuracies (``mad_score_val``,
     ``tasks_val``): what a search may optimise without looking at the test split.
     """
-    selected: dict[str, dict] = {}
+    pairs: dict[tuple, list[dict]] = {}  # (setting, lr, wd) -> its runs, one per seed
     for run in runs:
+        pairs.setdefault((run["setting"], run["lr"], run["weight_decay"]), []).append(run)
+    selected: dict[str, dict] = {}
+    for group in pairs.values():
+        run = {
+            **group[0],
+            "val_accuracy": sum(_val(r) for r in group) / len(group),
+            "test_accuracy": sum(_test(r) for r in group) / len(group),
+            "seeds": len(group),
+        }
         best = selected.get(run["setting"])
         if best is None or _val(run) > _val(best):
             selected[run["setting"]] = run
@@ -306,6 +325,7 @@ def aggregate(runs: list[dict], tasks: list[str] | None = None) -> dict:
                 "weight_decay": r["weight_decay"],
                 "val_accuracy": _val(r),
                 "score": _test(r),
+                "seeds": r["seeds"],
             }
             for sid, r in selected.items()
         },

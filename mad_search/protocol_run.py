@@ -49,6 +49,7 @@ class ProtocolRun:
     lr: float
     weight_decay: float
     plan: RunPlan
+    seed: int = 0  # the run's model seed after the level's first (``seeds``)
 
 
 @dataclass(kw_only=True)
@@ -103,6 +104,7 @@ class ProtocolPlan(JobSource):
                         "task": run.task,
                         "lr": run.lr,
                         "weight_decay": run.weight_decay,
+                        "seed": run.seed,
                         "budget": self.budgets[run.id],
                     },
                 )
@@ -297,16 +299,18 @@ def expand_runs(
                     train.validate()
                 except ValueError as exc:
                     raise ConfigError(f"protocol level {level.name}: {exc}") from None
-                runs.append(
-                    ProtocolRun(
-                        id=run_id(entry["id"], lr, wd),
-                        task=entry["task"],
-                        setting=entry["id"],
-                        lr=lr,
-                        weight_decay=wd,
-                        plan=dataclasses.replace(base, train=train),
+                for seed in range(level.seeds):
+                    runs.append(
+                        ProtocolRun(
+                            id=run_id(entry["id"], lr, wd, seed),
+                            task=entry["task"],
+                            setting=entry["id"],
+                            lr=lr,
+                            weight_decay=wd,
+                            plan=dataclasses.replace(base, train=train, model_seed_offset=seed),
+                            seed=seed,
+                        )
                     )
-                )
     return runs, probes
 
 
@@ -382,6 +386,7 @@ def run_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "setting": a["setting"],
         "lr": a["lr"],
         "weight_decay": a["weight_decay"],
+        "seed": a.get("seed", 0),
         "val_accuracy": trial.value,
         "test_accuracy": a.get("test_accuracy"),
         "steps": a.get(f"{a['task']}.steps"),
@@ -488,6 +493,7 @@ class ProtocolSweep(SweepPlan):
                 "setting": r.setting,
                 "lr": r.lr,
                 "weight_decay": r.weight_decay,
+                "seed": r.seed,
                 "val_accuracy": e["val_accuracy"],
                 "test_accuracy": e["test_accuracy"],
                 "stop_reason": e["stopped"],

@@ -13,7 +13,7 @@ from mad_search.errors import ConfigError
 from mad_search.protocol import MAD_TASKS, Level, aggregate, run_id, select_settings
 
 
-def _run(task, setting, lr, wd, val, test, stop="max_steps"):
+def _run(task, setting, lr, wd, val, test, stop="max_steps", seed=0):
     return {
         "task": task,
         "setting": setting,
@@ -22,6 +22,7 @@ def _run(task, setting, lr, wd, val, test, stop="max_steps"):
         "val_accuracy": val,
         "test_accuracy": test,
         "stop_reason": stop,
+        "seed": seed,
     }
 
 
@@ -68,6 +69,65 @@ def test_aggregation_on_random_results_equals_a_slow_reference():
         task_means[task] = sum(scores) / len(scores)
     assert out["tasks"] == pytest.approx(task_means)
     assert out["mad_score"] == pytest.approx(sum(task_means.values()) / len(task_means))
+
+
+def test_seeds_of_one_pair_are_averaged_before_the_best_pair_is_selected():
+    runs = [
+        # lr 1e-3: seeds at val 0.2 and 0.8 (mean 0.5), test 0.3 and 0.7 (mean 0.5)
+        _run("recall", "recall/a", 1e-3, 0.0, 0.2, 0.3, seed=0),
+        _run("recall", "recall/a", 1e-3, 0.0, 0.8, 0.7, seed=1),
+        # lr 3e-3: val 0.6 and 0.5 (mean 0.55) wins although its best seed is lower;
+        # test 0.1 and 0.0 (mean 0.05)
+        _run("recall", "recall/a", 3e-3, 0.0, 0.6, 0.1, seed=0),
+        _run("recall", "recall/a", 3e-3, 0.0, 0.5, 0.0, seed=1),
+        # lr 5e-3: the best seed of all (0.9), but the other diverged: it counts 0 (mean 0.45)
+        _run("recall", "recall/a", 5e-3, 0.0, 0.9, 0.9, seed=0),
+        _run("recall", "recall/a", 5e-3, 0.0, float("nan"), float("nan"), "diverged: nan", 1),
+    ]
+    out = aggregate(runs)
+    assert out["settings"]["recall/a"]["lr"] == 3e-3 and out["settings"]["recall/a"]["seeds"] == 2
+    assert out["mad_score"] == pytest.approx(0.05) and out["mad_score_val"] == pytest.approx(0.55)
+    # random: the same as grouping by hand, averaging, then taking the best mean validation
+    rng = random.Random()
+    n_seeds = rng.randint(2, 4)
+    runs = [
+        _run(f"t{t}", f"t{t}/s{s}", lr, 0.0, rng.random(), rng.random(), seed=k)
+        for t in range(rng.randint(1, 3))
+        for s in range(rng.randint(1, 3))
+        for lr in (1e-3, 3e-3)
+        for k in range(n_seeds)
+    ]
+    rng.shuffle(runs)
+    want = {}
+    for setting in {r["setting"] for r in runs}:
+        means = []
+        for lr in (1e-3, 3e-3):
+            group = [r for r in runs if r["setting"] == setting and r["lr"] == lr]
+            assert len(group) == n_seeds
+            means.append(
+                (sum(r["val_accuracy"] for r in group) / n_seeds,
+                 sum(r["test_accuracy"] for r in group) / n_seeds)
+            )
+        want[setting] = max(means)[1]
+    got = aggregate(runs)["settings"]
+    assert {k: v["score"] for k, v in got.items()} == pytest.approx(want)
+
+
+def test_a_levels_seeds_repeat_each_run_at_the_next_model_seeds():
+    from mad_search.protocol_run import expand_runs
+
+    n = random.randint(2, 3)
+    node = {**FULL, "settings": "baseline", "tasks": ["memorization", "compression"],
+            "lrs": [1e-3, 3e-3], "weight_decays": [0.0], "d_model": 16, "max_steps": 9}
+    one, _ = expand_runs(Level.from_config("x", node), {"pattern": "mlstm"}, {})
+    many, _ = expand_runs(Level.from_config("x", {**node, "seeds": n}), {"pattern": "mlstm"}, {})
+    assert len(many) == n * len(one) and len({r.id for r in many}) == len(many)
+    # the first seed's runs keep the names (and so the studies) runs had without seeds
+    assert [r.id for r in many if r.seed == 0] == [r.id for r in one]
+    for r in many:
+        assert r.plan.model_seed_offset == r.seed and (r.seed == 0) == ("seed=" not in r.id)
+        twin = next(o for o in one if (o.setting, o.lr) == (r.setting, r.lr))
+        assert r.plan.train == twin.plan.train and r.plan.seed == twin.plan.seed  # same data
 
 
 def test_a_task_without_runs_leaves_the_mad_score_open():
@@ -145,6 +205,8 @@ def test_cheap_level_caps_sizes_and_filters_settings():
         ({"per_task": {"compression": {"max_steps": 0}}},
          "protocol.levels.x.per_task.compression.max_steps must be a positive integer"),
         ({"per_task": {"compression": {"lrs": []}}}, "per_task.compression.lrs must be a non"),
+        ({"seeds": 0}, "protocol.levels.x.seeds must be a positive integer"),
+        ({"per_task": {"compression": {"seeds": 2}}}, "cannot set 'seeds'; valid:"),
     ],
 )
 def test_bad_levels_are_one_line_errors(change, fragment):

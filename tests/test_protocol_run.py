@@ -150,7 +150,7 @@ def _cfg(*overrides):
     [
         (
             ["protocol.level=huge"],
-            "protocol.level 'huge' unknown; valid levels: full, long, quick, standard",
+            "protocol.level 'huge' unknown; valid levels: full, long, quick, quick2, standard",
         ),
         (["protocol.levels.quick.lrs=[]"], "lrs must be a non-empty list"),
         (["protocol.levels.quick.settings=['in_context_recall/seq_len=99']"], "unknown setting"),
@@ -182,6 +182,14 @@ def test_the_packaged_levels_expand_to_their_runs():
         "baseline"
     }
     assert quick.hogwild.embedding == "private"  # each run its own table
+    # quick2 is quick at two model seeds: the same runs, each once more at the next seed
+    quick2 = validate_protocol(_cfg("protocol.level=quick2"))
+    assert quick2.level.seeds == 2 and quick.level.seeds == 1
+    assert [r.id for r in quick2.runs if r.seed == 0] == [r.id for r in quick.runs]
+    assert [r.plan for r in quick2.runs if r.seed == 0] == [r.plan for r in quick.runs]
+    assert quick2.budgets == {**quick.budgets, **{
+        r.id: quick.budgets[r.id.rsplit("|seed=", 1)[0]] for r in quick2.runs if r.seed
+    }}
 
 
 def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():
@@ -510,3 +518,43 @@ def test_protocol_benchmark_keeps_its_studies_and_resumes_in_a_later_sitting(tmp
     assert second["levels"]["tiny"]["kendall_tau_vs_reference"] == kendall_tau_b(
         [first["levels"]["tiny"]["patterns"][p]["mad_score"] for p in patterns],
         [ref[p]["mad_score"] for p in patterns])
+
+
+SEEDED_LEVEL = (
+    "+protocol.levels.seeded={settings: [memorization/baseline], lrs: [3.0e-3], "
+    "weight_decays: [0.0], d_model: 16, batch_size: 16, max_steps: 12, max_train_examples: 64, "
+    "num_test_examples: 32, eval_every: 4, target_accuracy: 1.0}"
+)
+
+
+def test_a_levels_later_seeds_train_at_the_next_model_seeds_and_are_averaged(tmp_path):
+    """Through the pool: a level with ``seeds: 2`` run at seed s trains its second run exactly
+    as the one-seed level does at seed s + 1, and scores the mean of the two."""
+    from mad_search.protocol_run import run_protocol
+
+    def run(seed, seeds, name):
+        cfg = _cfg(
+            SEEDED_LEVEL,
+            "protocol.level=seeded",
+            f"+protocol.levels.seeded.seeds={seeds}",
+            f"seed={seed}",
+            f"study.storage=sqlite:///{tmp_path}/{name}.db",
+            "hogwild.workers=1",  # one thread throughout: no idle worker lends its own
+            "hogwild.threads_per_worker=1",
+        )
+        scores = run_protocol(cfg, tmp_path / name)
+        study = optuna.load_study(
+            study_name=scores["study"], storage=f"sqlite:///{tmp_path}/{name}.db"
+        )
+        curves = {t.user_attrs["seed"]: t.intermediate_values for t in study.trials}
+        return scores, curves
+
+    base = random.randrange(1000)
+    both, curves = run(base, 2, "both")
+    _, later = run(base + 1, 1, "later")
+    assert sorted(curves) == [0, 1] and curves[0] != curves[1]  # two inits, two curves
+    assert curves[1] == later[0]  # the second seed is the next model seed, nothing else
+    (setting,) = both["settings"].values()
+    assert setting["seeds"] == 2
+    tests = [r["test_accuracy"] for r in both["runs"]]
+    assert len(tests) == 2 and both["mad_score"] == pytest.approx(sum(tests) / 2)

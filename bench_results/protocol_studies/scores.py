@@ -1,6 +1,17 @@
-"""Test- and validation-based MAD scores of the panel's studies (quick600, long, and quick
-of 2026-12-06) and their Kendall tau-b against long:
-``PYTHONPATH=. python bench_results/protocol_studies/scores.py OUT.json``.
+"""Test- and validation-based MAD scores of the panel's studies and their Kendall tau-b against
+``long``: ``PYTHONPATH=. python bench_results/protocol_studies/scores.py OUT.json``.
+
+Studies scored (label: folder, level prefix of the study files):
+
+- ``quick600``, ``long``: ``bench_results/protocol_studies``;
+- ``quick``: the packaged ``quick`` of 2026-12-05 (noisy recall 900 steps), seed 0, measured
+  2026-12-06 (``bench_results/protocol_quick_2026-12-06``);
+- ``quick_s0``, ``quick_s1``: ``quick`` with noisy recall at 1,500 steps, seeds 0 and 1
+  (``bench_results/protocol_quick_2026-12-06_nr1500/seed0``, ``seed1``), and ``quick_mean``,
+  the mean of their two scores per sequence.
+
+Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
+made stale are not counted.
 """
 
 import glob
@@ -15,34 +26,50 @@ from mad_search.bench.protocol import PANEL
 from mad_search.protocol import aggregate
 from mad_search.protocol_run import run_record, trials_at_level
 
+STUDIES = (
+    ("quick600", "bench_results/protocol_studies", "quick600"),
+    ("long", "bench_results/protocol_studies", "long"),
+    ("quick", "bench_results/protocol_quick_2026-12-06", "quick"),
+    ("quick_s0", "bench_results/protocol_quick_2026-12-06_nr1500/seed0", "quick"),
+    ("quick_s1", "bench_results/protocol_quick_2026-12-06_nr1500/seed1", "quick"),
+)
+MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
+COMPARED = ("quick600", "quick", "quick_s0", "quick_s1", "quick_mean")
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-out = {}
-for level, d in (
-    ("quick600", "bench_results/protocol_studies"),
-    ("long", "bench_results/protocol_studies"),
-    ("quick", "bench_results/protocol_quick_2026-12-06"),
-):
-    out[level] = {}
-    for f in sorted(glob.glob(f"{d}/{level}__*.db")):
+out: dict[str, dict] = {}
+for label, d, prefix in STUDIES:
+    out[label] = {}
+    for f in sorted(glob.glob(f"{d}/{prefix}__*.db")):
         st = optuna.storages.RDBStorage(f"sqlite:///{f}")
         sm = st.get_all_studies()[0]
         study = optuna.load_study(study_name=sm.study_name, storage=st)
-        runs = []
-        sup = 0
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            sup += bool(t.user_attrs.get("superseded"))
-        # the runs at the level the study was last run at (not those a level change superseded)
+        sup = sum(
+            bool(t.user_attrs.get("superseded"))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        )
         runs = [run_record(t) for t in trials_at_level(study)]
+        n_levels = len(study.user_attrs.get("protocol_level", {}).get("tasks", ())) or 6
         agg = aggregate(runs)
-        out[level][sm.user_attrs["pattern"]] = {
-            "test": agg["mad_score"],
-            "val": agg["mad_score_val"],
+        complete = len({r["task"] for r in runs}) >= n_levels
+        out[label][sm.user_attrs["pattern"]] = {
+            "test": agg["mad_score"] if complete else None,
+            "val": agg["mad_score_val"] if complete else None,
             "runs": len(runs),
             "superseded": sup,
+            "seconds": sum(r["seconds"] or 0.0 for r in runs),
             "tasks_test": agg["tasks"],
         }
+name, parts = MEAN
+out[name] = {}
+for p in PANEL:
+    entries = [out[lv].get(p) for lv in parts]
+    if all(e and e["test"] is not None for e in entries):
+        out[name][p] = {
+            kind: sum(e[kind] for e in entries) / len(entries) for kind in ("test", "val")
+        }
 res = {"levels": out, "tau_b_vs_long": {}}
-for lv in ("quick600", "quick"):
+for lv in COMPARED:
     for kind in ("test", "val"):
         ps = [
             p
@@ -57,15 +84,27 @@ for lv in ("quick600", "quick"):
                 ),
                 len(ps),
             )
+# the two seeds of one level against each other: how far one run per sequence is from another
+ps = [p for p in PANEL if p in out[MEAN[0]]]
+if len(ps) >= 2:
+    a, b = MEAN[1]
+    for kind in ("test", "val"):
+        res[f"tau_b_{a}_vs_{b}_{kind}"] = (
+            common.kendall_tau_b([out[a][p][kind] for p in ps], [out[b][p][kind] for p in ps]),
+            len(ps),
+        )
+
+
+def cell(e: dict) -> str:
+    t, v = e.get("test"), e.get("val")
+    return "-" if t is None else f"{t:.3f}/{v:.3f}"
+
+
+print(f"{'test/val':36}", "  ".join(f"{lv:>13}" for lv in (*COMPARED, "long")))
 for p in PANEL:
-    print(
-        f"{p:36}",
-        "  ".join(
-            f"{lv}: {e.get('test') or float('nan'):.3f}/{e.get('val') or float('nan'):.3f}"
-            f" ({e.get('runs')}r)"
-            for lv, e in ((lv, out[lv].get(p, {})) for lv in ("quick600", "quick", "long"))
-        ),
-    )
-print(res["tau_b_vs_long"])
+    print(f"{p:36}", "  ".join(f"{cell(out[lv].get(p, {})):>13}" for lv in (*COMPARED, "long")))
+for k, v in res.items():
+    if k != "levels":
+        print(k, v)
 if len(sys.argv) > 1:
     json.dump(res, open(sys.argv[1], "w"), indent=1)

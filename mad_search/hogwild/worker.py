@@ -93,7 +93,11 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
                 data,
                 embedding=emb,
                 on_eval=on_eval,
-                seed=plan.seed + job.number if job.model_seed is None else job.model_seed,
+                seed=(
+                    plan.seed + job.number
+                    if job.model_seed is None
+                    else job.model_seed + plan.model_seed_offset
+                ),
                 device=hog.device,
                 mlx_init="torch",  # a trial starts from the same weights on either backend
             )

@@ -63,6 +63,7 @@ PER_TASK_KEYS = {
     "eval_every",
     "warmup_steps",
     "min_lr",
+    "seeds",
 }
 
 
@@ -113,7 +114,7 @@ class Level:
     # (task, the level as that task runs it): budgets that differ by task (``per_task``)
     per_task: tuple[tuple[str, Level], ...] = ()
     # model seeds per (setting, learning rate, weight decay): their accuracies are averaged
-    # before the best pair is selected (1: mad-lab's single run)
+    # before the best pair is selected (1: mad-lab's single run); per_task may set its own
     seeds: int = 1
 
     def for_task(self, task: str) -> Level:

@@ -221,15 +221,19 @@ def trial_budget(trial: optuna.trial.FrozenTrial, legacy: dict | None, current: 
 def trials_at_level(
     study: optuna.Study, level: Level | dict | None = None
 ) -> list[optuna.trial.FrozenTrial]:
-    """The study's complete runs trained at ``level``'s budget for their task (by default the
-    level the study was last run at): the runs a score at that level counts."""
+    """The study's complete runs trained at ``level``'s budget for their task, at the seeds it
+    runs (by default the level the study was last run at): the runs a score at that level
+    counts."""
     if level is None:
         level = study.user_attrs["protocol_level"]
     legacy = legacy_level(study)
     out = []
+    record = level_budget(level)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        current = task_budget(level, t.user_attrs.get("task", ""))
-        if trial_budget(t, legacy, current) == current:
+        task = t.user_attrs.get("task", "")
+        current = task_budget(record, task)
+        seeds = dict(record.get("per_task") or ()).get(task, record).get("seeds", 1)
+        if trial_budget(t, legacy, current) == current and t.user_attrs.get("seed", 0) < seeds:
             out.append(t)
     return out
 
@@ -299,7 +303,7 @@ def expand_runs(
                     train.validate()
                 except ValueError as exc:
                     raise ConfigError(f"protocol level {level.name}: {exc}") from None
-                for seed in range(level.seeds):
+                for seed in range(budget.seeds):
                     runs.append(
                         ProtocolRun(
                             id=run_id(entry["id"], lr, wd, seed),

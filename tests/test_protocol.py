@@ -128,6 +128,14 @@ def test_a_levels_seeds_repeat_each_run_at_the_next_model_seeds():
         assert r.plan.model_seed_offset == r.seed and (r.seed == 0) == ("seed=" not in r.id)
         twin = next(o for o in one if (o.setting, o.lr) == (r.setting, r.lr))
         assert r.plan.train == twin.plan.train and r.plan.seed == twin.plan.seed  # same data
+    # one task's own seeds (per_task): that task's runs repeated, the others once
+    task = random.choice(node["tasks"])
+    mixed, _ = expand_runs(
+        Level.from_config("x", {**node, "per_task": {task: {"seeds": n}}}), {"pattern": "mlstm"}, {}
+    )
+    assert sorted(r.id for r in mixed if r.seed == 0) == sorted(r.id for r in one)
+    assert {r.task for r in mixed if r.seed} == {task}
+    assert len(mixed) == len(one) + (n - 1) * sum(r.task == task for r in one)
 
 
 def test_a_task_without_runs_leaves_the_mad_score_open():
@@ -206,7 +214,7 @@ def test_cheap_level_caps_sizes_and_filters_settings():
          "protocol.levels.x.per_task.compression.max_steps must be a positive integer"),
         ({"per_task": {"compression": {"lrs": []}}}, "per_task.compression.lrs must be a non"),
         ({"seeds": 0}, "protocol.levels.x.seeds must be a positive integer"),
-        ({"per_task": {"compression": {"seeds": 2}}}, "cannot set 'seeds'; valid:"),
+        ({"per_task": {"compression": {"seeds": 0}}}, "per_task.compression.seeds must be a"),
     ],
 )
 def test_bad_levels_are_one_line_errors(change, fragment):

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from mad_search.errors import UserError
 from mad_search.protocol import aggregate
-from mad_search.protocol_run import score, validate_protocol
+from mad_search.protocol_run import score, trials_at_level, validate_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -558,3 +558,23 @@ def test_a_levels_later_seeds_train_at_the_next_model_seeds_and_are_averaged(tmp
     assert setting["seeds"] == 2
     tests = [r["test_accuracy"] for r in both["runs"]]
     assert len(tests) == 2 and both["mad_score"] == pytest.approx(sum(tests) / 2)
+
+
+def test_a_one_seed_study_grows_a_second_seed_and_shrinks_back():
+    rng = random.Random()
+    quick = validate_protocol(_cfg())
+    quick2 = validate_protocol(_cfg("protocol.level=quick2"))
+    study = optuna.create_study(direction="maximize", study_name="mad:quick:transformer")
+    quick.prepare(study)
+    _finish_every_waiting_run(quick, study, rng)
+    # resumed with two seeds: only the second seed's runs are new
+    todo, _ = quick2.prepare(study)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert todo == len(quick.runs) == len(waiting)
+    assert {t.user_attrs["seed"] for t in waiting} == {1}
+    _finish_every_waiting_run(quick2, study, rng)
+    assert score(quick2, study)["complete"] and len(trials_at_level(study)) == len(quick2.runs)
+    # read back at one seed, the second seed's runs are not counted
+    assert quick.prepare(study)[0] == 0
+    assert len(trials_at_level(study)) == len(quick.runs)
+    assert score(quick, study)["runs_complete"] == len(quick.runs)

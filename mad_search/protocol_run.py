@@ -90,7 +90,14 @@ class ProtocolPlan(JobSource):
                     key = next(k for k in RUN_BUDGET_KEYS if old.get(k) != new.get(k))
                     stale.setdefault(run.task, (key, old.get(key), new.get(key)))
             elif t.state == TrialState.WAITING:
-                waiting.add(rid)  # trained at the current budget whenever it starts (plans)
+                if rid in self.by_id:
+                    waiting.add(rid)  # trained at the current budget when it starts (plans)
+                else:  # a run the level no longer has (fewer seeds, other rates): not to start
+                    storage = study._storage
+                    storage.set_trial_user_attr(
+                        t._trial_id, "superseded", f"not a run of level {self.level.name!r}"
+                    )
+                    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         # longest first (tokens to train: steps x batch x sequence length), so the pool's
         # last runs are short ones and no worker idles long while another finishes a slow run
         # (greedy longest-processing-time scheduling); a run's seed does not depend on order

@@ -578,3 +578,15 @@ def test_a_one_seed_study_grows_a_second_seed_and_shrinks_back():
     assert quick.prepare(study)[0] == 0
     assert len(trials_at_level(study)) == len(quick.runs)
     assert score(quick, study)["runs_complete"] == len(quick.runs)
+    # interrupted with second-seed runs still waiting, then resumed at one seed: those runs
+    # are failed as superseded, not started (the pool would find no plan for them)
+    other = optuna.create_study(direction="maximize", study_name="mad:quick:transformer")
+    quick2.prepare(other)
+    n_waiting = len(other.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    assert quick.prepare(other)[0] == len(quick.runs)
+    waiting = other.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    failed = other.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert sorted(t.user_attrs["run"] for t in waiting) == sorted(r.id for r in quick.runs)
+    assert len(failed) == n_waiting - len(quick.runs) and all(
+        t.user_attrs["seed"] == 1 and "superseded" in t.user_attrs for t in failed
+    )

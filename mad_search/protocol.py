@@ -51,6 +51,16 @@ LEVEL_KEYS = {
     "per_task",
     "seeds",
 }
+# What a run's training depends on besides its id (setting, learning rate, weight decay, seed):
+# every level key but those that choose the runs (and ``per_task``, laid over the rest). Sorted,
+# so a changed budget is named by the same key each time.
+RUN_BUDGET_KEYS = tuple(
+    sorted(
+        LEVEL_KEYS
+        - {"description", "tasks", "settings", "max_seq_len", "lrs", "weight_decays", "seeds"}
+        - {"per_task"}
+    )
+)
 # What a level's ``per_task`` may set for one task (its budget and learning-rate grid); the width,
 # the settings and the scoring stay the level's, so the tasks of one level stay comparable.
 PER_TASK_KEYS = {

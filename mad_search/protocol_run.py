@@ -31,7 +31,7 @@ from mad_search.config import check_pool_backends, resolve, to_plain
 from mad_search.errors import ConfigError, RunDirError
 from mad_search.jobs import JobSource, TrialOutcome
 from mad_search.plan import RunPlan
-from mad_search.protocol import Level, aggregate, run_id, select_settings
+from mad_search.protocol import RUN_BUDGET_KEYS, Level, aggregate, run_id, select_settings
 from mad_search.settings import HogwildSettings, StudySettings
 from mad_search.storage import StudyStorage
 from mad_search.sweep import SweepPlan, trial_config, validate_sweep
@@ -66,7 +66,8 @@ class ProtocolPlan(JobSource):
 
     def __post_init__(self) -> None:
         self.by_id = {r.id: r for r in self.runs}
-        self.budgets = {r.id: task_budget(self.level, r.task) for r in self.runs}
+        record = level_budget(self.level)
+        self.budgets = {r.id: task_budget(record, r.task) for r in self.runs}
 
     def prepare(self, study: optuna.Study) -> tuple[int, str]:
         """Enqueue every run not yet complete at its current budget (nor already waiting);
@@ -115,9 +116,10 @@ class ProtocolPlan(JobSource):
                         "budget": self.budgets[run.id],
                     },
                 )
-        if legacy is not None and "protocol_level_legacy" not in study.user_attrs:
+        stored = study.user_attrs.get("protocol_level")
+        if stored is not None and "protocol_level_legacy" not in study.user_attrs:
             # the level that trials recorded without their own budget were trained at
-            study.set_user_attr("protocol_level_legacy", legacy)
+            study.set_user_attr("protocol_level_legacy", stored)
         study.set_user_attr("protocol_level", dataclasses.asdict(self.level))
         study.set_user_attr("pattern", self.pattern)
         todo = len([r for r in self.runs if r.id not in done])
@@ -181,42 +183,33 @@ def level_budget(level: Level | dict) -> dict:
     return strip(json.loads(json.dumps(record)))
 
 
-# What a run's training depends on besides its id (setting, learning rate, weight decay): the
-# level's budget as the run's task sees it (``per_task`` laid over the level).
-RUN_BUDGET_KEYS = (
-    "d_model",
-    "batch_size",
-    "epochs",
-    "max_steps",
-    "max_train_examples",
-    "num_test_examples",
-    "eval_every",
-    "warmup_steps",
-    "min_lr",
-    "target_accuracy",
-    "accuracy",
-)
+def task_view(record: dict, task: str) -> dict:
+    """A level record (:func:`level_budget`) as ``task``'s runs see it: its ``per_task`` entry
+    for the task, else the level itself."""
+    return dict(record.get("per_task") or ()).get(task, record)
 
 
-def task_budget(level: Level | dict, task: str) -> dict:
-    """The budget ``task``'s runs are trained with at ``level`` (a :class:`Level` or its stored
-    record), as JSON stores it: renaming, redescribing or changing another task's budget
-    leaves it unchanged."""
-    record = level_budget(level)
-    view = dict(record.get("per_task") or ()).get(task, record)
+def task_budget(record: dict, task: str) -> dict:
+    """The budget ``task``'s runs are trained with at the level ``record``
+    (:func:`level_budget`): renaming, redescribing or changing another task's budget leaves it
+    unchanged."""
+    view = task_view(record, task)
     return {k: view.get(k, record.get(k)) for k in RUN_BUDGET_KEYS}
 
 
 def legacy_level(study: optuna.Study) -> dict | None:
-    """The level record that the study's trials without a ``budget`` attribute were trained
-    at (studies made before runs recorded their own): the first level stored on the study."""
+    """The level record (:func:`level_budget`) that the study's trials without a ``budget``
+    attribute were trained at (studies made before runs recorded their own): the first level
+    stored on the study."""
     attrs = study.user_attrs
-    return attrs.get("protocol_level_legacy") or attrs.get("protocol_level")
+    stored = attrs.get("protocol_level_legacy") or attrs.get("protocol_level")
+    return None if stored is None else level_budget(stored)
 
 
 def trial_budget(trial: optuna.trial.FrozenTrial, legacy: dict | None, current: dict) -> dict:
     """The budget a finished run was trained at: its own record, else its study's first
-    level's for its task, else (nothing recorded) ``current``."""
+    level's (``legacy``, a :func:`level_budget` record) for its task, else (nothing recorded)
+    ``current``."""
     own = trial.user_attrs.get("budget")
     if own is not None:
         return own
@@ -231,15 +224,13 @@ def trials_at_level(
     """The study's complete runs trained at ``level``'s budget for their task, at the seeds it
     runs (by default the level the study was last run at): the runs a score at that level
     counts."""
-    if level is None:
-        level = study.user_attrs["protocol_level"]
+    record = level_budget(study.user_attrs["protocol_level"] if level is None else level)
     legacy = legacy_level(study)
     out = []
-    record = level_budget(level)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         task = t.user_attrs.get("task", "")
         current = task_budget(record, task)
-        seeds = dict(record.get("per_task") or ()).get(task, record).get("seeds", 1)
+        seeds = task_view(record, task).get("seeds", 1)
         if trial_budget(t, legacy, current) == current and t.user_attrs.get("seed", 0) < seeds:
             out.append(t)
     return out

@@ -380,7 +380,8 @@ def run_protocol(cfg: DictConfig, out_dir: str | os.PathLike) -> dict:
 def run_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """One complete protocol run's record (as ``mad_score.json`` lists it) from its trial: the
     task, setting and hyper-parameters from its user attrs, its validation accuracy (the
-    trial's value), test accuracy, steps, stop reason, seconds and threads."""
+    trial's value), test accuracy, both splits' micro accuracies, steps, stop reason, seconds
+    and threads."""
     a = trial.user_attrs
     return {
         "run": a.get("run"),
@@ -391,6 +392,9 @@ def run_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "seed": a.get("seed", 0),
         "val_accuracy": trial.value,
         "test_accuracy": a.get("test_accuracy"),
+        # micro accuracies (runs recorded before they were kept have none)
+        "val_accuracy_micro": a.get(f"{a['task']}.val_accuracy_micro"),
+        "test_accuracy_micro": a.get(f"{a['task']}.test_accuracy_micro"),
         "steps": a.get(f"{a['task']}.steps"),
         "stop_reason": a.get(f"{a['task']}.stopped"),
         "seconds": a.get("wall_seconds"),

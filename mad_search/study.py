@@ -745,6 +745,9 @@ def _flat_attrs(result: dict) -> dict:
         for key in ("val_accuracy", "test_accuracy", "val_loss", "steps", "tokens_per_s",
                     "stopped"):
             out[f"{t['task']}.{key}"] = t[key]
+        for key in ("val_accuracy_micro", "test_accuracy_micro"):
+            if t.get(key) is not None:
+                out[f"{t['task']}.{key}"] = t[key]
     return out
 
 

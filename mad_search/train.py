@@ -178,6 +178,7 @@ class TrainResult:
     # the test split under both averages (``test_accuracy`` is the configured one)
     test_accuracy_macro: float | None = None
     test_accuracy_micro: float | None = None
+    val_accuracy_micro: float | None = None  # the selected checkpoint's, beside test's
     selected_by: str = "accuracy"  # what picked the checkpoint: accuracy | loss
     # language modelling: exp(loss) and, where a token is a fixed number of bytes, bits per byte
     val_perplexity: float | None = None
@@ -524,6 +525,7 @@ def result_of(val: dict | None, test: dict, *, steps: int, best_step: int, token
         history=history,
         test_accuracy_macro=test["accuracy_macro"],
         test_accuracy_micro=test["accuracy_micro"],
+        val_accuracy_micro=val.get("accuracy_micro"),
         selected_by="loss" if by_loss else "accuracy",
         val_perplexity=val.get("perplexity"),
         test_perplexity=test.get("perplexity"),

@@ -131,9 +131,12 @@ def test_protocol_is_interrupted_and_resumed_without_rerunning_finished_runs(tmp
     for r in scores["runs"]:
         if r["lr"] == 1e6:  # diverged: scored 0 with the reason, the protocol went on
             assert r["val_accuracy"] == 0 and r["test_accuracy"] == 0
+            assert r["val_accuracy_micro"] == 0 and r["test_accuracy_micro"] == 0
             assert r["stop_reason"].startswith("diverged"), r
         else:
             assert r["val_accuracy"] > 0 and not r["stop_reason"].startswith("diverged")
+            # the micro accuracies are kept beside the level's macro ones
+            assert 0 < r["val_accuracy_micro"] <= 1 and 0 < r["test_accuracy_micro"] <= 1
     again = aggregate(scores["runs"], tasks=list(scores["tasks"]))
     assert scores["mad_score"] == pytest.approx(again["mad_score"])
     assert {t: v["score"] for t, v in scores["tasks"].items()} == pytest.approx(again["tasks"])
@@ -150,7 +153,8 @@ def _cfg(*overrides):
     [
         (
             ["protocol.level=huge"],
-            "protocol.level 'huge' unknown; valid levels: full, long, quick, quick2, standard",
+            "protocol.level 'huge' unknown; valid levels: "
+            "full, long, quick, quick2, quick_sc2, standard",
         ),
         (["protocol.levels.quick.lrs=[]"], "lrs must be a non-empty list"),
         (["protocol.levels.quick.settings=['in_context_recall/seq_len=99']"], "unknown setting"),
@@ -190,6 +194,16 @@ def test_the_packaged_levels_expand_to_their_runs():
     assert quick2.budgets == {**quick.budgets, **{
         r.id: quick.budgets[r.id.rsplit("|seed=", 1)[0]] for r in quick2.runs if r.seed
     }}
+    # quick_sc2 is quick with only selective copying at a second seed
+    sc2 = validate_protocol(_cfg("protocol.level=quick_sc2"))
+    assert [r.id for r in sc2.runs if r.seed == 0] == [r.id for r in quick.runs]
+    assert [r.plan for r in sc2.runs if r.seed == 0] == [r.plan for r in quick.runs]
+    assert sc2.budgets == {**quick.budgets, **{
+        r.id: quick.budgets[r.id.rsplit("|seed=", 1)[0]] for r in sc2.runs if r.seed
+    }}
+    assert [(r.task, r.seed, r.plan.model_seed_offset) for r in sc2.runs if r.seed] == [
+        ("selective_copying", 1, 1)
+    ]
 
 
 def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():

@@ -129,6 +129,14 @@ def test_result_reports_the_test_split_under_both_averages():
     res = train(model, _tiny_data(), cfg, num_classes=8)
     assert res.test_accuracy == res.test_accuracy_micro
     assert 0.0 <= res.test_accuracy_macro <= 1.0
+    # the selected checkpoint's validation micro accuracy, whatever average selected it
+    (best,) = [h for h in res.history if h["step"] == res.best_step]
+    assert res.val_accuracy_micro == best["accuracy_micro"]
+    cfg = TrainConfig(max_steps=4, batch_size=8, eval_every=2, progress=False, accuracy="macro")
+    res = train(SequenceModel(8, 16, ["attention"], 12), _tiny_data(), cfg, num_classes=8)
+    (best,) = [h for h in res.history if h["step"] == res.best_step]
+    assert res.val_accuracy == best["accuracy_macro"]
+    assert res.val_accuracy_micro == best["accuracy_micro"]
 
 
 def test_the_validation_that_reaches_the_target_is_reported_too():

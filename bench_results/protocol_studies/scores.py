@@ -8,7 +8,10 @@ Studies scored (label: folder, level prefix of the study files):
   2026-12-06 (``bench_results/protocol_quick_2026-12-06``);
 - ``quick_s0``, ``quick_s1``: ``quick`` with noisy recall at 1,500 steps, seeds 0 and 1
   (``bench_results/protocol_quick_2026-12-06_nr1500/seed0``, ``seed1``), and ``quick_mean``,
-  the mean of their two scores per sequence.
+  the mean of their two scores per sequence;
+- ``quick_sc2``: the packaged ``quick_sc2`` (``quick`` with selective copying at model seeds 0
+  and 1), seed 0 (``bench_results/protocol_quick_sc2_2026-12-06/seed0``: copies of the seed-0
+  ``quick`` studies, renamed and resumed, so only the seed-1 selective-copying runs trained).
 
 Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
 made stale are not counted.
@@ -32,9 +35,10 @@ STUDIES = (
     ("quick", "bench_results/protocol_quick_2026-12-06", "quick"),
     ("quick_s0", "bench_results/protocol_quick_2026-12-06_nr1500/seed0", "quick"),
     ("quick_s1", "bench_results/protocol_quick_2026-12-06_nr1500/seed1", "quick"),
+    ("quick_sc2", "bench_results/protocol_quick_sc2_2026-12-06/seed0", "quick_sc2"),
 )
 MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
-COMPARED = ("quick600", "quick", "quick_s0", "quick_s1", "quick_mean")
+COMPARED = ("quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2")
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 out: dict[str, dict] = {}

@@ -118,6 +118,10 @@ def run_trial(job: TrialJob, slot: int, conn) -> tuple[str, dict]:
                 "test_accuracy": res.test_accuracy,
                 "val_loss": res.val_loss,
                 "test_loss": res.test_loss,
+                # micro beside the configured (often macro) average: a macro gap between
+                # splits can be one class predicted but never a target (README "Accuracy")
+                "val_accuracy_micro": res.val_accuracy_micro,
+                "test_accuracy_micro": res.test_accuracy_micro,
                 "steps": res.steps,
                 "tokens_per_s": res.tokens_per_s,
                 "train_seconds": res.train_seconds,
@@ -173,6 +177,8 @@ def _diverged(plan, reason: str) -> dict:
         "task": plan.task_name,
         "val_accuracy": 0.0,
         "test_accuracy": 0.0,
+        "val_accuracy_micro": 0.0,
+        "test_accuracy_micro": 0.0,
         "val_loss": float("nan"),
         "steps": 0,
         "tokens_per_s": 0.0,

@@ -11,7 +11,9 @@ Studies scored (label: folder, level prefix of the study files):
   the mean of their two scores per sequence;
 - ``quick_sc2``: the packaged ``quick_sc2`` (``quick`` with selective copying at model seeds 0
   and 1), seed 0 (``bench_results/protocol_quick_sc2_2026-12-06/seed0``: copies of the seed-0
-  ``quick`` studies, renamed and resumed, so only the seed-1 selective-copying runs trained).
+  ``quick`` studies, renamed and resumed, so only the seed-1 selective-copying runs trained);
+  ``quick_sc2_s1``: the same at seed 1 (from the seed-1 ``quick`` studies: model seeds 1 and 2
+  on seed 1's data).
 
 Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
 made stale are not counted.
@@ -36,9 +38,12 @@ STUDIES = (
     ("quick_s0", "bench_results/protocol_quick_2026-12-06_nr1500/seed0", "quick"),
     ("quick_s1", "bench_results/protocol_quick_2026-12-06_nr1500/seed1", "quick"),
     ("quick_sc2", "bench_results/protocol_quick_sc2_2026-12-06/seed0", "quick_sc2"),
+    ("quick_sc2_s1", "bench_results/protocol_quick_sc2_2026-12-06/seed1", "quick_sc2"),
 )
 MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
-COMPARED = ("quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2")
+COMPARED = (
+    "quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2", "quick_sc2_s1"
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 out: dict[str, dict] = {}
@@ -95,6 +100,16 @@ if len(ps) >= 2:
     for kind in ("test", "val"):
         res[f"tau_b_{a}_vs_{b}_{kind}"] = (
             common.kendall_tau_b([out[a][p][kind] for p in ps], [out[b][p][kind] for p in ps]),
+            len(ps),
+        )
+# and quick_sc2's two seeds against each other: does the second selective-copying seed steady it
+ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None
+                              for lv in ("quick_sc2", "quick_sc2_s1"))]
+if len(ps) >= 2:
+    for kind in ("test", "val"):
+        res[f"tau_b_quick_sc2_vs_quick_sc2_s1_{kind}"] = (
+            common.kendall_tau_b([out["quick_sc2"][p][kind] for p in ps],
+                                 [out["quick_sc2_s1"][p][kind] for p in ps]),
             len(ps),
         )
 

@@ -94,25 +94,17 @@ for lv in COMPARED:
                 len(ps),
             )
 # the two seeds of one level against each other: how far one run per sequence is from another
-ps = [p for p in PANEL if p in out[MEAN[0]]]
-if len(ps) >= 2:
-    a, b = MEAN[1]
-    for kind in ("test", "val"):
-        res[f"tau_b_{a}_vs_{b}_{kind}"] = (
-            common.kendall_tau_b([out[a][p][kind] for p in ps], [out[b][p][kind] for p in ps]),
-            len(ps),
-        )
-# and quick_sc2's two seeds against each other: does the second selective-copying seed steady it
-ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None
-                              for lv in ("quick_sc2", "quick_sc2_s1"))]
-if len(ps) >= 2:
-    for kind in ("test", "val"):
-        res[f"tau_b_quick_sc2_vs_quick_sc2_s1_{kind}"] = (
-            common.kendall_tau_b([out["quick_sc2"][p][kind] for p in ps],
-                                 [out["quick_sc2_s1"][p][kind] for p in ps]),
-            len(ps),
-        )
-
+# (quick), and whether a second selective-copying seed steadies it (quick_sc2)
+for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1")):
+    ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None for lv in (a, b))]
+    if len(ps) >= 2:
+        for kind in ("test", "val"):
+            res[f"tau_b_{a}_vs_{b}_{kind}"] = (
+                common.kendall_tau_b(
+                    [out[a][p][kind] for p in ps], [out[b][p][kind] for p in ps]
+                ),
+                len(ps),
+            )
 
 def cell(e: dict) -> str:
     t, v = e.get("test"), e.get("val")

@@ -183,6 +183,41 @@ def test_gated_scan_auto_falls_back_where_the_fused_kernel_cannot_run():
 
 
 @needs_native
+@pytest.mark.parametrize("fused", [True, False])
+def test_native_scans_flush_denormals_inside_the_kernel_only(fused):
+    # decays exp(delta A) down to ~1e-38 (delta ~ 5-6 against A = -16): the kernels flush
+    # denormal floats to zero while they run (x86 takes a ~100-cycle assist per denormal), so
+    # results differ from float64 by less than 1.2e-38 per term, and the calling thread's
+    # floating-point mode is left as it was
+    tiny = 1e-40
+    assert torch.tensor([tiny]).item() != 0.0                 # denormals are on out here
+    batch, seq, d_inner, d_state = 2, 48, 16, 16
+    inputs = _gated_inputs(batch, seq, d_inner, d_state, draw_shift=0.0)
+    with torch.no_grad():
+        inputs[1].copy_(torch.rand(batch, seq, d_inner) * 2 + 4.5)   # softplus ~ 4.5 .. 6.5
+        inputs[2].copy_(-torch.arange(1, d_state + 1.0).expand(d_inner, d_state))
+    fn = gated_selective_scan if fused else (
+        lambda u, draw, A, B, C, D, z, impl: selective_scan(u, F.softplus(draw), A, B, C, D,
+                                                            impl=impl) * F.silu(z))
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    dy = torch.randn(batch, seq, d_inner)
+    with torch_threads(1):                                    # the kernel on this thread
+        y, grads = _outputs_and_grads(fn, leaves, dy, impl="native")
+    assert (torch.tensor([tiny]) * 1.5).item() != 0.0         # mode restored after the call
+    wide = [t.double().requires_grad_() for t in inputs]
+    y_ref, grads_ref = _outputs_and_grads(_gated_reference, wide, dy.double())
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-4, atol=1e-4)
+    for name, g, g_ref in zip("u draw A B C D z".split(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref.float(), rtol=1e-4, atol=1e-3, msg=f"grad of {name}")
+    # a denormal input is read as zero inside the kernel: y = C softplus(0) u B, D = 0
+    u, z = torch.full((1, 1, 8), tiny), torch.full((1, 1, 8), 20.0)   # SiLU(20) ~ 20
+    args = (u, torch.zeros(1, 1, 8), -torch.ones(8, 1), torch.ones(1, 1, 1),
+            torch.ones(1, 1, 1), torch.zeros(8), z)
+    assert (fn(*args, impl="torch") != 0).all()               # torch keeps the denormal
+    assert (fn(*args, impl="native") == 0).all()
+
+
+@needs_native
 def test_fused_gated_scan_propagates_nan():
     u, draw, A, B, C, D, z = _gated_inputs(2, 12, 8, 4)
     draw[1, 5, 3] = float("nan")

@@ -10,6 +10,8 @@
  * and runs the adjoint recurrence g_t = dy_t[d] C_t[n] + a_{t+1} g_{t+1} backwards, as the CUDA
  * kernel of the paper does. Layouts, all contiguous: u, delta, y, du, ddelta (batch, seq, E); B, C, dB, dC
  * (batch, seq, N); At, dAt (N, E). Each call handles batch elements [b0, b1); dAt accumulates.
+ * Every entry point flushes denormals to zero while it runs (fastmath.h: decays of 1e-38 made
+ * the backward spend half its time in the CPU's denormal assists) and restores the mode after.
  */
 #include <stdint.h>
 #include <string.h>
@@ -33,6 +35,7 @@ void mad_selective_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
                             const float *u, const float *delta, const float *At,
                             const float *B, const float *C, float *y, float *h)
 {
+    const mad_fp_state fp = mad_flush_denormals();
     for (int64_t b = b0; b < b1; b++) {
         memset(h, 0, sizeof(float) * N * E);
         for (int64_t t = 0; t < S; t++) {
@@ -52,6 +55,7 @@ void mad_selective_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
             }
         }
     }
+    mad_restore_fp(fp);
 }
 
 /* One step t and state index n of the backward, over the channels d (restrict: nothing aliases,
@@ -89,6 +93,7 @@ void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
                             float *du, float *ddelta, float *dAt, float *dB, float *dC,
                             float *ws)
 {
+    const mad_fp_state fp = mad_flush_denormals();
     const int64_t NE = N * E;
     float *H = ws + NE, *g = H + S * NE, *sb = g + NE, *sd = sb + E, *Aexp = sd + E;
     memset(ws, 0, sizeof(float) * NE);
@@ -130,6 +135,7 @@ void mad_selective_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_
             }
         }
     }
+    mad_restore_fp(fp);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -177,6 +183,7 @@ void mad_mamba_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                         const float *u, const float *draw, const float *At, const float *B,
                         const float *C, const float *D, const float *z, float *out, float *ws)
 {
+    const mad_fp_state fp = mad_flush_denormals();
     float *h = ws, *dl = h + N * E, *dlu = dl + E, *y = dlu + E;
     for (int64_t b = b0; b < b1; b++) {
         memset(h, 0, sizeof(float) * N * E);
@@ -200,6 +207,7 @@ void mad_mamba_scan_fwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
             }
         }
     }
+    mad_restore_fp(fp);
 }
 
 /* ws: (2 S + 2) x N x E + (3 S + 3) x E floats: zeros (the state before t = 0), the states h_t
@@ -212,6 +220,7 @@ void mad_mamba_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
                         float *du, float *ddraw, float *dAt, float *dB, float *dC, float *dD,
                         float *dz, float *ws)
 {
+    const mad_fp_state fp = mad_flush_denormals();
     const int64_t NE = N * E;
     float *H = ws + NE, *Aexp = H + S * NE, *g = Aexp + S * NE, *DL = g + NE, *SX = DL + S * E,
           *Y = SX + S * E, *dy = Y + S * E, *sb = dy + E, *sd = sb + E;
@@ -267,4 +276,5 @@ void mad_mamba_scan_bwd(int64_t b0, int64_t b1, int64_t S, int64_t E, int64_t N,
             }
         }
     }
+    mad_restore_fp(fp);
 }

@@ -14,6 +14,10 @@ Studies scored (label: folder, level prefix of the study files):
   ``quick`` studies, renamed and resumed, so only the seed-1 selective-copying runs trained);
   ``quick_sc2_s1``: the same at seed 1 (from the seed-1 ``quick`` studies: model seeds 1 and 2
   on seed 1's data).
+- ``quick_sc2_1000``, ``quick_sc2_1000_s1``: ``quick_sc2`` with selective copying at 1,000
+  steps instead of 1,500 (``bench_results/protocol_quick_sc2_1000_2026-12-06/seed0_[ab]``,
+  ``seed1_[ab]``: copies of the ``quick_sc2`` studies, renamed and resumed, so only the two
+  selective-copying runs of each sequence trained again), seeds 0 and 1.
 
 Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
 made stale are not counted.
@@ -39,10 +43,15 @@ STUDIES = (
     ("quick_s1", "bench_results/protocol_quick_2026-12-06_nr1500/seed1", "quick"),
     ("quick_sc2", "bench_results/protocol_quick_sc2_2026-12-06/seed0", "quick_sc2"),
     ("quick_sc2_s1", "bench_results/protocol_quick_sc2_2026-12-06/seed1", "quick_sc2"),
+    ("quick_sc2_1000", "bench_results/protocol_quick_sc2_1000_2026-12-06/seed0_[ab]",
+     "quick_sc2_1000"),
+    ("quick_sc2_1000_s1", "bench_results/protocol_quick_sc2_1000_2026-12-06/seed1_[ab]",
+     "quick_sc2_1000"),
 )
 MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
 COMPARED = (
-    "quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2", "quick_sc2_s1"
+    "quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2", "quick_sc2_s1",
+    "quick_sc2_1000", "quick_sc2_1000_s1",
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -95,7 +104,7 @@ for lv in COMPARED:
             )
 # the two seeds of one level against each other: how far one run per sequence is from another
 # (quick), and whether a second selective-copying seed steadies it (quick_sc2)
-for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1")):
+for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1"), ("quick_sc2_1000", "quick_sc2_1000_s1")):
     ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None for lv in (a, b))]
     if len(ps) >= 2:
         for kind in ("test", "val"):
@@ -105,6 +114,13 @@ for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1")):
                 ),
                 len(ps),
             )
+# cost: the runs' own seconds / 2 per architecture (2 cores), in minutes: mean, min, max
+res["cost_minutes_per_architecture"] = {
+    lv: (sum(secs) / len(secs), min(secs), max(secs))
+    for lv in (lv for lv, _, _ in STUDIES)
+    if (secs := [e["seconds"] / 120 for e in out[lv].values() if e["test"] is not None])
+}
+
 
 def cell(e: dict) -> str:
     t, v = e.get("test"), e.get("val")

@@ -117,7 +117,7 @@ for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1"), ("quick_sc2_1000", "quick_s
 # cost: the runs' own seconds / 2 per architecture (2 cores), in minutes: mean, min, max
 res["cost_minutes_per_architecture"] = {
     lv: (sum(secs) / len(secs), min(secs), max(secs))
-    for lv in (lv for lv, _, _ in STUDIES)
+    for lv, _, _ in STUDIES
     if (secs := [e["seconds"] / 120 for e in out[lv].values() if e["test"] is not None])
 }
 

@@ -10,6 +10,10 @@
 import importlib as _importlib  # noqa: E402
 import pkgutil as _pkgutil  # noqa: E402
 
+# before torch loads (blocks.base imports it): mad_search's package init shortens the OpenMP
+# threads' spin-wait, so they leave the cores to the native kernels' threads
+# (mad_search._short_openmp_spin)
+import mad_search as _mad_search  # noqa: F401
 from blocks.base import Block
 from blocks.registry import (
     ENTRY_POINT_GROUP,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,19 +222,35 @@ def trial_budget(trial: optuna.trial.FrozenTrial, legacy: dict | None, current: 
 def trials_at_level(
     study: optuna.Study, level: Level | dict | None = None
 ) -> list[optuna.trial.FrozenTrial]:
-    """The study's complete runs trained at ``level``'s budget for their task, at the seeds it
-    runs (by default the level the study was last run at): the runs a score at that level
-    counts."""
+    """The study's complete runs trained at ``level``'s budget for their task, at the seeds and
+    on the learning-rate and weight-decay grid it runs for that task (by default the level the
+    study was last run at): the runs a score at that level counts. (A run at a rate the level
+    no longer has keeps its budget, so the grid is checked apart from it.)"""
     record = level_budget(study.user_attrs["protocol_level"] if level is None else level)
     legacy = legacy_level(study)
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         task = t.user_attrs.get("task", "")
         current = task_budget(record, task)
-        seeds = task_view(record, task).get("seeds", 1)
-        if trial_budget(t, legacy, current) == current and t.user_attrs.get("seed", 0) < seeds:
+        view = task_view(record, task)
+        seeds = view.get("seeds", 1)
+        if (
+            trial_budget(t, legacy, current) == current
+            and t.user_attrs.get("seed", 0) < seeds
+            and _in_grid(t.user_attrs.get("lr"), view.get("lrs", record.get("lrs")))
+            and _in_grid(t.user_attrs.get("weight_decay"),
+                         view.get("weight_decays", record.get("weight_decays")))
+        ):
             out.append(t)
     return out
+
+
+def _in_grid(value: float | None, grid: list | None) -> bool:
+    """Whether a run's ``value`` (its learning rate or weight decay) is one of ``grid``'s
+    (a record without the grid, or a run without the value, counts as in it)."""
+    if value is None or grid is None:
+        return True
+    return any(math.isclose(value, g, rel_tol=1e-9, abs_tol=1e-12) for g in grid)
 
 
 def run_cost(plan: RunPlan) -> int:

@@ -574,6 +574,33 @@ def test_a_levels_later_seeds_train_at_the_next_model_seeds_and_are_averaged(tmp
     assert len(tests) == 2 and both["mad_score"] == pytest.approx(sum(tests) / 2)
 
 
+def test_runs_off_a_tasks_new_learning_rate_grid_are_not_counted():
+    """A level that gives one task another learning rate keeps that task's budget, so its runs
+    at the old rate still match the budget: they are kept in the study but neither scored nor
+    counted by ``trials_at_level`` (which scripts score resumed studies with)."""
+    rng = random.Random()
+    lr = rng.choice([6e-3, 2e-3, 1e-2])
+    quick = validate_protocol(_cfg())
+    moved = validate_protocol(
+        _cfg(f"+protocol.levels.quick.per_task.selective_copying.lrs=[{lr}]")
+    )
+    study = optuna.create_study(direction="maximize", study_name="mad:quick:transformer")
+    quick.prepare(study)
+    _finish_every_waiting_run(quick, study, rng)
+    todo, _ = moved.prepare(study)
+    assert todo == len(_runs_of(moved, {"selective_copying"})) > 0  # only the new rate's runs
+    counted = trials_at_level(study)
+    assert "selective_copying" not in {t.user_attrs["task"] for t in counted}
+    assert len(counted) == len(moved.runs) - todo
+    _finish_every_waiting_run(moved, study, rng)
+    counted = trials_at_level(study)
+    assert len(counted) == len(moved.runs) == score(moved, study)["runs_complete"]
+    assert {t.user_attrs["lr"] for t in counted if t.user_attrs["task"] == "selective_copying"} \
+        == {lr}
+    # read back at the old level, the old rate's runs count again and the new rate's do not
+    assert len(trials_at_level(study, quick.level)) == len(quick.runs)
+
+
 def test_a_one_seed_study_grows_a_second_seed_and_shrinks_back():
     rng = random.Random()
     quick = validate_protocol(_cfg())

@@ -18,6 +18,10 @@ Studies scored (label: folder, level prefix of the study files):
   steps instead of 1,500 (``bench_results/protocol_quick_sc2_1000_2026-12-06/seed0_[ab]``,
   ``seed1_[ab]``: copies of the ``quick_sc2`` studies, renamed and resumed, so only the two
   selective-copying runs of each sequence trained again), seeds 0 and 1.
+- ``quick_sclr6``, ``quick_sclr6_s1``: ``quick`` with selective copying at learning rate 6e-3
+  instead of 3e-3, one model seed (``bench_results/protocol_quick_sclr6_2026-12-07/seed0``,
+  ``seed1``: copies of the ``quick_s0`` / ``quick_s1`` studies, renamed and resumed, so only the
+  selective-copying run of each sequence trained again), seeds 0 and 1.
 
 Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
 made stale are not counted.
@@ -47,11 +51,13 @@ STUDIES = (
      "quick_sc2_1000"),
     ("quick_sc2_1000_s1", "bench_results/protocol_quick_sc2_1000_2026-12-06/seed1_[ab]",
      "quick_sc2_1000"),
+    ("quick_sclr6", "bench_results/protocol_quick_sclr6_2026-12-07/seed0", "quick_sclr6"),
+    ("quick_sclr6_s1", "bench_results/protocol_quick_sclr6_2026-12-07/seed1", "quick_sclr6"),
 )
 MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
 COMPARED = (
     "quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2", "quick_sc2_s1",
-    "quick_sc2_1000", "quick_sc2_1000_s1",
+    "quick_sc2_1000", "quick_sc2_1000_s1", "quick_sclr6", "quick_sclr6_s1",
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -104,7 +110,8 @@ for lv in COMPARED:
             )
 # the two seeds of one level against each other: how far one run per sequence is from another
 # (quick), and whether a second selective-copying seed steadies it (quick_sc2)
-for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1"), ("quick_sc2_1000", "quick_sc2_1000_s1")):
+for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1"), ("quick_sc2_1000", "quick_sc2_1000_s1"),
+             ("quick_sclr6", "quick_sclr6_s1")):
     ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None for lv in (a, b))]
     if len(ps) >= 2:
         for kind in ("test", "val"):

@@ -21,7 +21,8 @@ Studies scored (label: folder, level prefix of the study files):
 - ``quick_sclr6``, ``quick_sclr6_s1``: ``quick`` with selective copying at learning rate 6e-3
   instead of 3e-3, one model seed (``bench_results/protocol_quick_sclr6_2026-12-07/seed0``,
   ``seed1``: copies of the ``quick_s0`` / ``quick_s1`` studies, renamed and resumed, so only the
-  selective-copying run of each sequence trained again), seeds 0 and 1.
+  selective-copying run of each sequence trained again), seeds 0 and 1, for four sequences
+  (Mamba, ``mlstm*2``, ``mlstm*3 slstm``, attention; ``partial_tau.py`` there projects the rest).
 
 Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
 made stale are not counted.

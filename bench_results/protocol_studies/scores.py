@@ -19,7 +19,7 @@ Studies scored (label: folder, level prefix of the study files):
   ``seed1_[ab]``: copies of the ``quick_sc2`` studies, renamed and resumed, so only the two
   selective-copying runs of each sequence trained again), seeds 0 and 1.
 - ``quick_sclr6``, ``quick_sclr6_s1``: ``quick`` with selective copying at learning rate 6e-3
-  instead of 3e-3, one model seed (``bench_results/protocol_quick_sclr6_2026-12-07/seed0``,
+  instead of 3e-3, one model seed (``bench_results/protocol_quick_sclr6_2026-12-06/seed0``,
   ``seed1``: copies of the ``quick_s0`` / ``quick_s1`` studies, renamed and resumed, so only the
   selective-copying run of each sequence trained again), seeds 0 and 1, for four sequences
   (Mamba, ``mlstm*2``, ``mlstm*3 slstm``, attention; ``partial_tau.py`` there projects the rest).
@@ -52,8 +52,8 @@ STUDIES = (
      "quick_sc2_1000"),
     ("quick_sc2_1000_s1", "bench_results/protocol_quick_sc2_1000_2026-12-06/seed1_[ab]",
      "quick_sc2_1000"),
-    ("quick_sclr6", "bench_results/protocol_quick_sclr6_2026-12-07/seed0", "quick_sclr6"),
-    ("quick_sclr6_s1", "bench_results/protocol_quick_sclr6_2026-12-07/seed1", "quick_sclr6"),
+    ("quick_sclr6", "bench_results/protocol_quick_sclr6_2026-12-06/seed0", "quick_sclr6"),
+    ("quick_sclr6_s1", "bench_results/protocol_quick_sclr6_2026-12-06/seed1", "quick_sclr6"),
 )
 MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
 COMPARED = (

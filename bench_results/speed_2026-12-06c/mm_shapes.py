@@ -1,6 +1,6 @@
 """Single-thread GFLOP/s of the matrix products in a ``mamba*4`` training step at selective
 copying's size (d_model 64, batch 64, 256 positions: 16,384 rows; d_inner 128, dt_rank 4,
-d_state 16): ``python bench_results/speed_2026-12-07/mm_shapes.py``. The K = 4 products
+d_state 16): ``python bench_results/speed_2026-12-06c/mm_shapes.py``. The K = 4 products
 (``dt_proj`` and its weight gradient) run far below the others."""
 
 import time

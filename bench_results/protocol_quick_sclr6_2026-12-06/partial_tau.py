@@ -2,7 +2,7 @@
 runs at 6e-3 exist: those sequences scored from their ``quick_sclr6`` studies, the others from
 the ``quick`` studies they were copied from (selective copying at 3e-3), i.e. a projection that
 the others' selective copying would not move. ``PYTHONPATH=. python
-bench_results/protocol_quick_sclr6_2026-12-07/partial_tau.py`` from the repository root."""
+bench_results/protocol_quick_sclr6_2026-12-06/partial_tau.py`` from the repository root."""
 
 import glob
 
@@ -37,7 +37,7 @@ def scores(pattern_glob: str, level: str | None = None) -> dict:
 
 long = scores("bench_results/protocol_studies/long__*.db")
 for seed in (0, 1):
-    new = scores(f"bench_results/protocol_quick_sclr6_2026-12-07/seed{seed}/*.db", "quick_sclr6")
+    new = scores(f"bench_results/protocol_quick_sclr6_2026-12-06/seed{seed}/*.db", "quick_sclr6")
     old = scores(f"bench_results/protocol_quick_2026-12-06_nr1500/seed{seed}/*.db")
     merged = {p: new.get(p, old[p]) for p in PANEL}
     print(f"seed {seed}: measured at 6e-3: {sorted(new)}")

@@ -3,11 +3,11 @@
 # each GOMP_SPINCOUNT in its own process (libgomp reads its environment once, when torch loads
 # it), the settings alternated ROUNDS times (default 3): our mLSTM block (cell auto) against the
 # official one (2026-12-06b's script), then `bench step` at two threads. From the repository root:
-#   bash bench_results/speed_2026-12-07/omp_spin_ab.sh [ROUNDS] [SETTINGS...]
+#   bash bench_results/speed_2026-12-06c/omp_spin_ab.sh [ROUNDS] [SETTINGS...]
 # (SETTINGS: GOMP_SPINCOUNT values, "default" for libgomp's own, 300000, which mad_search now
-# replaces when nothing is set; default: default 10000 30000). The log of 2026-12-07 ran before
+# replaces when nothing is set; default: default 10000 30000). The log here ran before
 # that change, with "default" unset. Prints one line per process; the step benchmark's JSON goes to step_spin<S>_r<R>.json.
-O=bench_results/speed_2026-12-07
+O=bench_results/speed_2026-12-06c
 PY=.venv/bin/python
 ROUNDS=${1:-3}; shift
 SETTINGS=${*:-default 10000 30000}

@@ -507,6 +507,7 @@ def test_protocol_benchmark_keeps_its_studies_and_resumes_in_a_later_sitting(tmp
     sitting reruns nothing of the first (same scores, same trial-hours), and tau appears."""
     import optuna
 
+    from mad_search.bench import protocol as bench
     from mad_search.bench import run_benchmark
 
     patterns = ["attention swiglu", "mlstm"]
@@ -526,6 +527,9 @@ def test_protocol_benchmark_keeps_its_studies_and_resumes_in_a_later_sitting(tmp
     for db in (tmp_path / "studies").glob("tiny__*.db"):  # no run was trained twice
         (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
         assert summary.n_trials == 2 * len(TINY_LEVELS["tiny"]["lrs"])
+        pattern, runs = bench.stored_runs(db)  # read back by a script, the same score
+        assert aggregate(runs)["mad_score"] == second["levels"]["tiny"]["patterns"][pattern][
+            "mad_score"]
     from mad_search.bench._common import kendall_tau_b
 
     ref = second["levels"]["tinyref"]["patterns"]
@@ -599,6 +603,35 @@ def test_runs_off_a_tasks_new_learning_rate_grid_are_not_counted():
         == {lr}
     # read back at the old level, the old rate's runs count again and the new rate's do not
     assert len(trials_at_level(study, quick.level)) == len(quick.runs)
+
+
+def test_a_stored_study_is_read_back_with_the_runs_its_level_counts(tmp_path):
+    """``bench.protocol.stored_runs``: a panel's SQLite study read back by a script gives its
+    layer sequence and exactly the runs ``trials_at_level`` counts (the old rate's runs of a
+    level change left out), and nothing when asked for a level it was not last run at."""
+    from mad_search.bench.protocol import stored_runs
+
+    rng = random.Random()
+    lr = rng.choice([6e-3, 2e-3, 1e-2])
+    quick = validate_protocol(_cfg())
+    moved = validate_protocol(
+        _cfg(f"+protocol.levels.quick.per_task.selective_copying.lrs=[{lr}]")
+    )
+    db = tmp_path / "quick__transformer.db"
+    study = optuna.create_study(direction="maximize", study_name="mad:quick:transformer",
+                                storage=f"sqlite:///{db}")
+    quick.prepare(study)
+    _finish_every_waiting_run(quick, study, rng)
+    moved.prepare(study)
+    _finish_every_waiting_run(moved, study, rng)
+    pattern, runs = stored_runs(db)
+    assert pattern == study.user_attrs["pattern"] == moved.pattern
+    assert sorted(r["run"] for r in runs) == sorted(r.id for r in moved.runs)
+    values = {t.user_attrs["run"]: t.value for t in trials_at_level(study)}
+    assert {r["run"]: r["val_accuracy"] for r in runs} == values
+    assert len(study.trials) > len(runs)  # the old rate's run is stored, not counted
+    assert stored_runs(db, level="quick")[1] == runs
+    assert stored_runs(db, level="long") is None
 
 
 def test_a_one_seed_study_grows_a_second_seed_and_shrinks_back():

@@ -145,6 +145,29 @@ def run(**options: Any) -> dict:
     }
 
 
+def stored_runs(path: str | Path, level: str | None = None) -> tuple[str, list[dict]] | None:
+    """The layer sequence of the protocol study stored in the SQLite file ``path`` (a
+    ``storage_dir`` study) and the records of the runs a score of it counts: its complete runs
+    at the budget and on the grid of the level it was last run at (``trials_at_level``), as
+    ``mad_score.json`` lists them. None where ``level`` names another level than that one (a
+    copied study not yet resumed at its new level). For scripts that score stored panels
+    (``bench_results/protocol_*``), with :func:`mad_search.protocol.aggregate`."""
+    import optuna
+
+    from mad_search.protocol_run import run_record, trials_at_level
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(path)}")
+    try:
+        (summary,) = storage.get_all_studies()
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        if level is not None and study.user_attrs["protocol_level"].get("name") != level:
+            return None
+        return study.user_attrs["pattern"], [run_record(t) for t in trials_at_level(study)]
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
 def table(result: dict) -> str:
     """One row per pattern (its MAD score at each level), then tau and cost per level."""
     cfg = result["config"]

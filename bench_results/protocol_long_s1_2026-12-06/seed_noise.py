@@ -10,10 +10,12 @@ bench_results/protocol_long_s1_2026-12-06/seed_noise.py [OUT.json]`` from the re
   done at seed 1 is left out of every comparison.
 - ``long2``: both seeds' runs together, averaged per (setting, rate) as a level's ``seeds: 2``
   averages them (``aggregate``): the two-seed reference.
-- The cheap levels: the studies ``bench_results/protocol_studies/scores.py`` scores.
+- The cheap levels: the studies ``bench_results/protocol_studies/scores.py`` scores (its
+  ``STUDIES``, read from that file).
 """
 
 import glob
+import importlib.util
 import json
 import sys
 
@@ -23,16 +25,16 @@ from mad_search.protocol import aggregate
 
 HERE = "bench_results/protocol_long_s1_2026-12-06"
 RESEEDED = ("compression", "fuzzy_in_context_recall", "selective_copying")
-CHEAP = (  # label: folder, level prefix of the study files (as scores.py)
-    ("quick_s0", "bench_results/protocol_quick_2026-12-06_nr1500/seed0", "quick"),
-    ("quick_s1", "bench_results/protocol_quick_2026-12-06_nr1500/seed1", "quick"),
-    ("quick_sc2", "bench_results/protocol_quick_sc2_2026-12-06/seed0", "quick_sc2"),
-    ("quick_sc2_s1", "bench_results/protocol_quick_sc2_2026-12-06/seed1", "quick_sc2"),
-    ("quick_sc2_1000", "bench_results/protocol_quick_sc2_1000_2026-12-06/seed0_[ab]",
-     "quick_sc2_1000"),
-    ("quick_sc2_1000_s1", "bench_results/protocol_quick_sc2_1000_2026-12-06/seed1_[ab]",
-     "quick_sc2_1000"),
-)
+CHEAP = ("quick_s0", "quick_s1", "quick_sc2", "quick_sc2_s1", "quick_sc2_1000", "quick_sc2_1000_s1")
+
+
+def _scored_studies() -> dict[str, tuple[str, str]]:
+    """scores.py's STUDIES (label: folder, level prefix of the study files), from the file."""
+    spec = importlib.util.spec_from_file_location(
+        "panel_scores", "bench_results/protocol_studies/scores.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the studies; scores only when run as a script
+    return {label: (folder, prefix) for label, folder, prefix in module.STUDIES}
 
 
 def runs_by_pattern(pattern_glob: str) -> dict[str, list[dict]]:
@@ -62,7 +64,9 @@ levels = {
     },
     "long2": {p: mad(s0[p] + s1_new[p]) for p in done},
 }
-for label, folder, prefix in CHEAP:
+studies = _scored_studies()
+for label in CHEAP:
+    folder, prefix = studies[label]
     got = {p: mad(r) for p, r in runs_by_pattern(f"{folder}/{prefix}__*.db").items()}
     levels[label] = {p: got[p] for p in done if p in got and got[p]["test"] is not None}
 

@@ -61,85 +61,90 @@ COMPARED = (
     "quick_sc2_1000", "quick_sc2_1000_s1", "quick_sclr6", "quick_sclr6_s1",
 )
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-out: dict[str, dict] = {}
-for label, d, prefix in STUDIES:
-    out[label] = {}
-    for f in sorted(glob.glob(f"{d}/{prefix}__*.db")):
-        st = optuna.storages.RDBStorage(f"sqlite:///{f}")
-        sm = st.get_all_studies()[0]
-        study = optuna.load_study(study_name=sm.study_name, storage=st)
-        sup = sum(
-            bool(t.user_attrs.get("superseded"))
-            for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        )
-        runs = [run_record(t) for t in trials_at_level(study)]
-        n_levels = len(study.user_attrs.get("protocol_level", {}).get("tasks", ())) or 6
-        agg = aggregate(runs)
-        complete = len({r["task"] for r in runs}) >= n_levels
-        out[label][sm.user_attrs["pattern"]] = {
-            "test": agg["mad_score"] if complete else None,
-            "val": agg["mad_score_val"] if complete else None,
-            "runs": len(runs),
-            "superseded": sup,
-            "seconds": sum(r["seconds"] or 0.0 for r in runs),
-            "tasks_test": agg["tasks"],
-        }
-name, parts = MEAN
-out[name] = {}
-for p in PANEL:
-    entries = [out[lv].get(p) for lv in parts]
-    if all(e and e["test"] is not None for e in entries):
-        out[name][p] = {
-            kind: sum(e[kind] for e in entries) / len(entries) for kind in ("test", "val")
-        }
-res = {"levels": out, "tau_b_vs_long": {}}
-for lv in COMPARED:
-    for kind in ("test", "val"):
-        ps = [
-            p
-            for p in PANEL
-            if out[lv].get(p, {}).get(kind) is not None
-            and out["long"].get(p, {}).get(kind) is not None
-        ]
-        if len(ps) >= 2:
-            res["tau_b_vs_long"][f"{lv}_{kind}"] = (
-                common.kendall_tau_b(
-                    [out[lv][p][kind] for p in ps], [out["long"][p][kind] for p in ps]
-                ),
-                len(ps),
-            )
-# the two seeds of one level against each other: how far one run per sequence is from another
-# (quick), and whether a second selective-copying seed steadies it (quick_sc2)
-for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1"), ("quick_sc2_1000", "quick_sc2_1000_s1"),
-             ("quick_sclr6", "quick_sclr6_s1")):
-    ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None for lv in (a, b))]
-    if len(ps) >= 2:
-        for kind in ("test", "val"):
-            res[f"tau_b_{a}_vs_{b}_{kind}"] = (
-                common.kendall_tau_b(
-                    [out[a][p][kind] for p in ps], [out[b][p][kind] for p in ps]
-                ),
-                len(ps),
-            )
-# cost: the runs' own seconds / 2 per architecture (2 cores), in minutes: mean, min, max
-res["cost_minutes_per_architecture"] = {
-    lv: (sum(secs) / len(secs), min(secs), max(secs))
-    for lv, _, _ in STUDIES
-    if (secs := [e["seconds"] / 120 for e in out[lv].values() if e["test"] is not None])
-}
-
 
 def cell(e: dict) -> str:
     t, v = e.get("test"), e.get("val")
     return "-" if t is None else f"{t:.3f}/{v:.3f}"
 
 
-print(f"{'test/val':36}", "  ".join(f"{lv:>13}" for lv in (*COMPARED, "long")))
-for p in PANEL:
-    print(f"{p:36}", "  ".join(f"{cell(out[lv].get(p, {})):>13}" for lv in (*COMPARED, "long")))
-for k, v in res.items():
-    if k != "levels":
-        print(k, v)
-if len(sys.argv) > 1:
-    json.dump(res, open(sys.argv[1], "w"), indent=1)
+def main() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out: dict[str, dict] = {}
+    for label, d, prefix in STUDIES:
+        out[label] = {}
+        for f in sorted(glob.glob(f"{d}/{prefix}__*.db")):
+            st = optuna.storages.RDBStorage(f"sqlite:///{f}")
+            sm = st.get_all_studies()[0]
+            study = optuna.load_study(study_name=sm.study_name, storage=st)
+            sup = sum(
+                bool(t.user_attrs.get("superseded"))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            )
+            runs = [run_record(t) for t in trials_at_level(study)]
+            n_levels = len(study.user_attrs.get("protocol_level", {}).get("tasks", ())) or 6
+            agg = aggregate(runs)
+            complete = len({r["task"] for r in runs}) >= n_levels
+            out[label][sm.user_attrs["pattern"]] = {
+                "test": agg["mad_score"] if complete else None,
+                "val": agg["mad_score_val"] if complete else None,
+                "runs": len(runs),
+                "superseded": sup,
+                "seconds": sum(r["seconds"] or 0.0 for r in runs),
+                "tasks_test": agg["tasks"],
+            }
+    name, parts = MEAN
+    out[name] = {}
+    for p in PANEL:
+        entries = [out[lv].get(p) for lv in parts]
+        if all(e and e["test"] is not None for e in entries):
+            out[name][p] = {
+                kind: sum(e[kind] for e in entries) / len(entries) for kind in ("test", "val")
+            }
+    res = {"levels": out, "tau_b_vs_long": {}}
+    for lv in COMPARED:
+        for kind in ("test", "val"):
+            ps = [
+                p
+                for p in PANEL
+                if out[lv].get(p, {}).get(kind) is not None
+                and out["long"].get(p, {}).get(kind) is not None
+            ]
+            if len(ps) >= 2:
+                res["tau_b_vs_long"][f"{lv}_{kind}"] = (
+                    common.kendall_tau_b(
+                        [out[lv][p][kind] for p in ps], [out["long"][p][kind] for p in ps]
+                    ),
+                    len(ps),
+                )
+    # the two seeds of one level against each other: how far one run per sequence is from another
+    # (quick), and whether a second selective-copying seed steadies it (quick_sc2)
+    for a, b in (MEAN[1], ("quick_sc2", "quick_sc2_s1"), ("quick_sc2_1000", "quick_sc2_1000_s1"),
+                 ("quick_sclr6", "quick_sclr6_s1")):
+        ps = [p for p in PANEL if all(out[lv].get(p, {}).get("test") is not None for lv in (a, b))]
+        if len(ps) >= 2:
+            for kind in ("test", "val"):
+                res[f"tau_b_{a}_vs_{b}_{kind}"] = (
+                    common.kendall_tau_b(
+                        [out[a][p][kind] for p in ps], [out[b][p][kind] for p in ps]
+                    ),
+                    len(ps),
+                )
+    # cost: the runs' own seconds / 2 per architecture (2 cores), in minutes: mean, min, max
+    res["cost_minutes_per_architecture"] = {
+        lv: (sum(secs) / len(secs), min(secs), max(secs))
+        for lv, _, _ in STUDIES
+        if (secs := [e["seconds"] / 120 for e in out[lv].values() if e["test"] is not None])
+    }
+
+    print(f"{'test/val':36}", "  ".join(f"{lv:>13}" for lv in (*COMPARED, "long")))
+    for p in PANEL:
+        print(f"{p:36}", "  ".join(f"{cell(out[lv].get(p, {})):>13}" for lv in (*COMPARED, "long")))
+    for k, v in res.items():
+        if k != "levels":
+            print(k, v)
+    if len(sys.argv) > 1:
+        json.dump(res, open(sys.argv[1], "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

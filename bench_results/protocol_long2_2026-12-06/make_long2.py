@@ -1,6 +1,7 @@
 """Start the `long2` studies (`long` at model seeds 0 and 1, averaged) from runs already trained:
 each `long` study of ``bench_results/protocol_studies`` (model seed 0) copied here as
-``long2__<pattern>.db``, renamed ``mad:long2:...``, with the complete runs of the seed-1 study
+``a/`` or ``b/long2__<pattern>.db`` (the seed-1 study's folder: ``run.sh``'s two halves),
+renamed ``mad:long2:...``, with the complete runs of the seed-1 study
 of ``bench_results/protocol_long_s1_2026-12-06`` added as its second-seed runs. Resuming with
 ``run.sh`` then trains only the second-seed runs still missing.
 
@@ -33,7 +34,8 @@ def load(path: Path) -> optuna.Study:
 
 for seed1_db in sorted(glob.glob("bench_results/protocol_long_s1_2026-12-06/[ab]/long_s1__*.db")):
     slug = Path(seed1_db).name.removeprefix("long_s1__")
-    dst = HERE / f"long2__{slug}"
+    dst = HERE / Path(seed1_db).parent.name / f"long2__{slug}"  # a/ or b/, as the seed-1 study
+    dst.parent.mkdir(exist_ok=True)
     if dst.exists():
         print(f"{dst} exists: left alone")
         continue

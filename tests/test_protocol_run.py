@@ -4,6 +4,7 @@ interrupted and resumed without rerunning finished runs, diverged runs scored 0,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -154,7 +155,7 @@ def _cfg(*overrides):
         (
             ["protocol.level=huge"],
             "protocol.level 'huge' unknown; valid levels: "
-            "full, long, quick, quick2, quick_sc2, standard",
+            "full, long, long2, quick, quick2, quick_sc2, standard",
         ),
         (["protocol.levels.quick.lrs=[]"], "lrs must be a non-empty list"),
         (["protocol.levels.quick.settings=['in_context_recall/seq_len=99']"], "unknown setting"),
@@ -204,6 +205,17 @@ def test_the_packaged_levels_expand_to_their_runs():
     assert [(r.task, r.seed, r.plan.model_seed_offset) for r in sc2.runs if r.seed] == [
         ("selective_copying", 1, 1)
     ]
+    # long2 is long at two seeds; its second seed's runs train as long's runs at seed + 1 do
+    # (the same plan at the same model seed: what bench_results' make_long2.py relies on)
+    long, long2 = (validate_protocol(_cfg(f"protocol.level={lv}")) for lv in ("long", "long2"))
+    assert long2.level.seeds == 2 and long2.model_seed == long.model_seed == 0
+    assert [r.plan for r in long2.runs if r.seed == 0] == [r.plan for r in long.runs]
+    long_next = validate_protocol(_cfg("protocol.level=long", "seed=1"))
+    assert long_next.model_seed == 1 and long_next.hogwild == long2.hogwild
+    assert {r.id + "|seed=1": dataclasses.replace(r.plan, model_seed_offset=1)
+            for r in long_next.runs} == {r.id: r.plan for r in long2.runs if r.seed}
+    assert {r.id + "|seed=1": long_next.budgets[r.id] for r in long_next.runs} == {
+        r.id: long2.budgets[r.id] for r in long2.runs if r.seed}
 
 
 def test_runs_are_enqueued_longest_first_and_resumed_runs_are_skipped():

@@ -1,7 +1,7 @@
 #!/bin/bash
-# The packaged level `long2` (`long` at model seeds 0 and 1, accuracies averaged): resumes the studies that
-# make_long2.py started here, so only the second-seed runs not yet trained run. One worker x one
-# thread; two processes side by side:
+# The packaged level `long2` (`long` at model seeds 0 and 1, accuracies averaged): resumes the
+# studies that make_long2.py started here, so only the second-seed runs not yet trained run. One
+# worker x one thread; two processes side by side:
 #   bash bench_results/protocol_long2_2026-12-06/run.sh a & bash .../run.sh b
 # A second argument replaces the patterns.
 D=bench_results/protocol_long2_2026-12-06

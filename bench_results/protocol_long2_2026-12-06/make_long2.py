@@ -10,7 +10,8 @@ The added runs are exactly `long2`'s: a level's second-seed run trains with mode
 initial embedding table (``hogwild.seed``), at the same budget. They keep their records (value,
 test accuracy, learning curve, seconds, budget), with the run id and ``seed`` a level's second
 seed gives them (``...|seed=1``, 1). ``PYTHONPATH=. python
-bench_results/protocol_long2_2026-12-06/make_long2.py``: a pattern whose copy exists is left alone.
+bench_results/protocol_long2_2026-12-06/make_long2.py``: a pattern whose copy exists, or whose
+seed-1 study still has runs to train, is left alone (run it again later).
 """
 
 import glob
@@ -38,6 +39,11 @@ for seed1_db in sorted(glob.glob("bench_results/protocol_long_s1_2026-12-06/[ab]
     dst.parent.mkdir(exist_ok=True)
     if dst.exists():
         print(f"{dst} exists: left alone")
+        continue
+    if load(Path(seed1_db)).get_trials(
+        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
+    ):
+        print(f"{seed1_db}: runs still to train, left for later")
         continue
     shutil.copyfile(f"bench_results/protocol_studies/long__{slug}", dst)
     with sqlite3.connect(dst) as db:

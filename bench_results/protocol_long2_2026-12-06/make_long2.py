@@ -40,15 +40,14 @@ for seed1_db in sorted(glob.glob("bench_results/protocol_long_s1_2026-12-06/[ab]
     if dst.exists():
         print(f"{dst} exists: left alone")
         continue
-    if load(Path(seed1_db)).get_trials(
-        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
-    ):
+    seed1 = load(Path(seed1_db))
+    if seed1.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
         print(f"{seed1_db}: runs still to train, left for later")
         continue
     shutil.copyfile(f"bench_results/protocol_studies/long__{slug}", dst)
     with sqlite3.connect(dst) as db:
         db.execute("UPDATE studies SET study_name = replace(study_name, 'mad:long:', 'mad:long2:')")
-    study, seed1 = load(dst), load(Path(seed1_db))
+    study = load(dst)
     added = 0
     for t in trials_at_level(seed1):
         assert t.state == TrialState.COMPLETE and t.user_attrs.get("seed", 0) == 0

@@ -9,9 +9,8 @@ import glob
 import optuna
 
 from mad_search.bench import _common as common
-from mad_search.bench.protocol import PANEL
+from mad_search.bench.protocol import PANEL, stored_runs
 from mad_search.protocol import aggregate
-from mad_search.protocol_run import run_record, trials_at_level
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -21,17 +20,15 @@ def scores(pattern_glob: str, level: str | None = None) -> dict:
     whose six tasks are complete at the level they were last run at (and named ``level``)."""
     out = {}
     for f in sorted(glob.glob(pattern_glob)):
-        st = optuna.storages.RDBStorage(f"sqlite:///{f}")
-        name = st.get_all_studies()[0].study_name
-        study = optuna.load_study(study_name=name, storage=st)
-        if level and study.user_attrs["protocol_level"].get("name") != level:
+        stored = stored_runs(f, level)
+        if stored is None:
             continue  # a copy not yet resumed at the new level
-        runs = [run_record(t) for t in trials_at_level(study)]
+        pattern, runs = stored
         if len({r["task"] for r in runs}) < 6:
             continue  # selective copying not yet trained at this level
         agg = aggregate(runs)
         sc = agg["tasks"].get("selective_copying")
-        out[study.user_attrs["pattern"]] = (agg["mad_score"], agg["mad_score_val"], sc)
+        out[pattern] = (agg["mad_score"], agg["mad_score_val"], sc)
     return out
 
 

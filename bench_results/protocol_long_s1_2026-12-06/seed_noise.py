@@ -8,8 +8,15 @@ bench_results/protocol_long_s1_2026-12-06/seed_noise.py [OUT.json]`` from the re
   recall, noisy recall and memorization taken from seed 0 (0.996-1.0 there for every sequence
   run; for GLA's noisy recall, 0.6, see the README). A sequence whose three tasks are not all
   done at seed 1 is left out of every comparison.
-- ``long2``: both seeds' runs together, averaged per (setting, rate) as a level's ``seeds: 2``
-  averages them (``aggregate``): the two-seed reference.
+- ``long2_proj``: both seeds' runs together, averaged per (setting, rate) as a level's
+  ``seeds: 2`` averages them (``aggregate``): the two-seed reference as far as it is trained. It
+  reads the ``long2`` studies of ``bench_results/protocol_long2_2026-12-06/[ab]`` (seed 0's runs,
+  the seed-1 runs above, and the seed-1 runs trained there since: selective copying at 1e-3 for
+  every sequence, the saturated tasks for some); a task a study has no seed-1 run of yet is
+  scored from seed 0 alone. A study not yet resumed at ``long2`` is projected from the runs above.
+- ``long2``: the packaged level ``long2`` itself, as trained to the end in
+  ``bench_results/protocol_long2_2026-12-06/[ab]`` (every run at both seeds); only the sequences
+  whose ``long2`` study is complete (24 runs).
 - The cheap levels: the studies ``bench_results/protocol_studies/scores.py`` scores (its
   ``STUDIES``, read from that file).
 """
@@ -25,7 +32,10 @@ from mad_search.protocol import aggregate
 
 HERE = "bench_results/protocol_long_s1_2026-12-06"
 RESEEDED = ("compression", "fuzzy_in_context_recall", "selective_copying")
-CHEAP = ("quick_s0", "quick_s1", "quick_sc2", "quick_sc2_s1", "quick_sc2_1000", "quick_sc2_1000_s1")
+CHEAP = (
+    "quick_s0", "quick_s1", "quick_s2", "quick_sc2", "quick_sc2_s1", "quick_sc2_1000",
+    "quick_sc2_1000_s1",
+)
 
 
 def _scored_studies() -> dict[str, tuple[str, str]]:
@@ -62,21 +72,33 @@ levels = {
     "long_s1": {
         p: mad([r for r in s0[p] if r["task"] not in RESEEDED] + s1_new[p]) for p in done
     },
-    "long2": {p: mad(s0[p] + s1_new[p]) for p in done},
+}
+long2_runs = {}  # the long2 studies' runs so far, where a study has been resumed at long2
+for f in sorted(glob.glob("bench_results/protocol_long2_2026-12-06/[ab]/long2__*.db")):
+    stored = stored_runs(f, "long2")
+    if stored is not None:
+        long2_runs[stored[0]] = stored[1]
+levels["long2_proj"] = {p: mad(long2_runs.get(p, s0[p] + s1_new[p])) for p in done}
+levels["long2"] = {  # complete: 6 tasks x 2 rates x 2 seeds
+    p: mad(long2_runs[p]) for p in done if len(long2_runs.get(p, ())) == 24
 }
 studies = _scored_studies()
 for label in CHEAP:
     folder, prefix = studies[label]
-    got = {p: mad(r) for p, r in runs_by_pattern(f"{folder}/{prefix}__*.db").items()}
+    got = {  # complete studies only: every one of the six tasks
+        p: mad(r)
+        for p, r in runs_by_pattern(f"{folder}/{prefix}__*.db").items()
+        if len({run["task"] for run in r}) == 6
+    }
     levels[label] = {p: got[p] for p in done if p in got and got[p]["test"] is not None}
 
 res = {"sequences": done, "levels": levels, "tau_b": {}}
-refs = ("long_s0", "long_s1", "long2")
+refs = ("long_s0", "long_s1", "long2_proj", "long2")
 for lv in levels:
     for ref in refs:
         if lv == ref or (lv in refs and refs.index(lv) > refs.index(ref)):
             continue
-        ps = [p for p in done if p in levels[lv]]
+        ps = [p for p in done if p in levels[lv] and p in levels[ref]]
         if len(ps) >= 2:
             for kind in ("test", "val"):
                 res["tau_b"][f"{lv}_vs_{ref}_{kind}"] = (
@@ -94,6 +116,8 @@ for p in done:
         for lv in levels
     ]
     print(f"{p:36}", "  ".join(f"{c:>13}" for c in cells))
+trained = {p: len(long2_runs[p]) for p in done if p in long2_runs}
+print("\nlong2 runs trained so far (of 24):", trained)
 print("\nreseeded tasks at long, test score seed 0 -> seed 1:")
 for p in done:
     a, b = levels["long_s0"][p]["tasks_test"], levels["long_s1"][p]["tasks_test"]

@@ -12,7 +12,7 @@ bench_results/protocol_long_s1_2026-12-06/seed_noise.py [OUT.json]`` from the re
   ``seeds: 2`` averages them (``aggregate``): the two-seed reference as far as it is trained. It
   reads the ``long2`` studies of ``bench_results/protocol_long2_2026-12-06/[ab]`` (seed 0's runs,
   the seed-1 runs above, and the seed-1 runs trained there since: selective copying at 1e-3 for
-  every sequence, the saturated tasks for some); a task a study has no seed-1 run of yet is
+  six of the eight sequences, every run for three); a task a study has no seed-1 run of yet is
   scored from seed 0 alone. A study not yet resumed at ``long2`` is projected from the runs above.
 - ``long2``: the packaged level ``long2`` itself, as trained to the end in
   ``bench_results/protocol_long2_2026-12-06/[ab]`` (every run at both seeds); only the sequences

@@ -47,11 +47,12 @@ def _scored_studies() -> dict[str, tuple[str, str]]:
     return {label: (folder, prefix) for label, folder, prefix in module.STUDIES}
 
 
-def runs_by_pattern(pattern_glob: str) -> dict[str, list[dict]]:
+def runs_by_pattern(pattern_glob: str, level: str | None = None) -> dict[str, list[dict]]:
+    """The studies' runs by layer sequence; with ``level``, only studies last run at it."""
     out = {}
     for f in sorted(glob.glob(pattern_glob)):
-        pattern, runs = stored_runs(f)
-        out[pattern] = runs
+        if (stored := stored_runs(f, level)) is not None:
+            out[stored[0]] = stored[1]
     return out
 
 
@@ -73,11 +74,8 @@ levels = {
         p: mad([r for r in s0[p] if r["task"] not in RESEEDED] + s1_new[p]) for p in done
     },
 }
-long2_runs = {}  # the long2 studies' runs so far, where a study has been resumed at long2
-for f in sorted(glob.glob("bench_results/protocol_long2_2026-12-06/[ab]/long2__*.db")):
-    stored = stored_runs(f, "long2")
-    if stored is not None:
-        long2_runs[stored[0]] = stored[1]
+# the long2 studies' runs so far, where a study has been resumed at long2
+long2_runs = runs_by_pattern("bench_results/protocol_long2_2026-12-06/[ab]/long2__*.db", "long2")
 levels["long2_proj"] = {p: mad(long2_runs.get(p, s0[p] + s1_new[p])) for p in done}
 levels["long2"] = {  # complete: 6 tasks x 2 rates x 2 seeds
     p: mad(long2_runs[p]) for p in done if len(long2_runs.get(p, ())) == 24

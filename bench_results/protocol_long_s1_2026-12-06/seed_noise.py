@@ -33,7 +33,7 @@ from mad_search.protocol import aggregate
 HERE = "bench_results/protocol_long_s1_2026-12-06"
 RESEEDED = ("compression", "fuzzy_in_context_recall", "selective_copying")
 CHEAP = (
-    "quick_s0", "quick_s1", "quick_s2", "quick_sc2", "quick_sc2_s1", "quick_sc2_1000",
+    "quick_s0", "quick_s1", "quick_s2", "quick_s3", "quick_sc2", "quick_sc2_s1", "quick_sc2_1000",
     "quick_sc2_1000_s1",
 )
 

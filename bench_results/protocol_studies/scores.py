@@ -24,7 +24,9 @@ Studies scored (label: folder, level prefix of the study files):
   selective-copying run of each sequence trained again), seeds 0 and 1, for four sequences
   (Mamba, ``mlstm*2``, ``mlstm*3 slstm``, attention; ``partial_tau.py`` there projects the rest).
 - ``quick_s2``: ``quick`` (noisy recall at 1,500 steps) at seed 2, an initialisation that neither
-  seed of ``long2`` uses (``bench_results/protocol_quick_seed2_2026-12-06/[ab]``).
+  seed of ``long2`` uses (``bench_results/protocol_quick_seed2_2026-12-06/[ab]``); ``quick_s3``:
+  the same at seed 3, run as one process with two workers on a quiet machine
+  (``bench_results/protocol_quick_seed3_2026-12-07``).
 
 Each study is scored at the level it was last run at (``trials_at_level``): runs a level change
 made stale are not counted.
@@ -57,11 +59,13 @@ STUDIES = (
     ("quick_sclr6", "bench_results/protocol_quick_sclr6_2026-12-06/seed0", "quick_sclr6"),
     ("quick_sclr6_s1", "bench_results/protocol_quick_sclr6_2026-12-06/seed1", "quick_sclr6"),
     ("quick_s2", "bench_results/protocol_quick_seed2_2026-12-06/[ab]", "quick"),
+    ("quick_s3", "bench_results/protocol_quick_seed3_2026-12-07", "quick"),
 )
 MEAN = ("quick_mean", ("quick_s0", "quick_s1"))
 COMPARED = (
     "quick600", "quick", "quick_s0", "quick_s1", "quick_mean", "quick_sc2", "quick_sc2_s1",
     "quick_sc2_1000", "quick_sc2_1000_s1", "quick_sclr6", "quick_sclr6_s1", "quick_s2",
+    "quick_s3",
 )
 
 
